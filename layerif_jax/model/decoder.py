@@ -1,0 +1,237 @@
+"""One Flax NNX decoder for the Llama, Mistral, Qwen2 and Gemma families.
+
+The L blocks are stored *stacked*: every block parameter has a leading layer axis
+(`kernel_LxIxO`), and the forward pass is one `jax.lax.scan` over that axis. Two
+reasons: compile time does not grow with depth (one block is traced, not 30), and
+"all layers at once" is literal for the influence core — a per-example LoRA
+gradient has shape [n, L, ...] and every per-layer reduction is one vectorised op.
+
+Names follow the Hugging Face modules (q_proj ... down_proj, input_layernorm, ...)
+so the checkpoint map stays a table. Kernels are stored (d_in, d_out): y = x W.
+
+LoRA (`y = x W0 + (alpha/r) (drop(x) A) B`) lives on the same `StackedLinear`,
+typed `nnx.LoRAParam`, so `nnx.split(model, nnx.LoRAParam, ...)` separates it
+from the frozen base.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LINEARS, ModelConfig
+
+NEG_INF = -1e30  # finite: a fully masked (padding) query row must not give NaN
+
+
+class StackedLinear(nnx.Module):
+    """L linear maps x W + b with optional LoRA, stacked along a leading layer axis."""
+
+    def __init__(self, num_layers: int, d_in: int, d_out: int, *, bias: bool,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (num_layers, d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_layers, d_out), dtype)) if bias else None
+        self.lora_a: nnx.LoRAParam | None = None
+        self.lora_b: nnx.LoRAParam | None = None
+        self.lora_scale: float = 0.0
+        self.lora_dropout: float = 0.0
+
+    def layer_arrays(self) -> dict[str, jax.Array]:
+        """The raw arrays (leading layer axis) that `linear_apply` consumes inside the scan."""
+        out = {"kernel": self.kernel[...]}
+        if self.bias is not None:
+            out["bias"] = self.bias[...]
+        if self.lora_a is not None:
+            out["lora_a"] = self.lora_a[...]
+            out["lora_b"] = self.lora_b[...]
+        return out
+
+
+def linear_apply(p: dict[str, jax.Array], x: jax.Array, *, scale: float, dropout: float,
+                 key: jax.Array | None, dtype) -> jax.Array:
+    """One layer's slice of a StackedLinear: x[..., I] -> y[..., O]."""
+    y = x @ p["kernel"].astype(dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    if "lora_a" in p:
+        xl = x
+        if dropout > 0.0 and key is not None:
+            keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
+            xl = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+        y = y + (scale * ((xl @ p["lora_a"].astype(dtype)) @ p["lora_b"].astype(dtype))).astype(dtype)
+    return y
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:  # Gemma: scale in float32, then cast
+        return (xf * (offset + w.astype(jnp.float32))).astype(x.dtype)
+    return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    if not cfg.rope_scaling:
+        return inv
+    sc = dict(cfg.rope_scaling)
+    rtype = sc.get("rope_type", sc.get("type"))
+    factor = float(sc.get("factor", 1.0))
+    if rtype == "linear":
+        return inv / factor
+    # llama3: smooth interpolation between low- and high-frequency bands
+    lo, hi = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+    old = float(sc.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+    return jnp.where(is_mid, mid, scaled)
+
+
+def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face convention, not llama.cpp's interleaved one)."""
+    ang = pos_BT[..., None].astype(jnp.float32) * inv_freq  # B,T,D/2
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
+    xf = x_BTHD.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rot * sin).astype(x_BTHD.dtype)
+
+
+def attention_bias(mask_BT: jax.Array, pos_BT: jax.Array, window: int | None) -> jax.Array:
+    """Additive bias [B,1,1,T,T]: causal, key padding, optional sliding window."""
+    qp, kp = pos_BT[:, :, None], pos_BT[:, None, :]
+    T = mask_BT.shape[1]
+    idx = jnp.arange(T)
+    ok = (idx[:, None] >= idx[None, :])[None] & mask_BT[:, None, :].astype(bool)
+    if window is not None:
+        ok = ok & (qp - kp < window)
+    return jnp.where(ok, 0.0, NEG_INF)[:, None, None, :, :].astype(jnp.float32)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=(name == "gelu_pytorch_tanh"))
+
+
+def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
+                *, lora: dict[str, tuple[float, float]], key: jax.Array | None, dtype):
+    """One decoder block. `p` holds this layer's slice of every stacked parameter."""
+    keys = dict(zip(LINEARS, jax.random.split(key, len(LINEARS)))) if key is not None else {}
+
+    def lin(name, h):
+        scale, drop = lora.get(name, (0.0, 0.0))
+        return linear_apply(p[name], h, scale=scale, dropout=drop, key=keys.get(name), dtype=dtype)
+
+    B, T, _ = x_BTD.shape
+    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    h = rms_norm(x_BTD, p["input_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
+    q = apply_rope(lin("q_proj", h).reshape(B, T, H, hd), pos_BT, inv_freq)
+    k = apply_rope(lin("k_proj", h).reshape(B, T, K, hd), pos_BT, inv_freq)
+    v = lin("v_proj", h).reshape(B, T, K, hd)
+    q = q.reshape(B, T, K, H // K, hd)
+    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    s_BKGTS = s_BKGTS / math.sqrt(hd) + bias
+    w = jax.nn.softmax(s_BKGTS, axis=-1).astype(dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", w, v).reshape(B, T, H * hd)
+    x_BTD = x_BTD + lin("o_proj", o)
+    h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
+    m = activation(cfg.hidden_act, lin("gate_proj", h)) * lin("up_proj", h)
+    return x_BTD + lin("down_proj", m)
+
+
+class Blocks(nnx.Module):
+    """All L decoder blocks, every parameter stacked on a leading layer axis."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        L = cfg.num_layers
+        for name in LINEARS:
+            d_in, d_out = cfg.linear_shape(name)
+            setattr(self, name, StackedLinear(L, d_in, d_out, bias=cfg.has_bias(name),
+                                              dtype=dtype, rngs=rngs))
+        init_w = 0.0 if cfg.norm_offset else 1.0
+        self.input_layernorm = nnx.Param(jnp.full((L, cfg.hidden_size), init_w, dtype))
+        self.post_attention_layernorm = nnx.Param(jnp.full((L, cfg.hidden_size), init_w, dtype))
+
+    def linears(self) -> dict[str, StackedLinear]:
+        return {n: getattr(self, n) for n in LINEARS}
+
+    def layer_arrays(self) -> dict[str, Any]:
+        out: dict[str, Any] = {n: lin.layer_arrays() for n, lin in self.linears().items()}
+        out["input_layernorm"] = self.input_layernorm[...]
+        out["post_attention_layernorm"] = self.post_attention_layernorm[...]
+        return out
+
+    def lora_settings(self) -> dict[str, tuple[float, float]]:
+        return {n: (lin.lora_scale, lin.lora_dropout)
+                for n, lin in self.linears().items() if lin.lora_a is not None}
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM. `model(ids_BT)` -> logits_BTV (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.layers = Blocks(cfg, dtype=dtype, rngs=rngs)
+        self.norm = nnx.Param(jnp.full((cfg.hidden_size,), 0.0 if cfg.norm_offset else 1.0, dtype))
+        self.lora_config = None
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype))
+
+    @property
+    def dtype(self):
+        return self.embed_tokens[...].dtype
+
+    # -- pieces, usable one block at a time (pruning calibration) --------------------
+    def embed(self, ids_BT: jax.Array, dtype=None) -> jax.Array:
+        dtype = dtype or self.dtype
+        x = jnp.take(self.embed_tokens[...], ids_BT, axis=0).astype(dtype)
+        if self.cfg.embed_scale is not None:
+            x = x * jnp.asarray(self.cfg.embed_scale, dtype)
+        return x
+
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        x = rms_norm(x_BTD, self.norm[...], self.cfg.rms_norm_eps, self.cfg.norm_offset)
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, dropout_key=None,
+                      dtype=None) -> jax.Array:
+        """Final hidden states (before the last norm)."""
+        cfg = self.cfg
+        dtype = dtype or self.dtype
+        B, T = ids_BT.shape
+        mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
+        pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
+        bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window)
+        inv_freq = rope_inv_freq(cfg)
+        lora = self.layers.lora_settings()
+        stacked = self.layers.layer_arrays()
+        keys = (jax.random.split(dropout_key, cfg.num_layers) if dropout_key is not None
+                else None)
+
+        def body(x, xs):
+            p, key = xs
+            return block_apply(cfg, p, x, bias, pos_BT, inv_freq, lora=lora, key=key,
+                               dtype=dtype), None
+
+        x, _ = jax.lax.scan(body, self.embed(ids_BT, dtype), (stacked, keys))
+        return x
+
+    def __call__(self, ids_BT, mask_BT=None, *, positions_BT=None, dropout_key=None,
+                 dtype=None) -> jax.Array:
+        return self.head(self.hidden_states(ids_BT, mask_BT, positions_BT=positions_BT,
+                                            dropout_key=dropout_key, dtype=dtype))

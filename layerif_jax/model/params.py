@@ -1,0 +1,116 @@
+"""The Hugging Face <-> layerif_jax parameter map, as data.
+
+Each row maps an HF tensor name pattern to a path in the NNX model, whether the
+tensor is per layer (stacked on the leading axis) and whether it is transposed
+(torch Linear stores [out, in]; we store [in, out]).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from ..errors import LayerIFError
+from .config import LINEARS, ModelConfig
+from .decoder import Decoder
+
+_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def hf_table(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], bool, bool]]:
+    """Rows (hf_name_with_{l}, nnx_path, per_layer, transpose)."""
+    rows = [("model.embed_tokens.weight", ("embed_tokens",), False, False),
+            ("model.norm.weight", ("norm",), False, False)]
+    if not cfg.tie_word_embeddings:
+        rows.append(("lm_head.weight", ("lm_head",), False, True))
+    for name in LINEARS:
+        sub = "self_attn" if name in _ATTN else "mlp"
+        rows.append((f"model.layers.{{l}}.{sub}.{name}.weight", ("layers", name, "kernel"), True, True))
+        if cfg.has_bias(name):
+            rows.append((f"model.layers.{{l}}.{sub}.{name}.bias", ("layers", name, "bias"), True, False))
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        rows.append((f"model.layers.{{l}}.{norm}.weight", ("layers", norm), True, False))
+    return rows
+
+
+def _np_dtype(dtype) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
+
+
+def _get_var(model, path) -> nnx.Variable:
+    obj = model
+    for p in path:
+        obj = getattr(obj, p)
+    return obj
+
+
+def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
+                       get: Callable[[str], np.ndarray], *, dtype=jnp.float32,
+                       source: str = "checkpoint") -> Decoder:
+    """Build the abstract model with `nnx.eval_shape`, then fill it tensor by tensor.
+
+    Every missing key, shape mismatch and unexpected key is collected first and
+    reported in one error. Only one stacked parameter is staged on the host at a time.
+    """
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    names = set(names)
+    problems: list[str] = []
+    used: set[str] = set()
+    npdt = _np_dtype(dtype)
+    fills: list[tuple[tuple[str, ...], np.ndarray]] = []
+    for pattern, path, per_layer, transpose in hf_table(cfg):
+        var = _get_var(abstract, path)
+        want = tuple(var.shape)
+        layers = range(cfg.num_layers) if per_layer else [None]
+        keys = [pattern.format(l=l) for l in layers]
+        missing = [k for k in keys if k not in names]
+        if missing:
+            problems += [f"missing {k}" for k in missing[:3]]
+            if len(missing) > 3:
+                problems.append(f"missing {len(missing) - 3} more like {pattern}")
+            continue
+        buf = np.empty(want, npdt)
+        for i, k in enumerate(keys):
+            t = get(k)
+            t = t.T if transpose else t
+            slot = buf[i] if per_layer else buf
+            if tuple(t.shape) != slot.shape:
+                problems.append(f"shape mismatch {k}: checkpoint {tuple(t.shape)}, "
+                                f"model expects {slot.shape}")
+                continue
+            slot[...] = t.astype(npdt)
+            used.add(k)
+        fills.append((path, buf))
+    unexpected = sorted(n for n in names - used
+                        if not n.endswith("rotary_emb.inv_freq")
+                        and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    problems += [f"unexpected {k}" for k in unexpected[:5]]
+    if len(unexpected) > 5:
+        problems.append(f"{len(unexpected) - 5} more unexpected keys")
+    if problems:
+        raise LayerIFError(f"{source} does not fit a {cfg.model_type} model "
+                           f"({len(problems)} problems): " + "; ".join(problems))
+    for path, buf in fills:
+        _get_var(abstract, path).set_value(jnp.asarray(buf))
+    abstract.lora_config = None
+    return abstract
+
+
+def model_to_tensors(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
+    """HF-named numpy tensors of the base model (LoRA ignored: merge it first)."""
+    cfg = model.cfg
+    out: dict[str, np.ndarray] = {}
+    for pattern, path, per_layer, transpose in hf_table(cfg):
+        arr = np.asarray(jax.device_get(_get_var(model, path)[...]))
+        if dtype is not None:
+            arr = arr.astype(_np_dtype(dtype))
+        for l in (range(cfg.num_layers) if per_layer else [None]):
+            t = arr[l] if per_layer else arr
+            out[pattern.format(l=l)] = np.ascontiguousarray(t.T if transpose else t)
+    return out
