@@ -1,0 +1,152 @@
+"""Task data: records -> token ids with a loss mask -> length-bucketed, padded batches.
+
+Text of a record (METHOD.md section 1): `instruction + " " + output` (a non-empty
+`input` goes between them, joined by a space), or a plain text field. Each example
+is tokenised alone and truncated; padding never counts in the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .errors import LayerIFError
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    ids: np.ndarray        # int32 [T]
+    targets: np.ndarray    # bool [T]: token t is predicted (from t-1) and counts in the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    ids: np.ndarray        # int32 [B, T]
+    mask: np.ndarray       # bool  [B, T] attention mask (real tokens)
+    targets: np.ndarray    # bool  [B, T]
+    index: np.ndarray      # int32 [B] position of each row in the example list, -1 = filler row
+
+
+def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """A JSON list of objects, or JSONL (one object per line). `limit` keeps the first N."""
+    path = Path(path)
+    if limit is not None and limit < 1:
+        raise LayerIFError(f"--limit must be >= 1, got {limit}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LayerIFError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LayerIFError(f"cannot read data file {path}: {e}") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LayerIFError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise LayerIFError(f"{path}: malformed JSONL at line {n}: {e.msg}") from None
+            if limit is not None and len(records) >= limit:
+                break
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise LayerIFError(f"{path}: expected a JSON list of objects or JSONL objects")
+    if not records:
+        raise LayerIFError(f"{path}: empty dataset")
+    return records[:limit] if limit is not None else records
+
+
+def record_text(rec: dict[str, Any], *, index: int = 0, text_field: str | None = None,
+                source: str = "data") -> tuple[str, str]:
+    """(prompt, full text). The prompt is what `mask_prompt` excludes from the loss."""
+    if text_field is None and "instruction" in rec and "output" in rec:
+        prompt = str(rec["instruction"])
+        if rec.get("input"):
+            prompt = prompt + " " + str(rec["input"])
+        return prompt, prompt + " " + str(rec["output"])
+    field = text_field or "text"
+    if field in rec and isinstance(rec[field], str):
+        return "", rec[field]
+    want = f"'{text_field}'" if text_field else "'instruction' and 'output', or 'text'"
+    raise LayerIFError(f"{source}: record {index} lacks the text fields ({want})")
+
+
+def tokenize(tokenizer, records: Sequence[dict[str, Any]], *, max_len: int = 128,
+             mask_prompt: bool = False, text_field: str | None = None,
+             source: str = "data") -> list[Example]:
+    """Tokenise each record alone (the tokenizer's default special tokens), truncate to max_len."""
+    if max_len < 2:
+        raise LayerIFError(f"--max-len must be >= 2, got {max_len}")
+    out = []
+    for i, rec in enumerate(records):
+        prompt, text = record_text(rec, index=i, text_field=text_field, source=source)
+        ids = np.asarray(tokenizer(text)["input_ids"], np.int32)[:max_len]
+        targets = np.arange(len(ids)) >= 1
+        if mask_prompt and prompt:
+            n_prompt = len(tokenizer(prompt)["input_ids"])
+            targets &= np.arange(len(ids)) >= n_prompt
+        if not targets.any():
+            raise LayerIFError(f"{source}: record {i} has no token that counts in the loss "
+                               f"(length {len(ids)} after truncation to {max_len})")
+        out.append(Example(ids, targets))
+    if not out:
+        raise LayerIFError(f"{source}: empty dataset")
+    return out
+
+
+def bucket_length(n: int, multiple: int, max_len: int) -> int:
+    """Pad lengths to a multiple (few distinct shapes = few compilations)."""
+    return min(max(multiple, -(-n // multiple) * multiple), max(max_len, n))
+
+
+def pack(examples: Sequence[Example], index: Sequence[int], batch_size: int, length: int,
+         pad_id: int = 0) -> Batch:
+    """Right-pad `index` examples into a [batch_size, length] batch; missing rows are fillers."""
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), bool)
+    targets = np.zeros((batch_size, length), bool)
+    idx = np.full((batch_size,), -1, np.int32)
+    for row, i in enumerate(index):
+        ex = examples[i]
+        t = len(ex.ids)
+        ids[row, :t], mask[row, :t], targets[row, :t], idx[row] = ex.ids, True, ex.targets, i
+    return Batch(ids, mask, targets, idx)
+
+
+def bucketed_batches(examples: Sequence[Example], batch_size: int, *, multiple: int = 16,
+                     max_len: int | None = None, pad_id: int = 0) -> Iterator[Batch]:
+    """Examples sorted by length, cut into fixed-size batches, each padded to its own bucket.
+
+    Every batch has exactly `batch_size` rows (the last is filled with masked filler
+    rows), so the number of distinct shapes is the number of buckets, not of batches.
+    Order inside the result is recorded in `Batch.index`.
+    """
+    if batch_size < 1:
+        raise LayerIFError(f"batch size must be >= 1, got {batch_size}")
+    lengths = np.array([len(e.ids) for e in examples])
+    max_len = int(max_len or lengths.max())
+    order = np.argsort(lengths, kind="stable")
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        yield pack(examples, chunk, batch_size,
+                   bucket_length(int(lengths[chunk].max()), multiple, max_len), pad_id)
+
+
+def epoch_batches(examples: Sequence[Example], batch_size: int, *, seed: int, epoch: int,
+                  max_len: int, pad_id: int = 0, shuffle: bool = True) -> list[Batch]:
+    """Training batches for one epoch: a seeded shuffle, each batch padded to max_len."""
+    order = np.arange(len(examples))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    return [pack(examples, order[s:s + batch_size], batch_size, max_len, pad_id)
+            for s in range(0, len(order), batch_size)]
