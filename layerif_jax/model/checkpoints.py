@@ -1,0 +1,657 @@
+"""Checkpoint I/O: Hugging Face safetensors, GGUF, and the project's own orbax format.
+
+`load_model(path, dtype)` accepts
+  * a Hugging Face directory: `config.json` + `model.safetensors`, or sharded
+    `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`;
+  * a `.gguf` file (llama, qwen2, gemma architectures; every quantisation the
+    `gguf` package dequantises);
+  * a directory written by `save_checkpoint` / `convert`: `config.json` with
+    `"layerif_jax_format": 1` plus an orbax save of the model's `nnx.State`
+    (LoRA adapters included).
+
+Tensors are read lazily (one stacked parameter staged on the host at a time) and
+every writer builds its output in a temporary sibling directory that is renamed
+into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from ..errors import LayerIFError
+from .config import SUPPORTED, ModelConfig
+from .decoder import Decoder
+from .lora import LoraConfig, apply_lora, lora_config_of
+from .params import hf_table, model_from_tensors
+
+FORMAT_KEY = "layerif_jax_format"
+FORMAT_VERSION = 1
+STATE_DIR = "state"
+ADAPTER_DIR = "adapter"
+DEFAULT_SHARD_BYTES = 5 * 1000**3  # transformers' "5GB"
+
+_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+# ---------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------
+def _dtype(dtype) -> jnp.dtype:
+    """'float32' | 'bfloat16' (also 'fp32', 'bf16', jnp/np dtypes) -> jnp dtype."""
+    aliases = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16"}
+    if isinstance(dtype, str):
+        dtype = aliases.get(dtype.lower(), dtype.lower())
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise LayerIFError(f"unsupported dtype {dtype!r} (use float32 or bfloat16)")
+    return dt
+
+
+def _np_dtype(dtype) -> np.dtype:
+    dt = jnp.dtype(dtype)
+    return np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
+
+
+def _oneline(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, (int, np.integer)):
+        return int(size)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), re.I)
+    if not m:
+        raise LayerIFError(f"cannot parse shard size {size!r} (e.g. 5GB, 500MB or bytes)")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `out_dir`; rename it into place on success."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not overwrite:
+        if not out.is_dir() or any(out.iterdir()):
+            raise LayerIFError(f"{out} already exists (pass overwrite=True to replace it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LayerIFError(f"cannot create {out.parent}: {e.strerror}") from None
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _get_var(obj, path):
+    for p in path:
+        obj = getattr(obj, p)
+    return obj
+
+
+# ---------------------------------------------------------------------------------
+# safetensors (lazy, bf16-capable)
+# ---------------------------------------------------------------------------------
+_ST_RAW = {"BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+           "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+
+
+class _SafetensorsFile:
+    """One .safetensors file: keys, and tensors read on demand as numpy arrays.
+
+    `safe_open(framework="numpy")` cannot build bfloat16 (or fp8) arrays; those are
+    read as raw bytes at their header offsets and viewed through ml_dtypes.
+    """
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._f = safe_open(str(path), framework="numpy")
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                self._header = json.loads(fh.read(n))
+            self._base = 8 + n
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise LayerIFError(f"cannot read {path}: {_oneline(e)}") from None
+        self._header.pop("__metadata__", None)
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def get(self, name: str) -> np.ndarray:
+        info = self._header[name]
+        if info["dtype"] in _ST_RAW:
+            dt = _ST_RAW[info["dtype"]]
+            begin, end = info["data_offsets"]
+            with open(self.path, "rb") as fh:
+                fh.seek(self._base + begin)
+                buf = fh.read(end - begin)
+            if len(buf) != end - begin:
+                raise LayerIFError(f"{self.path}: tensor {name} is truncated")
+            return np.frombuffer(buf, dtype=dt.newbyteorder("<")).reshape(info["shape"])
+        return self._f.get_tensor(name)
+
+
+def _load_hf_dir(path: Path, dtype) -> Decoder:
+    cfg = ModelConfig.from_file(path / "config.json")
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    where: dict[str, Path] = {}
+    if index.is_file():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LayerIFError(f"{index}: malformed index ({_oneline(e)})") from None
+        files = sorted({path / v for v in wmap.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise LayerIFError(f"{path}: shard files listed in the index are missing: "
+                               + ", ".join(missing))
+    elif single.is_file():
+        files = [single]
+    else:
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(others) == 1:
+            files = [path / others[0]]
+        elif others:
+            raise LayerIFError(f"{path}: several .safetensors files but no "
+                               "model.safetensors.index.json")
+        else:
+            extra = (" (pytorch_model.bin is not supported: re-save with safetensors)"
+                     if (path / "pytorch_model.bin").exists() else "")
+            raise LayerIFError(f"{path}: no model.safetensors or sharded safetensors "
+                               f"index{extra}")
+    opened = {f: _SafetensorsFile(f) for f in files}
+    for f, st in opened.items():  # the files' own headers, not the index, say what is there
+        for k in st.keys():
+            where.setdefault(k, f)
+    return model_from_tensors(cfg, list(where), lambda k: opened[where[k]].get(k),
+                              dtype=dtype, source=str(path))
+
+
+# ---------------------------------------------------------------------------------
+# GGUF
+# ---------------------------------------------------------------------------------
+GGUF_ARCHS = ("llama", "qwen2", "gemma")
+
+_GGUF_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight",
+             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GGUF_BLK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """GGUF tensor name -> Hugging Face name (None when there is no counterpart)."""
+    if name in _GGUF_TOP:
+        return _GGUF_TOP[name]
+    m = _GGUF_BLK_RE.fullmatch(name)
+    if m and m.group(2) in _GGUF_BLOCK:
+        return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its interleaved rotary order -> HF rotate-half).
+
+    llama.cpp's convert script does `w.reshape(n_head, 2, hd/2, ...).swapaxes(1, 2)`;
+    the inverse views the rows as (n_head, hd/2, 2) and swaps the last two axes back.
+    """
+    hd2 = w.shape[0] // n_head // 2
+    return w.reshape(n_head, hd2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permutation (HF -> GGUF order); the inverse of `unpermute_rotary`."""
+    hd2 = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, hd2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:
+        return default
+
+
+def _gguf_config(reader, path: Path, tensor_names: set[str], embd_shape) -> ModelConfig:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise LayerIFError(f"{path}: unsupported GGUF architecture {arch!r} "
+                           f"(supported: {', '.join(GGUF_ARCHS)})")
+
+    def need(key):
+        v = _gguf_field(reader, f"{arch}.{key}")
+        if v is None:
+            raise LayerIFError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return v
+
+    if "rope_freqs.weight" in tensor_names:
+        raise LayerIFError(f"{path}: per-dimension rope frequency factors (rope_freqs.weight, "
+                           "Llama-3.1-style scaling) are not supported from GGUF; "
+                           "load the Hugging Face checkpoint instead")
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    kv = _gguf_field(reader, f"{arch}.attention.head_count_kv", heads)
+    if isinstance(kv, list):
+        if len(set(kv)) != 1:
+            raise LayerIFError(f"{path}: per-layer KV head counts are not supported")
+        kv = kv[0]
+    head_dim = (_gguf_field(reader, f"{arch}.attention.key_length")
+                or _gguf_field(reader, f"{arch}.rope.dimension_count")
+                or hidden // heads)
+    scaling = None
+    stype = _gguf_field(reader, f"{arch}.rope.scaling.type")
+    if stype not in (None, "none"):
+        factor = _gguf_field(reader, f"{arch}.rope.scaling.factor", 1.0)
+        if stype != "linear":
+            raise LayerIFError(f"{path}: unsupported GGUF rope scaling type {stype!r}")
+        scaling = (("factor", float(factor)), ("rope_type", "linear"))
+    window = _gguf_field(reader, f"{arch}.attention.sliding_window")
+    if arch == "qwen2":
+        window = None  # llama.cpp's qwen2 uses full attention
+    eps = _gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    return ModelConfig(
+        model_type=arch,
+        vocab_size=int(embd_shape[0]),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(kv),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(eps),
+        rope_theta=float(_gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(_gguf_field(reader, f"{arch}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensor_names,
+        o_bias="blk.0.attn_output.bias" in tensor_names,
+        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        sliding_window=int(window) if window else None,
+        hidden_act="gelu_pytorch_tanh" if arch == "gemma" else "silu",
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def gguf_config(path) -> ModelConfig:
+    """The ModelConfig of a GGUF file (reads metadata only)."""
+    reader = _gguf_reader(Path(path))
+    names = {t.name for t in reader.tensors}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise LayerIFError(f"{path}: GGUF file has no token_embd.weight")
+    return _gguf_config(reader, Path(path), names, tuple(int(x) for x in reversed(embd.shape)))
+
+
+def _gguf_reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise LayerIFError(f"cannot read GGUF file {path}: {_oneline(e)}") from None
+
+
+def _load_gguf(path: Path, dtype) -> Decoder:
+    import gguf
+
+    reader = _gguf_reader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise LayerIFError(f"{path}: GGUF file has no token_embd.weight")
+    embd_shape = tuple(int(x) for x in reversed(tensors["token_embd.weight"].shape))
+    cfg = _gguf_config(reader, path, set(tensors), embd_shape)
+    arch = cfg.model_type
+
+    by_hf: dict[str, Any] = {}
+    for name, t in tensors.items():
+        hf = gguf_to_hf_name(name)
+        by_hf[hf if hf is not None else f"gguf:{name}"] = t
+
+    def get(hf_name: str) -> np.ndarray:
+        t = by_hf[hf_name]
+        shape = tuple(int(x) for x in reversed(t.shape))  # ggml lists dims innermost first
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise LayerIFError(f"{path}: cannot dequantise {t.name} "
+                               f"({t.tensor_type.name}): {_oneline(e)}") from None
+        w = np.asarray(w).reshape(shape)
+        if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            n = cfg.num_heads if ".q_proj." in hf_name else cfg.num_kv_heads
+            w = unpermute_rotary(w, n)
+        if arch == "gemma" and hf_name.endswith("norm.weight"):
+            w = w.astype(np.float32) - 1.0  # llama.cpp stores Gemma's (1 + w)
+        return w
+
+    return model_from_tensors(cfg, list(by_hf), get, dtype=dtype, source=str(path))
+
+
+# ---------------------------------------------------------------------------------
+# the project's own format
+# ---------------------------------------------------------------------------------
+def _lora_info(model: Decoder) -> dict[str, Any] | None:
+    lins = {n: lin for n, lin in model.layers.linears().items() if lin.lora_a is not None}
+    if not lins:
+        return None
+    first = next(iter(lins.values()))
+    rank = int(first.lora_a.shape[-1])
+    info = {"rank": rank, "alpha": float(first.lora_scale) * rank,
+            "dropout": float(first.lora_dropout), "targets": list(lins),
+            "dtype": str(jnp.dtype(first.lora_a[...].dtype))}
+    lc = lora_config_of(model)
+    if lc is not None and lc.rank == rank and set(lc.targets) == set(lins):
+        info.update(alpha=float(lc.alpha), dropout=float(lc.dropout))  # the exact config
+    return info
+
+
+def save_checkpoint(model: Decoder, out_dir, *, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write `model` (base weights and any LoRA adapters) to `out_dir` atomically.
+
+    Layout: `config.json` (the HF config plus `"layerif_jax_format": 1`, the base
+    dtype and a `lora` section) and `state/` (orbax StandardCheckpointer save of the
+    model's nnx.State). With `tokenizer`, its files are saved next to config.json.
+    """
+    import orbax.checkpoint as ocp
+
+    meta = model.cfg.to_hf()
+    meta[FORMAT_KEY] = FORMAT_VERSION
+    meta["layerif_jax_dtype"] = str(jnp.dtype(model.dtype))
+    lora = _lora_info(model)
+    if lora is not None:
+        meta["layerif_jax_lora"] = lora
+    state = nnx.state(model)
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        _write_json(tmp / "config.json", meta)
+        try:
+            with ocp.StandardCheckpointer() as ck:
+                ck.save(tmp / STATE_DIR, state)
+                ck.wait_until_finished()
+        except Exception as e:
+            raise LayerIFError(f"cannot write checkpoint state to {out_dir}: "
+                               f"{_oneline(e)}") from None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+            _write_json(tmp / "config.json", meta)  # in case save_pretrained touched it
+    return Path(out_dir).expanduser().resolve()
+
+
+def _load_own(path: Path, meta: dict[str, Any], dtype) -> Decoder:
+    import orbax.checkpoint as ocp
+
+    version = meta.get(FORMAT_KEY)
+    if version != FORMAT_VERSION:
+        raise LayerIFError(f"{path}: layerif_jax checkpoint format {version!r} is not "
+                           f"supported by this version (expects {FORMAT_VERSION})")
+    cfg = ModelConfig.from_hf(meta)
+    lora = meta.get("layerif_jax_lora")
+    if not (path / STATE_DIR).is_dir():
+        raise LayerIFError(f"{path}: checkpoint has no {STATE_DIR}/ directory")
+
+    lcfg = lora_dtype = None
+    if lora:
+        try:
+            lcfg = LoraConfig(rank=int(lora["rank"]), alpha=float(lora["alpha"]),
+                              dropout=float(lora["dropout"]), targets=tuple(lora["targets"]))
+            lora_dtype = _dtype(lora.get("dtype", "float32"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise LayerIFError(f"{path}: malformed layerif_jax_lora section "
+                               f"({type(e).__name__}: {_oneline(e)})") from None
+
+    def build():
+        m = Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+        if lcfg is not None:
+            apply_lora(m, lcfg, dtype=lora_dtype)
+        return m
+
+    abstract = nnx.eval_shape(build)
+    _, abs_state = nnx.split(abstract)
+    # Without a sharding orbax restores host numpy arrays; ask for jax arrays on the
+    # default device, as `model_from_tensors` makes.
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abs_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                             abs_state)
+    try:
+        with ocp.StandardCheckpointer() as ck:
+            state = ck.restore(path / STATE_DIR, abs_state)
+    except Exception as e:
+        raise LayerIFError(f"cannot restore {path / STATE_DIR}: {_oneline(e)}") from None
+    nnx.update(abstract, state)
+    return abstract
+
+
+# ---------------------------------------------------------------------------------
+# load_model / convert
+# ---------------------------------------------------------------------------------
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def load_model(path, dtype="float32") -> Decoder:
+    """Load a Hugging Face safetensors directory, a .gguf file or a project checkpoint."""
+    dt = _dtype(dtype)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LayerIFError(f"checkpoint not found: {p}")
+    if not os.access(p, os.R_OK):
+        raise LayerIFError(f"checkpoint not readable: {p}")
+    if p.is_file():
+        if _is_gguf(p):
+            return _load_gguf(p, dt)
+        if p.name == "config.json":
+            return load_model(p.parent, dt)
+        raise LayerIFError(f"{p}: unknown checkpoint format (expected a .gguf file or a "
+                           "directory with config.json)")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        hint = f" (did you mean {ggufs[0]}?)" if len(ggufs) == 1 else ""
+        raise LayerIFError(f"{p}: unknown checkpoint format: no config.json{hint}")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except OSError as e:
+        raise LayerIFError(f"cannot read {cfg_path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise LayerIFError(f"{cfg_path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(meta, dict):
+        raise LayerIFError(f"{cfg_path}: expected a JSON object")
+    if FORMAT_KEY in meta:
+        return _load_own(p, meta, dt)
+    if meta.get("model_type") not in SUPPORTED:
+        raise LayerIFError(f"{p}: unsupported architecture {meta.get('model_type')!r} "
+                           f"(supported: {', '.join(SUPPORTED)})")
+    return _load_hf_dir(p, dt)
+
+
+def _has_tokenizer_files(p: Path) -> bool:
+    if p.is_file():
+        return True  # GGUF carries its tokenizer
+    return any((p / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
+                                          "tokenizer.model", "vocab.json"))
+
+
+def convert(src, out_dir, dtype="float32", *, overwrite: bool = False) -> Path:
+    """`load_model(src)` + `save_checkpoint`, with the source's tokenizer stored alongside."""
+    from .tokenizer import load_tokenizer
+
+    model = load_model(src, dtype)
+    tok = None
+    if _has_tokenizer_files(Path(src).expanduser()):
+        tok = load_tokenizer(src)
+    else:
+        warnings.warn(f"{src} has no tokenizer files; {out_dir} will hold the model only",
+                      stacklevel=2)
+    return save_checkpoint(model, out_dir, tokenizer=tok, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------
+# Hugging Face export
+# ---------------------------------------------------------------------------------
+def _merged_kernel(lin) -> jax.Array:
+    """`lin.kernel + scale A B`, computed exactly as `lora.merge_lora` does (no mutation)."""
+    w = lin.kernel[...]
+    delta = lin.lora_scale * jnp.einsum(
+        "lir,lro->lio", lin.lora_a[...].astype(jnp.float32), lin.lora_b[...].astype(jnp.float32))
+    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
+def _hf_tensors(model: Decoder, dtype, merge: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """HF-named tensors, one stacked parameter fetched from the device at a time."""
+    cfg = model.cfg
+    npdt = None if dtype is None else _np_dtype(dtype)
+    for pattern, path, per_layer, transpose in hf_table(cfg):
+        owner = _get_var(model, path[:-1]) if len(path) > 1 else None
+        if (merge and path[-1] == "kernel" and owner is not None
+                and getattr(owner, "lora_a", None) is not None):
+            arr = _merged_kernel(owner)
+        else:
+            arr = _get_var(model, path)[...]
+        arr = np.asarray(jax.device_get(arr))
+        if npdt is not None:
+            arr = arr.astype(npdt)
+        for l in (range(cfg.num_layers) if per_layer else [None]):
+            t = arr[l] if per_layer else arr
+            yield pattern.format(l=l), np.ascontiguousarray(t.T if transpose else t)
+
+
+def _peft_tensors(model: Decoder, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    npdt = None if dtype is None else _np_dtype(dtype)
+    for name, lin in model.layers.linears().items():
+        if lin.lora_a is None:
+            continue
+        sub = "self_attn" if name in _ATTN else "mlp"
+        a = np.asarray(jax.device_get(lin.lora_a[...]))
+        b = np.asarray(jax.device_get(lin.lora_b[...]))
+        if npdt is not None:
+            a, b = a.astype(npdt), b.astype(npdt)
+        for l in range(a.shape[0]):
+            pre = f"base_model.model.model.layers.{l}.{sub}.{name}"
+            yield f"{pre}.lora_A.weight", np.ascontiguousarray(a[l].T)  # [r, in]
+            yield f"{pre}.lora_B.weight", np.ascontiguousarray(b[l].T)  # [out, r]
+
+
+def _write_safetensors(tmp: Path, tensors: Iterator[tuple[str, np.ndarray]],
+                       max_bytes: int, stem: str = "model") -> None:
+    """Write shards of at most `max_bytes` (a single larger tensor gets its own shard)."""
+    from safetensors.numpy import save_file
+
+    written: list[tuple[Path, list[str]]] = []
+    buf: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal buf, size
+        if buf:
+            f = tmp / f".{stem}-part{len(written):05d}.safetensors"
+            save_file(buf, str(f), metadata={"format": "pt"})
+            written.append((f, list(buf)))
+        buf, size = {}, 0
+
+    for name, t in tensors:
+        if buf and size + t.nbytes > max_bytes:
+            flush()
+        buf[name] = t
+        size += t.nbytes
+        total += t.nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(tmp / f"{stem}.safetensors")
+        return
+    n = len(written)
+    wmap = {}
+    for i, (f, names) in enumerate(written):
+        final = f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+        f.rename(tmp / final)
+        wmap.update({k: final for k in names})
+    _write_json(tmp / f"{stem}.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
+
+
+def export_hf(model: Decoder, out_dir, dtype=None, merge_lora: bool = True, *,
+              tokenizer=None, max_shard_size=DEFAULT_SHARD_BYTES,
+              overwrite: bool = False) -> Path:
+    """Write a Hugging Face checkpoint directory transformers can load.
+
+    `config.json` + `model.safetensors` (sharded with an index above `max_shard_size`).
+    LoRA adapters are folded into the kernels when `merge_lora` (the model itself is
+    not modified); otherwise the base weights are written and the adapters go to
+    `out_dir/adapter/` (`adapter_config.json` + `adapter_model.safetensors`, PEFT's
+    layout: `PeftModel.from_pretrained(base, out_dir / "adapter")`). A subdirectory,
+    because transformers silently applies an adapter found next to the base weights.
+    `dtype=None` keeps the model's dtype. `tokenizer.save_pretrained` is called when given.
+    """
+    dt = None if dtype is None else _dtype(dtype)
+    max_bytes = _parse_size(max_shard_size)
+    lora = _lora_info(model)
+    hf_cfg = model.cfg.to_hf()
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(jnp.dtype(dt or model.dtype))
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        _write_safetensors(tmp, _hf_tensors(model, dt, merge=merge_lora), max_bytes)
+        if lora is not None and not merge_lora:
+            ad = tmp / ADAPTER_DIR
+            ad.mkdir()
+            _write_safetensors(ad, _peft_tensors(model, dt), 2**62, stem="adapter_model")
+            _write_json(ad / "adapter_config.json", {
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"],
+                "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+                "target_modules": lora["targets"], "bias": "none", "fan_in_fan_out": False,
+                "use_rslora": False, "inference_mode": True,
+                "base_model_name_or_path": None})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _write_json(tmp / "config.json", hf_cfg)
+    return Path(out_dir).expanduser().resolve()
