@@ -36,8 +36,8 @@ class StackedLinear(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (num_layers, d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((num_layers, d_out), dtype)) if bias else None
-        self.lora_a: nnx.LoRAParam | None = None
-        self.lora_b: nnx.LoRAParam | None = None
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)  # data, so LoRA can be attached later
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
         self.lora_scale: float = 0.0
         self.lora_dropout: float = 0.0
 
@@ -53,18 +53,27 @@ class StackedLinear(nnx.Module):
 
 
 def linear_apply(p: dict[str, jax.Array], x: jax.Array, *, scale: float, dropout: float,
-                 key: jax.Array | None, dtype) -> jax.Array:
-    """One layer's slice of a StackedLinear: x[..., I] -> y[..., O]."""
+                 key: jax.Array | None, dtype, tap: jax.Array | None = None):
+    """One layer's slice of a StackedLinear: x[..., I] -> y[..., O].
+
+    With `tap` (zeros shaped like y) it returns (y + tap, (x, u = x A)): the gradient
+    with respect to the tap is dL/dy, from which per-example LoRA gradients follow
+    (influence/packed.py).
+    """
     y = x @ p["kernel"].astype(dtype)
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
+    u = None
     if "lora_a" in p:
         xl = x
         if dropout > 0.0 and key is not None:
             keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
             xl = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-        y = y + (scale * ((xl @ p["lora_a"].astype(dtype)) @ p["lora_b"].astype(dtype))).astype(dtype)
-    return y
+        u = xl @ p["lora_a"].astype(dtype)
+        y = y + (scale * (u @ p["lora_b"].astype(dtype))).astype(dtype)
+    if tap is None:
+        return y
+    return y + tap.astype(y.dtype), (x, u)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
@@ -107,12 +116,19 @@ def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, inv_freq: jax.Array) -> jax
     return (xf * cos + rot * sin).astype(x_BTHD.dtype)
 
 
-def attention_bias(mask_BT: jax.Array, pos_BT: jax.Array, window: int | None) -> jax.Array:
-    """Additive bias [B,1,1,T,T]: causal, key padding, optional sliding window."""
+def attention_bias(mask_BT: jax.Array, pos_BT: jax.Array, window: int | None,
+                   segments_BT: jax.Array | None = None) -> jax.Array:
+    """Additive bias [B,1,1,T,T]: causal, key padding, optional sliding window.
+
+    With `segments_BT` (packed rows: several examples per row), a query only sees
+    keys of its own segment.
+    """
     qp, kp = pos_BT[:, :, None], pos_BT[:, None, :]
     T = mask_BT.shape[1]
     idx = jnp.arange(T)
     ok = (idx[:, None] >= idx[None, :])[None] & mask_BT[:, None, :].astype(bool)
+    if segments_BT is not None:
+        ok = ok & (segments_BT[:, :, None] == segments_BT[:, None, :])
     if window is not None:
         ok = ok & (qp - kp < window)
     return jnp.where(ok, 0.0, NEG_INF)[:, None, None, :, :].astype(jnp.float32)
@@ -125,13 +141,24 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 
 
 def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
-                *, lora: dict[str, tuple[float, float]], key: jax.Array | None, dtype):
-    """One decoder block. `p` holds this layer's slice of every stacked parameter."""
+                *, lora: dict[str, tuple[float, float]], key: jax.Array | None, dtype,
+                taps: dict[str, jax.Array] | None = None):
+    """One decoder block. `p` holds this layer's slice of every stacked parameter.
+
+    With `taps` ({module: zeros [B, T, d_out]}) it returns (x, {module: (x_in, u)}).
+    """
     keys = dict(zip(LINEARS, jax.random.split(key, len(LINEARS)))) if key is not None else {}
+    recorded = {}
 
     def lin(name, h):
         scale, drop = lora.get(name, (0.0, 0.0))
-        return linear_apply(p[name], h, scale=scale, dropout=drop, key=keys.get(name), dtype=dtype)
+        tap = None if taps is None else taps.get(name)
+        out = linear_apply(p[name], h, scale=scale, dropout=drop, key=keys.get(name),
+                           dtype=dtype, tap=tap)
+        if tap is None:
+            return out
+        recorded[name] = out[1]
+        return out[0]
 
     B, T, _ = x_BTD.shape
     H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -147,7 +174,8 @@ def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos
     x_BTD = x_BTD + lin("o_proj", o)
     h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
     m = activation(cfg.hidden_act, lin("gate_proj", h)) * lin("up_proj", h)
-    return x_BTD + lin("down_proj", m)
+    x_BTD = x_BTD + lin("down_proj", m)
+    return x_BTD if taps is None else (x_BTD, recorded)
 
 
 class Blocks(nnx.Module):
@@ -208,15 +236,20 @@ class Decoder(nnx.Module):
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
-    def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, dropout_key=None,
-                      dtype=None) -> jax.Array:
-        """Final hidden states (before the last norm)."""
+    def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
+                      dropout_key=None, dtype=None, taps=None):
+        """Final hidden states (before the last norm).
+
+        segments_BT: packed rows (attention stays inside a segment; pass positions
+        that restart per segment). taps: {module: zeros [L, B, T, d_out]}; then the
+        result is (x, {module: (x_in [L, B, T, d_in], u [L, B, T, r])}).
+        """
         cfg = self.cfg
         dtype = dtype or self.dtype
         B, T = ids_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
-        bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window)
+        bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT)
         inv_freq = rope_inv_freq(cfg)
         lora = self.layers.lora_settings()
         stacked = self.layers.layer_arrays()
@@ -224,14 +257,16 @@ class Decoder(nnx.Module):
                 else None)
 
         def body(x, xs):
-            p, key = xs
-            return block_apply(cfg, p, x, bias, pos_BT, inv_freq, lora=lora, key=key,
-                               dtype=dtype), None
+            p, key, tap = xs
+            out = block_apply(cfg, p, x, bias, pos_BT, inv_freq, lora=lora, key=key,
+                              dtype=dtype, taps=tap)
+            return (out, None) if tap is None else out
 
-        x, _ = jax.lax.scan(body, self.embed(ids_BT, dtype), (stacked, keys))
-        return x
+        x, recorded = jax.lax.scan(body, self.embed(ids_BT, dtype), (stacked, keys, taps))
+        return x if taps is None else (x, recorded)
 
-    def __call__(self, ids_BT, mask_BT=None, *, positions_BT=None, dropout_key=None,
-                 dtype=None) -> jax.Array:
+    def __call__(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
+                 dropout_key=None, dtype=None) -> jax.Array:
         return self.head(self.hidden_states(ids_BT, mask_BT, positions_BT=positions_BT,
-                                            dropout_key=dropout_key, dtype=dtype))
+                                            segments_BT=segments_BT, dropout_key=dropout_key,
+                                            dtype=dtype))

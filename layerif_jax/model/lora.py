@@ -61,8 +61,9 @@ def apply_lora(model, lcfg: LoraConfig, *, rngs: nnx.Rngs | None = None,
         L, d_in, d_out = lin.kernel.shape
         bound = 1.0 / (d_in ** 0.5)
         a = jax.random.uniform(rngs.params(), (L, d_in, lcfg.rank), dtype, -bound, bound)
-        lin.lora_a = nnx.LoRAParam(a)
-        lin.lora_b = nnx.LoRAParam(jnp.zeros((L, lcfg.rank, d_out), dtype))
+        # nnx.data: the attributes start as None, which NNX records as static
+        lin.lora_a = nnx.data(nnx.LoRAParam(a))
+        lin.lora_b = nnx.data(nnx.LoRAParam(jnp.zeros((L, lcfg.rank, d_out), dtype)))
         lin.lora_scale = float(lcfg.scale)
         lin.lora_dropout = float(lcfg.dropout)
     model.lora_config = lcfg

@@ -1,0 +1,527 @@
+"""LoRA fine-tuning (METHOD.md sections 1 and 4): AdamW, linear warm-up then linear decay.
+
+One optimizer step is ONE jitted pure function of (LoRA state, optimizer state, frozen
+base state, a [grad_accum, batch_size, T] block of micro-batches, RNG key). Gradients
+are taken with respect to the LoRA parameters only (`nnx.split(model, nnx.LoRAParam,
+...)`); the base parameters are an ordinary (non-differentiated) argument.
+
+Gradient accumulation is explicit, a `lax.scan` over the micro-batches inside the
+jitted step, rather than `optax.MultiSteps`:
+  * the loss of an optimizer step is the mean over the *real* rows of the whole
+    effective batch (filler rows, index -1, never count), so micro-batch gradients
+    are summed and divided once by the real-row count: `accum 2 x batch 2` is exactly
+    `accum 1 x batch 4` even when the last batch of an epoch is partly filler;
+    MultiSteps averages micro-batch means with equal weight, which is wrong there;
+  * one dispatch per optimizer step and no accumulator buffer in the optimizer state
+    (smaller checkpoints, optimizer state = the plain AdamW state);
+  * the optimizer step count equals the schedule step, so the schedule, the data
+    position and the checkpoint step are all the same number.
+
+Data order depends only on (seed, epoch): an epoch is `epoch_batches` with the
+effective batch size (batch_size * grad_accum), reshaped into micro-batches. Resuming
+from a checkpoint at global step s therefore restarts epoch s // steps_per_epoch at
+batch s % steps_per_epoch and reproduces the uninterrupted run. Dropout keys are
+`fold_in(key(seed), step)` (computed inside the step), so they too survive a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .data import Example, bucket_length, epoch_batches
+from .errors import LayerIFError
+from .loss import lm_loss
+from .model.lora import lora_config_of
+from .peft_io import save_peft_adapter
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+CHECKPOINT_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning settings. `batch_size` is the micro-batch; effective batch = batch_size * grad_accum.
+
+    `checkpoint_every`: a checkpoint every N optimizer steps, and always at each epoch end.
+    `max_grad_norm`: global-norm clipping of the LoRA gradient (None or 0 = off).
+    `keep`: checkpoints kept on disk.
+    """
+    epochs: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_len: int = 128
+    seed: int = 0
+    compute_dtype: str = "float32"
+    checkpoint_every: int = 50
+    max_grad_norm: float | None = 1.0
+    keep: int = 2
+
+    def __post_init__(self):
+        def need_int(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise LayerIFError(f"{name} must be an integer, got {v!r}")
+            if v < lo:
+                raise LayerIFError(f"{name} must be >= {lo}, got {v}")
+        need_int("epochs", 1)
+        need_int("batch_size", 1)
+        need_int("grad_accum", 1)
+        need_int("max_len", 2)
+        need_int("warmup_steps", 0)
+        need_int("checkpoint_every", 1)
+        need_int("keep", 1)
+        need_int("seed", 0)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise LayerIFError(f"learning rate must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise LayerIFError(f"weight decay must be >= 0, got {self.weight_decay!r}")
+        g = self.max_grad_norm
+        if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
+            raise LayerIFError(f"max_grad_norm must be >= 0 or None, got {g!r}")
+        dt = _DTYPES.get(str(self.compute_dtype).lower())
+        if dt is None:
+            raise LayerIFError(f"compute dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        object.__setattr__(self, "compute_dtype", dt)
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(self, "weight_decay", float(self.weight_decay))
+        object.__setattr__(self, "max_grad_norm", float(g) if g else None)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+# -- schedule and optimizer ---------------------------------------------------------------
+
+def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    """lr(step): linear 0 -> lr over the warm-up (clipped to total_steps), then linear lr -> 0
+    at total_steps. Step k is the learning rate of the (k+1)-th update (so the first update
+    of a warm-up run has lr 0, as in transformers' linear schedule)."""
+    total = max(int(total_steps), 1)
+    warm = min(cfg.warmup_steps, total)
+    if warm == 0:
+        return optax.linear_schedule(cfg.lr, 0.0, total)
+    if warm == total:
+        return optax.linear_schedule(0.0, cfg.lr, warm)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, warm), optax.linear_schedule(cfg.lr, 0.0, total - warm)],
+        [warm])
+
+
+def lr_at(cfg: TrainConfig, total_steps: int, step: int) -> float:
+    """make_schedule's value in plain Python (for logging: no device op, no sync)."""
+    total = max(int(total_steps), 1)
+    warm = min(cfg.warmup_steps, total)
+    if step < warm:
+        return cfg.lr * step / warm
+    if warm == total:
+        return cfg.lr
+    return cfg.lr * (1.0 - min(step - warm, total - warm) / (total - warm))
+
+
+def _optimizer(lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+               max_grad_norm: float | None) -> optax.GradientTransformation:
+    cfg = TrainConfig(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                      max_grad_norm=max_grad_norm)
+    adamw = optax.adamw(make_schedule(cfg, total_steps), b1=0.9, b2=0.999, eps=1e-8,
+                        weight_decay=weight_decay)
+    if max_grad_norm:
+        return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+    return adamw
+
+
+def _opt_spec(cfg: TrainConfig, total_steps: int) -> tuple:
+    """Hashable description of the optimizer: a static jit argument, so runs with the same
+    settings share one compiled step."""
+    return (cfg.lr, cfg.weight_decay, cfg.warmup_steps, int(total_steps), cfg.max_grad_norm)
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (b1 0.9, b2 0.999, eps 1e-8, decoupled weight decay) on the warm-up/decay
+    schedule, after global-norm clipping when cfg.max_grad_norm is set."""
+    return _optimizer(*_opt_spec(cfg, total_steps))
+
+
+# -- the pure step functions ----------------------------------------------------------------
+
+def _jnp_dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def split_model(model):
+    """(graphdef, lora_state, rest_state) of a model with LoRA."""
+    if lora_config_of(model) is None or not nnx.state(model, nnx.LoRAParam):
+        raise LayerIFError("the model has no LoRA adapters to train (apply LoRA first)")
+    return nnx.split(model, nnx.LoRAParam, ...)
+
+
+def real_loss_sum(graphdef, lora, rest, ids, mask, targets, index, key=None, *,
+                  dtype: str = "float32", dropout: bool = False):
+    """(sum of per-example losses over real rows, number of real rows) of one [B, T] batch.
+
+    Per-example loss = mean token loss over the example's target tokens
+    (`layerif_jax.loss.lm_loss`); rows with index -1 are fillers and contribute nothing,
+    whatever their ids, mask or target flags. Pure; traced inside jit.
+    """
+    model = nnx.merge(graphdef, lora, rest)
+    per = lm_loss(model, ids, mask, targets, dropout_key=key if dropout else None,
+                  dtype=_jnp_dtype(dtype))
+    real = index >= 0
+    return jnp.sum(jnp.where(real, per, 0.0)), jnp.sum(real)
+
+
+def accumulated_grads(graphdef, lora, rest, ids, mask, targets, index, key=None, *,
+                      dtype: str = "float32", dropout: bool = False):
+    """Mean loss over the real rows of a block of micro-batches and its LoRA gradient.
+
+    ids/mask/targets: [A, B, T]; index: [A, B] (-1 = filler row). The micro-batch loss
+    *sums* are accumulated (a scan: one micro-batch of activations alive at a time) and
+    divided once by the real-row count of the whole block. Returns (loss, n_real_rows,
+    grads) with grads shaped like `lora` (float32). Pure; traced inside jit.
+    """
+    A = ids.shape[0]
+
+    def summed(lora_, ids_, mask_, tgt_, idx_, key_):
+        return real_loss_sum(graphdef, lora_, rest, ids_, mask_, tgt_, idx_, key_,
+                             dtype=dtype, dropout=dropout)[0]
+
+    grad_fn = jax.value_and_grad(summed)
+    keys = jax.random.split(key if key is not None else jax.random.key(0), A)
+
+    def body(carry, xs):
+        lsum, gsum = carry
+        l, g = grad_fn(lora, *xs)
+        return (lsum + l, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), gsum, g)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)
+    (lsum, gsum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                   (ids, mask, targets, index, keys))
+    n = jnp.sum(index >= 0)
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+    return lsum / denom, n, jax.tree.map(lambda g: g / denom, gsum)
+
+
+_tree_norm = (optax.tree.norm if hasattr(getattr(optax, "tree", None), "norm")
+              else optax.global_norm)
+
+
+def _train_step_impl(lora, opt_state, rest, ids, mask, targets, index, base_key, step, *,
+                     graphdef, opt_spec, dtype, dropout):
+    """One optimizer step; the dropout key is fold_in(base_key, step) (reproducible on resume)."""
+    tx = _optimizer(*opt_spec)
+    key = jax.random.fold_in(base_key, step)
+    loss, n, grads = accumulated_grads(graphdef, lora, rest, ids, mask, targets, index, key,
+                                       dtype=dtype, dropout=dropout)
+    gnorm = _tree_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, lora)
+    lora = optax.apply_updates(lora, updates)
+    return lora, opt_state, {"loss": loss, "grad_norm": gnorm, "rows": n}
+
+
+# graphdef / optimizer spec / dtype / dropout are static: one compile per distinct setting,
+# shared across finetune() calls (an interrupted run and its resumption compile once).
+train_step = jax.jit(_train_step_impl, static_argnames=("graphdef", "opt_spec", "dtype", "dropout"))
+
+
+def _eval_impl(lora, rest, ids, mask, targets, index, *, graphdef, dtype):
+    return real_loss_sum(graphdef, lora, rest, ids, mask, targets, index, dtype=dtype)
+
+
+eval_loss_sum = jax.jit(_eval_impl, static_argnames=("graphdef", "dtype"))
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def _fit_examples(examples: Sequence[Example], max_len: int, what: str) -> list[Example]:
+    """Truncate to max_len (the padded length is fixed, so longer examples cannot fit)."""
+    out = []
+    for i, ex in enumerate(examples):
+        if len(ex.ids) > max_len:
+            ex = Example(ex.ids[:max_len], ex.targets[:max_len])
+        if len(ex.ids) < 2 or not np.asarray(ex.targets)[1:].any():
+            raise LayerIFError(f"{what} example {i} has no token that counts in the loss "
+                               f"(after truncation to {max_len} tokens)")
+        out.append(ex)
+    return out
+
+
+def _pad_length(examples: Sequence[Example], max_len: int) -> int:
+    return bucket_length(max(len(e.ids) for e in examples), 8, max_len)
+
+
+def _micro(batch, cfg: TrainConfig):
+    A, B = cfg.grad_accum, cfg.batch_size
+    T = batch.ids.shape[1]
+    return (batch.ids.reshape(A, B, T), batch.mask.reshape(A, B, T),
+            batch.targets.reshape(A, B, T), batch.index.reshape(A, B))
+
+
+def _write_json_atomic(path: Path, obj: Any):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _fingerprint(cfg: TrainConfig, lcfg, n_train: int, total_steps: int) -> dict[str, Any]:
+    """Settings a checkpoint must share with the run that resumes it."""
+    c = dataclasses.asdict(cfg)
+    for k in ("checkpoint_every", "keep"):  # do not change the trajectory
+        c.pop(k)
+    return {"train": c, "lora": {"rank": lcfg.rank, "alpha": lcfg.alpha, "dropout": lcfg.dropout,
+                                 "targets": list(lcfg.targets)},
+            "n_train": n_train, "total_steps": total_steps}
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def _unflat(like, flat: dict[str, Any]):
+    leaves, treedef = jax.tree.flatten(like)
+    if len(flat) != len(leaves):
+        raise LayerIFError(f"checkpoint holds {len(flat)} arrays, this run expects {len(leaves)}")
+    new = []
+    for i, ref in enumerate(leaves):
+        # via host memory: a restored array is committed to a device, a fresh one is not,
+        # and that difference alone would make jit compile the step a second time
+        x = jnp.asarray(np.asarray(flat[f"{i:05d}"]))
+        if x.shape != ref.shape:
+            raise LayerIFError(f"checkpoint array {i} has shape {x.shape}, expected {ref.shape}")
+        new.append(x.astype(ref.dtype))
+    return jax.tree.unflatten(treedef, new)
+
+
+def _describe_diff(a: dict, b: dict, prefix="") -> str:
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _describe_diff(va, vb, prefix + k + ".")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k}: checkpoint {va!r}, now {vb!r}"
+    return ""
+
+
+# -- the training loop ----------------------------------------------------------------------
+
+def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
+             cfg: TrainConfig | None = None, *, val_examples: Sequence[Example] | None = None,
+             progress: bool = True, max_steps: int | None = None, pad_id: int = 0,
+             base_model_name: str = "") -> dict[str, Any]:
+    """Fine-tune the LoRA parameters of `model` (in place) on `train_examples`.
+
+    Writes orbax checkpoints (LoRA, optimizer state, step, epoch, history) under
+    out_dir/checkpoints and resumes from the latest one when present. On completion
+    writes out_dir/adapter (PEFT format), out_dir/train_state.json and
+    out_dir/history.json. `max_steps`: stop (with a checkpoint) once the global optimizer
+    step reaches it, without changing the schedule; a later call resumes. Returns the
+    history: per-step train_loss / lr / grad_norm, per-epoch records, step counts.
+    """
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    cfg = cfg or TrainConfig()
+    if max_steps is not None and max_steps < 0:
+        raise LayerIFError(f"max_steps must be >= 0, got {max_steps}")
+    lcfg = lora_config_of(model)
+    graphdef, lora, rest = split_model(model)
+    if not train_examples:
+        raise LayerIFError("no training examples")
+    train = _fit_examples(train_examples, cfg.max_len, "training")
+    val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
+    T = _pad_length(train, cfg.max_len)
+    T_val = _pad_length(val, cfg.max_len) if val else 0
+    spe = -(-len(train) // cfg.effective_batch)
+    total = spe * cfg.epochs
+
+    orig_dtypes = [x.dtype for x in jax.tree.leaves(lora)]
+    lora = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), lora)  # float32 master copy
+    opt_spec = _opt_spec(cfg, total)
+    tx = _optimizer(*opt_spec)
+    opt_state = tx.init(lora)
+    dropout = lcfg.dropout > 0
+    base_key = jax.random.key(cfg.seed)  # dropout key of step s: fold_in(base_key, s)
+    fp = _fingerprint(cfg, lcfg, len(train), total)
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mngr = ocp.CheckpointManager(
+        out_dir / CHECKPOINT_DIR,
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
+
+    history: dict[str, Any] = {"train_loss": [], "lr": [], "grad_norm": [], "epochs": [],
+                               "steps_per_epoch": spe, "total_steps": total,
+                               "resumed_from": None}
+    step = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        def fail(e):
+            mngr.close()
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return LayerIFError(f"cannot resume from checkpoint {latest} in "
+                                f"{out_dir / CHECKPOINT_DIR}: {msg}")
+        try:  # settings first: a different run's arrays may not even fit the target
+            meta = mngr.restore(latest, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many types
+            raise fail(e) from None
+        diff = _describe_diff((meta or {}).get("fingerprint", {}), fp)
+        if diff:
+            mngr.close()
+            raise LayerIFError(f"{out_dir} holds checkpoints of a different run ({diff}); "
+                               f"use another output directory or delete {CHECKPOINT_DIR}/")
+        try:
+            state = mngr.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore({"lora": _flat(lora), "opt": _flat(opt_state)})
+            ))["state"]
+            lora = _unflat(lora, state["lora"])
+            opt_state = _unflat(opt_state, state["opt"])
+        except Exception as e:  # noqa: BLE001
+            raise fail(e) from None
+        step = int(meta["step"])
+        history = meta["history"]
+        history["resumed_from"] = step
+
+    last_saved = step if latest is not None else -1
+    pending: list[dict[str, jax.Array]] = []
+
+    def flush():
+        for s in jax.device_get(pending):
+            history["train_loss"].append(float(s["loss"]))
+            history["grad_norm"].append(float(s["grad_norm"]))
+        pending.clear()
+
+    def save():
+        nonlocal last_saved
+        flush()
+        meta = {"step": step, "epoch": step // spe, "fingerprint": fp, "history": history}
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"lora": _flat(lora), "opt": _flat(opt_state)}),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        last_saved = step
+
+    stop = step >= total or (max_steps is not None and step >= max_steps)
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="finetune", unit="step",
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        while not stop and step < total:
+            epoch, first = divmod(step, spe)
+            batches = epoch_batches(train, cfg.effective_batch, seed=cfg.seed, epoch=epoch,
+                                    max_len=T, pad_id=pad_id)
+            for b in range(first, spe):
+                if max_steps is not None and step >= max_steps:
+                    stop = True
+                    break
+                ids, mask, tgt, idx = _micro(batches[b], cfg)
+                lr_now = lr_at(cfg, total, step)
+                lora, opt_state, stats = train_step(
+                    lora, opt_state, rest, ids, mask, tgt, idx, base_key, np.int32(step),
+                    graphdef=graphdef, opt_spec=opt_spec, dtype=cfg.compute_dtype,
+                    dropout=dropout)
+                pending.append(stats)
+                history["lr"].append(lr_now)
+                step += 1
+                bar.update(1)
+                if len(pending) >= 10:
+                    flush()
+                    bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}")
+                if step % cfg.checkpoint_every == 0 and step % spe != 0:
+                    save()
+            if stop:
+                break
+            # epoch end
+            flush()
+            losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
+            rec = {"epoch": epoch + 1, "step": step,
+                   "train_loss": float(np.mean(losses)) if losses else None}
+            if val:
+                rec["val_loss"] = evaluate(graphdef, lora, rest, val, cfg, T_val, pad_id)
+            history["epochs"].append(rec)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k.endswith("loss") and v})
+            save()
+        if step > last_saved and step > 0:
+            save()
+    except KeyboardInterrupt:
+        if step > last_saved and step > 0:  # state after a finished step is consistent
+            save()
+        raise
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+    flush()
+
+    completed = step >= total
+    history["step"] = step
+    history["completed"] = completed
+    history["seconds"] = time.perf_counter() - t0  # of this call
+    lora_out = jax.tree.unflatten(jax.tree.structure(lora), [
+        x.astype(dt) for x, dt in zip(jax.tree.leaves(lora), orig_dtypes)])
+    nnx.update(model, lora_out)
+
+    if completed:
+        save_peft_adapter(model, out_dir / ADAPTER_DIR, base_model_name=base_model_name)
+    _write_json_atomic(out_dir / HISTORY_FILE, history)
+    _write_json_atomic(out_dir / STATE_FILE, {
+        "status": "complete" if completed else "stopped",
+        "step": step, "total_steps": total, "steps_per_epoch": spe,
+        "epochs_done": step // spe, "config": dataclasses.asdict(cfg),
+        "lora": fp["lora"], "n_train": len(train), "n_val": len(val) if val else 0,
+        "padded_length": T, "base_model": base_model_name or None,
+        "adapter": ADAPTER_DIR if completed else None,
+        "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
+        "final_val_loss": (history["epochs"][-1].get("val_loss") if history["epochs"] else None),
+    })
+    return history
+
+
+def evaluate(graphdef, lora, rest, examples: Sequence[Example], cfg: TrainConfig,
+             length: int, pad_id: int = 0) -> float:
+    """Mean (over examples) of the per-example mean token loss; dropout off."""
+    total, n = 0.0, 0
+    for batch in epoch_batches(examples, cfg.batch_size, seed=0, epoch=0, max_len=length,
+                               pad_id=pad_id, shuffle=False):
+        s, k = eval_loss_sum(lora, rest, batch.ids, batch.mask, batch.targets, batch.index,
+                             graphdef=graphdef, dtype=cfg.compute_dtype)
+        total += float(s)
+        n += int(k)
+    return total / max(n, 1)
+
+
+def batch_loss(model, batch, dtype: str = "float32") -> float:
+    """Training loss of one padded `data.Batch`: mean over its real rows (dropout off)."""
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    s, k = eval_loss_sum(lora, rest, batch.ids, batch.mask, batch.targets, batch.index,
+                         graphdef=graphdef, dtype=_DTYPES.get(dtype, dtype))
+    return float(s) / max(int(k), 1)
+
+
+def validation_loss(model, examples: Sequence[Example], cfg: TrainConfig | None = None,
+                    pad_id: int = 0) -> float:
+    """Mean per-example loss of `model` (LoRA or not) on `examples`, dropout off."""
+    cfg = cfg or TrainConfig()
+    ex = _fit_examples(examples, cfg.max_len, "validation")
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    return evaluate(graphdef, lora, rest, ex, cfg, _pad_length(ex, cfg.max_len), pad_id)
