@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..data import Batch, Example, bucketed_batches
 from ..errors import LayerIFError
-from . import core
+from . import core, packed
 from .estimators import Context, get_estimator
 from .partition import make_partition
 
@@ -100,29 +100,80 @@ def _mesh(mesh):
 
 
 class _Runner:
-    """Runs the per-example gradient function over a set of batches."""
+    """Turns examples into fixed-shape chunks and chunks into per-example LoRA gradients.
 
-    def __init__(self, model, *, dtype, mesh: Mesh | None):
+    engine "packed" (default): several examples per row, one batched backward per
+    chunk (packed.py); "vmap": `vmap(grad)` over length-bucketed, padded batches.
+    Either way a chunk has `slots` example slots (filler slots give exact zeros),
+    and `chunk.index` maps slots to input positions (-1 = filler).
+    """
+
+    def __init__(self, model, *, dtype, mesh: Mesh | None, engine: str, chunk_size: int,
+                 bucket_multiple: int, row_len: int | None):
+        if engine not in ENGINES:
+            raise LayerIFError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
         graphdef, self.lora, self.rest = nnx.split(model, nnx.LoRAParam, ...)
-        self.mesh = mesh
+        self.graphdef, self.dtype, self.mesh, self.engine = graphdef, dtype, mesh, engine
+        self.ndev = 1 if mesh is None else mesh.devices.size
+        self.chunk_size, self.bucket_multiple, self.row_len = chunk_size, bucket_multiple, row_len
         if mesh is not None:
             rep = NamedSharding(mesh, P())
             self.lora = jax.device_put(self.lora, rep)
             self.rest = jax.device_put(self.rest, rep)
-            self._batch_sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
-        self.fn = _compiled_grad_fn(graphdef, dtype)
+            self._shard = NamedSharding(mesh, P(mesh.axis_names[0]))
+        self.fn = None
 
-    def grads(self, b: Batch):
-        arrs = (b.ids, b.mask, b.targets)
+    def plan(self, examples_sets: Sequence[Sequence[Example]]):
+        """Fix the chunk shapes once for all example sets (one compilation)."""
+        lengths = [len(e.ids) for ex in examples_sets for e in ex]
+        self.max_len = max(lengths)
+        if self.engine == "vmap":
+            self.slots = -(-self.chunk_size // self.ndev) * self.ndev
+            self.fn = _compiled_vmap_fn(self.graphdef, self.dtype)
+            return
+        per_dev = max(1, -(-self.chunk_size // self.ndev))
+        self.rows, self.row_len_, self.slots_local = packed.plan(
+            lengths, chunk_size=per_dev, row_len=self.row_len)
+        self.slots = self.slots_local * self.ndev
+        self.fn = _compiled_packed_fn(self.graphdef, self.dtype, self.slots_local, self.mesh)
+
+    def chunks(self, examples: Sequence[Example]) -> list:
+        if self.engine == "vmap":
+            return list(bucketed_batches(examples, self.slots, multiple=self.bucket_multiple,
+                                         max_len=self.max_len))
+        local = packed.pack_chunks(examples, rows=self.rows, row_len=self.row_len_,
+                                   slots=self.slots_local)
+        while len(local) % self.ndev:
+            local.append(packed.empty_chunk(self.rows, self.row_len_, self.slots_local))
+        return [packed.PackedChunk(*(np.concatenate(parts) for parts in zip(
+                    *(dataclasses.astuple(c) for c in local[k:k + self.ndev]))))
+                for k in range(0, len(local), self.ndev)]
+
+    def grads(self, c):
+        arrs = ((c.ids, c.mask, c.targets) if self.engine == "vmap"
+                else (c.ids, c.segments, c.positions, c.targets))
         if self.mesh is not None:
-            arrs = tuple(jax.device_put(a, self._batch_sharding) for a in arrs)
+            arrs = tuple(jax.device_put(a, self._shard) for a in arrs)
         return self.fn(self.lora, self.rest, *arrs)
 
 
+ENGINES = ("packed", "vmap")
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled_grad_fn(graphdef, dtype):
+def _compiled_vmap_fn(graphdef, dtype):
     """One jitted gradient function per model structure and dtype (reused across calls)."""
     return jax.jit(core.per_example_grad_fn(graphdef, dtype))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_packed_fn(graphdef, dtype, slots, mesh):
+    fn = packed.packed_grad_fn(graphdef, slots=slots, dtype=dtype)
+    if mesh is not None:  # each device packs and differentiates its own rows and slots
+        ax = mesh.axis_names[0]
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P(ax), P(ax), P(ax), P(ax)),
+                           out_specs=(P(ax), P(ax)), check_vma=False)
+    return jax.jit(fn)
 
 
 _sq_norms = jax.jit(core.sq_norms)
@@ -149,8 +200,9 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
                  estimator: str = "datainf", aggregate: str = "+ve", unit: str = "tensor",
                  damping: float | None = None, damping_scale: float = 0.1,
                  per_val: bool = False, chunk_size: int = 8, memory_budget="8GB",
-                 dtype=None, mesh="auto", bucket_multiple: int = 32,
-                 skip_zero_units: bool = False, progress: bool = False) -> LayerScores:
+                 dtype=None, mesh="auto", engine: str = "packed", row_len: int | None = None,
+                 bucket_multiple: int = 32, skip_zero_units: bool = False,
+                 progress: bool = False) -> LayerScores:
     """Per-example, per-layer influence scores and the LayerIF layer scores S^(l).
 
     model: an NNX Decoder with a (trained) LoRA adapter. train/val: tokenised
@@ -159,6 +211,9 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     dtype: compute dtype of the forward/backward (e.g. jnp.bfloat16); every
     influence sum is accumulated in float32. mesh: 'auto' shards examples over all
     devices (parameters replicated), None runs on the default device.
+    engine: "packed" (several examples per row, one backward per chunk of about
+    `chunk_size` examples; rows of `row_len` tokens, default twice the longest
+    example) or "vmap" (vmap(grad) over length buckets of `bucket_multiple`).
     """
     t0 = time.perf_counter()
     if aggregate not in AGGREGATES:
@@ -175,21 +230,20 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     ndev = 1 if mesh is None else mesh.devices.size
     if chunk_size < 1:
         raise LayerIFError(f"chunk size must be >= 1, got {chunk_size}")
-    chunk_size = -(-chunk_size // ndev) * ndev  # a multiple of the device count
     budget = parse_bytes(memory_budget)
 
-    runner = _Runner(model, dtype=dtype, mesh=mesh)
+    runner = _Runner(model, dtype=dtype, mesh=mesh, engine=engine, chunk_size=chunk_size,
+                     bucket_multiple=bucket_multiple, row_len=row_len)
     _check_adapter(runner.lora)
     part = make_partition(runner.lora, unit)
     onehot = jnp.asarray(part.onehot())
     sizes = jnp.asarray(part.unit_sizes, jnp.float32)
     d_total = sum(part.unit_sizes) * part.num_layers
     n, m = len(train), len(val)
-    max_len = max(len(e.ids) for e in list(train) + list(val))
-    tb = list(bucketed_batches(train, chunk_size, multiple=bucket_multiple, max_len=max_len))
-    vb = list(bucketed_batches(val, chunk_size, multiple=bucket_multiple, max_len=max_len))
-    n_pad = len(tb) * chunk_size
-    M_pad = len(vb) * chunk_size if per_val else 1
+    runner.plan([train, val])
+    tb, vb = runner.chunks(train), runner.chunks(val)
+    slots = runner.slots
+    n_pad = len(tb) * slots
     need = 4 * d_total * n_pad
     keep = budget is None or need <= budget
 
@@ -234,7 +288,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
 
     def chunks():
         for k, b in enumerate(tb):
-            rows = slice(k * chunk_size, (k + 1) * chunk_size)
+            rows = slice(k * slots, (k + 1) * slots)
             yield rows, (kept[k] if keep else jax.tree.leaves(runner.grads(b)[0]))
 
     ctx = Context(part=part, n=n, v=v, sq_u=sq_u, vg_u=vg_u, lam=lam, chunks=chunks, kept=keep)
@@ -267,6 +321,8 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
         per_example=per_example, aggregate=aggregate, estimator=est.name, unit=unit,
         n_train=n, n_val=m, lambdas=np.asarray(lam), unit_names=part.unit_names,
         seconds=seconds, gradients_kept=keep, per_val_layers=per_val_layers,
-        meta={"chunk_size": chunk_size, "devices": ndev, "buckets": sorted({b.ids.shape[1] for b in tb + vb}),
+        meta={"engine": engine, "chunk_slots": slots, "devices": ndev,
+              "chunk_shapes": sorted({tuple(b.ids.shape) for b in tb + vb}),
+              "chunks": len(tb) + len(vb),
               "dtype": str(dtype or model.dtype), "materialised_bytes": need if keep else 0,
               "damping": "adaptive" if damping is None else damping, "damping_scale": damping_scale})

@@ -1,0 +1,173 @@
+"""Per-example LoRA gradients from ONE batched backward over packed rows.
+
+Why: `vmap(grad)` needs every example of a chunk padded to one length, and every
+distinct length is another compilation. Here several examples share a row
+(attention stays inside an example, positions restart), so rows are nearly full,
+there is a single compiled shape, and the backward is an ordinary batched one.
+
+How: a LoRA map y = x W + s (x A) B has, for example e with tokens t in e,
+
+    dL_e/dB = s * sum_{t in e} u_t^T dy_t          u = x A
+    dL_e/dA = s * sum_{t in e} x_t^T (dy_t B^T)
+
+so per-example gradients need only the inputs x_t, u_t (recorded in the forward)
+and dy_t = dL/dy_t, obtained as the gradient with respect to a zero "tap" added to
+every LoRA map's output. Examples in a row do not interact, so the gradient of
+the sum of per-example losses gives each token exactly its own example's dy_t.
+The segment sums are one matmul per module against a one-hot [E, tokens] matrix,
+for all layers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..data import Example
+from ..errors import LayerIFError
+from .core import HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedChunk:
+    ids: np.ndarray        # int32 [R, T]
+    segments: np.ndarray   # int32 [R, T]: example slot in the chunk, -1 = padding
+    positions: np.ndarray  # int32 [R, T]: restart at 0 for every example
+    targets: np.ndarray    # bool  [R, T]
+    index: np.ndarray      # int32 [E]: input index of each slot, -1 = empty slot
+
+
+def pack_chunks(examples: Sequence[Example], *, rows: int, row_len: int,
+                slots: int) -> list[PackedChunk]:
+    """First-fit-decreasing packing into chunks of `rows` rows of `row_len` tokens,
+    at most `slots` examples per chunk. Every chunk has the same shapes."""
+    lengths = np.array([len(e.ids) for e in examples])
+    if lengths.max() > row_len:
+        raise LayerIFError(f"an example has {lengths.max()} tokens, more than the packed row "
+                           f"length {row_len}")
+    order = np.argsort(-lengths, kind="stable")
+    chunks: list[list[list[int]]] = []   # chunk -> row -> example indices
+    free: list[list[int]] = []           # chunk -> free tokens per row
+    count: list[int] = []
+    for i in order:
+        t = lengths[i]
+        placed = False
+        for c in range(len(chunks)):
+            if count[c] >= slots:
+                continue
+            for r in range(rows):
+                if free[c][r] >= t:
+                    chunks[c][r].append(int(i))
+                    free[c][r] -= t
+                    count[c] += 1
+                    placed = True
+                    break
+            if placed:
+                break
+        if not placed:
+            chunks.append([[int(i)]] + [[] for _ in range(rows - 1)])
+            free.append([row_len - t] + [row_len] * (rows - 1))
+            count.append(1)
+    out = []
+    for rows_ in chunks:
+        ids = np.zeros((rows, row_len), np.int32)
+        seg = np.full((rows, row_len), -1, np.int32)
+        pos = np.zeros((rows, row_len), np.int32)
+        tgt = np.zeros((rows, row_len), bool)
+        index = np.full((slots,), -1, np.int32)
+        slot = 0
+        for r, members in enumerate(rows_):
+            off = 0
+            for i in members:
+                ex = examples[i]
+                t = len(ex.ids)
+                ids[r, off:off + t] = ex.ids
+                seg[r, off:off + t] = slot
+                pos[r, off:off + t] = np.arange(t)
+                tgt[r, off:off + t] = ex.targets
+                index[slot] = i
+                slot += 1
+                off += t
+        out.append(PackedChunk(ids, seg, pos, tgt, index))
+    return out
+
+
+def packed_grad_fn(graphdef, *, slots: int, dtype=None):
+    """(lora, rest, ids, segments, positions, targets) -> (grads [E, L, ...] like lora, finite_E).
+
+    Pure and jit-able; one forward and one batched backward per chunk.
+    """
+
+    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT):
+        model = nnx.merge(graphdef, lora, rest)
+        lin = model.layers.linears()
+        settings = model.layers.lora_settings()
+        R, T = ids_RT.shape
+        L = model.cfg.num_layers
+        taps = {name: jnp.zeros((L, R, T, lin[name].kernel.shape[-1]), jnp.float32)
+                for name in settings}
+        onehot_ERT = (seg_RT[None] == jnp.arange(slots)[:, None, None]).astype(jnp.float32)
+        tgt = tgt_RT[:, 1:].astype(jnp.float32)
+        # per-example normaliser: 1 / (number of target tokens of the example)
+        n_tok_E = jnp.einsum("ert,rt->e", onehot_ERT[:, :, 1:], tgt)
+        inv_E = 1.0 / jnp.maximum(n_tok_E, 1.0)
+        w_RT = jnp.einsum("ert,e->rt", onehot_ERT[:, :, 1:], inv_E) * tgt
+
+        def loss(taps):
+            x, rec = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT,
+                                         segments_BT=seg_RT, dtype=dtype, taps=taps)
+            logits = model.head(x)
+            logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+            nll = -jnp.take_along_axis(logp, ids_RT[:, 1:, None], axis=-1)[..., 0]
+            # sum over examples of each example's mean token loss
+            return jnp.sum(nll * w_RT), rec
+
+        dy, rec = jax.grad(loss, has_aux=True)(taps)
+        grads = {}
+        for name, (scale, _) in settings.items():
+            x_in, u = rec[name]                              # [L, R, T, I], [L, R, T, r]
+            B_LrO = lin[name].lora_b[...].astype(jnp.float32)
+            d_y = dy[name]                                   # [L, R, T, O]
+            d_u = scale * jnp.einsum("lrto,lko->lrtk", d_y, B_LrO, precision=HIGHEST)
+            gA = jnp.einsum("ert,lrti,lrtk->elik", onehot_ERT, x_in.astype(jnp.float32), d_u,
+                            precision=HIGHEST)
+            gB = scale * jnp.einsum("ert,lrtk,lrto->elko", onehot_ERT, u.astype(jnp.float32),
+                                    d_y, precision=HIGHEST)
+            grads[name] = (gA, gB)
+
+        def pick(path, leaf):
+            keys = [str(getattr(k, "key", k)) for k in path]
+            name = next(k for k in keys if k in grads)
+            return grads[name][0 if "lora_a" in keys else 1]
+
+        out = jax.tree_util.tree_map_with_path(pick, lora)
+        leaves = jax.tree.leaves(out)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(slots, -1)), axis=1)
+                                    for g in leaves]), axis=0)
+        return out, finite
+
+    return fn
+
+
+def plan(lengths: Sequence[int], *, chunk_size: int, row_len: int | None = None):
+    """Rows, row length and slots for a packed run: about `chunk_size` examples a chunk."""
+    max_len = int(max(lengths))
+    mean = float(np.mean(lengths))
+    row_len = int(row_len or max(max_len, 2 * max_len if max_len <= 256 else max_len))
+    per_row = max(1, int(row_len // mean))
+    rows = max(1, -(-chunk_size // per_row))
+    slots = max(chunk_size, rows * per_row)
+    return rows, row_len, slots
+
+
+
+def empty_chunk(rows: int, row_len: int, slots: int) -> PackedChunk:
+    """A chunk with no example (pads the chunk count to a multiple of the devices)."""
+    return PackedChunk(np.zeros((rows, row_len), np.int32), np.full((rows, row_len), -1, np.int32),
+                       np.zeros((rows, row_len), np.int32), np.zeros((rows, row_len), bool),
+                       np.full((slots,), -1, np.int32))
