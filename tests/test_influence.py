@@ -53,23 +53,27 @@ def _rel(a, b):
     return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
+@pytest.mark.parametrize("engine", ["packed", "vmap"])
 @pytest.mark.parametrize("estimator", ["datainf", "identity", "exact"])
 @pytest.mark.parametrize("unit", ["tensor", "module", "block"])
-def test_matches_float64_reference(setup, estimator, unit):
+def test_matches_float64_reference(setup, estimator, unit, engine):
     model, train, val, tg, vg = setup
     if estimator == "exact" and unit == "block":
         pytest.skip("covered by tensor/module; block units are the largest")
+    if engine == "vmap" and unit != "tensor":
+        pytest.skip("the engines differ only in how gradients are made: one unit suffices")
     want, want_pv = ref.reference_scores(tg, vg, LAYERS, estimator=estimator, unit=unit)
     # The exact solve amplifies the float32 rounding of the gradients by the condition
     # number of (G + lambda I); module units (d = 336 > n = 13) sit near 1e-5.
     tol = 3e-5 if (estimator, unit) == ("exact", "module") else 1e-5
     got = layer_scores(model, train, val, estimator=estimator, unit=unit, per_val=True,
-                       chunk_size=4, mesh=None)
+                       chunk_size=4, mesh=None, engine=engine)
     assert got.per_example.shape == (13, LAYERS)
     assert _rel(got.per_example, want) < tol, _rel(got.per_example, want)
     assert _rel(got.per_val_layers, want_pv) < tol, _rel(got.per_val_layers, want_pv)
     # mean-validation mode (no per_val) gives the same per-example scores
-    got1 = layer_scores(model, train, val, estimator=estimator, unit=unit, chunk_size=5, mesh=None)
+    got1 = layer_scores(model, train, val, estimator=estimator, unit=unit, chunk_size=5, mesh=None,
+                        engine=engine)
     assert _rel(got1.per_example, want) < tol
 
 
@@ -88,9 +92,11 @@ def test_layer_score_aggregates(setup):
 
 def test_invariant_to_chunks_budget_and_buckets(setup):
     model, train, val, _, _ = setup
-    base = layer_scores(model, train, val, chunk_size=13, mesh=None, bucket_multiple=64)
+    base = layer_scores(model, train, val, chunk_size=13, mesh=None, engine="vmap", bucket_multiple=64)
     for kw in [dict(chunk_size=1), dict(chunk_size=3, memory_budget=1),   # recompute passes
-               dict(chunk_size=6, bucket_multiple=4), dict(chunk_size=2, memory_budget="1KB", per_val=True)]:
+               dict(chunk_size=6, row_len=40), dict(chunk_size=2, memory_budget="1KB", per_val=True),
+               dict(engine="vmap", chunk_size=6, bucket_multiple=4),
+               dict(engine="vmap", chunk_size=3, memory_budget=1)]:
         got = layer_scores(model, train, val, mesh=None, **kw)
         assert got.gradients_kept == (kw.get("memory_budget") is None)
         assert _rel(got.per_example, base.per_example) < 1e-5, kw

@@ -30,6 +30,7 @@ from flax import nnx
 
 from ..data import Example
 from ..errors import LayerIFError
+from ..model.decoder import INPUT_OF, rms_norm
 from .core import HIGHEST
 
 
@@ -97,47 +98,67 @@ def pack_chunks(examples: Sequence[Example], *, rows: int, row_len: int,
     return out
 
 
-def packed_grad_fn(graphdef, *, slots: int, dtype=None):
-    """(lora, rest, ids, segments, positions, targets) -> (grads [E, L, ...] like lora, finite_E).
+def token_nll(model, x_BTD: jax.Array, ids_BT: jax.Array) -> jax.Array:
+    """-log p(ids[t+1] | ids[<=t]) at every position t -> [B, T] (float32; the last
+    position has no next token and gets a dummy target: weight it 0).
 
-    Pure and jit-able; one forward and one batched backward per chunk.
+    logsumexp minus the target logit; the target logit is a row gather of the output
+    matrix (its backward is a dense product, not a scatter into [B, T, V]), and the
+    logits are never sliced (a copy of [B, T, V]).
+    """
+    nxt = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, :1]], axis=1)
+    lse = jax.nn.logsumexp(model.head(x_BTD).astype(jnp.float32), axis=-1)
+    h = rms_norm(x_BTD, model.norm[...], model.cfg.rms_norm_eps, model.cfg.norm_offset)
+    w = model.embed_tokens[...] if model.lm_head is None else model.lm_head[...].T
+    tgt = jnp.einsum("btd,btd->bt", h.astype(jnp.float32),
+                     jnp.take(w, nxt, axis=0).astype(jnp.float32))
+    return lse - tgt
+
+
+def zero_taps(model, rows: int, row_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """The zero taps {module: [L, R, T, d_out]}: made once and passed in, since a
+    broadcast of zeros inside the jitted function costs a full write every call."""
+    lin = model.layers.linears()
+    return {name: jnp.zeros((model.cfg.num_layers, rows, row_len, lin[name].kernel.shape[-1]),
+                            dtype) for name in model.layers.lora_settings()}
+
+
+def packed_grad_fn(graphdef, *, slots: int, dtype=None):
+    """(lora, rest, ids, segments, positions, targets, taps) -> (grads [E, L, ...] like lora, finite_E).
+
+    Pure and jit-able; one forward and one batched backward per chunk. `taps` are
+    zeros from `zero_taps`.
     """
 
-    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT):
+    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, taps):
         model = nnx.merge(graphdef, lora, rest)
         lin = model.layers.linears()
         settings = model.layers.lora_settings()
         R, T = ids_RT.shape
         L = model.cfg.num_layers
-        taps = {name: jnp.zeros((L, R, T, lin[name].kernel.shape[-1]), jnp.float32)
-                for name in settings}
         onehot_ERT = (seg_RT[None] == jnp.arange(slots)[:, None, None]).astype(jnp.float32)
-        tgt = tgt_RT[:, 1:].astype(jnp.float32)
-        # per-example normaliser: 1 / (number of target tokens of the example)
-        n_tok_E = jnp.einsum("ert,rt->e", onehot_ERT[:, :, 1:], tgt)
+        # position t predicts token t+1: weight it by targets[t+1] / (targets of its example)
+        tgt = jnp.concatenate([tgt_RT[:, 1:], jnp.zeros_like(tgt_RT[:, :1])], 1).astype(jnp.float32)
+        n_tok_E = jnp.einsum("ert,rt->e", onehot_ERT, tgt)
         inv_E = 1.0 / jnp.maximum(n_tok_E, 1.0)
-        w_RT = jnp.einsum("ert,e->rt", onehot_ERT[:, :, 1:], inv_E) * tgt
+        w_RT = jnp.einsum("ert,e->rt", onehot_ERT, inv_E) * tgt
 
         def loss(taps):
             x, rec = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT,
                                          segments_BT=seg_RT, dtype=dtype, taps=taps)
-            logits = model.head(x)
-            logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-            nll = -jnp.take_along_axis(logp, ids_RT[:, 1:, None], axis=-1)[..., 0]
-            # sum over examples of each example's mean token loss
-            return jnp.sum(nll * w_RT), rec
+            return jnp.sum(token_nll(model, x, ids_RT) * w_RT), rec
 
         dy, rec = jax.grad(loss, has_aux=True)(taps)
         grads = {}
         for name, (scale, _) in settings.items():
-            x_in, u = rec[name]                              # [L, R, T, I], [L, R, T, r]
-            B_LrO = lin[name].lora_b[...].astype(jnp.float32)
-            d_y = dy[name]                                   # [L, R, T, O]
-            d_u = scale * jnp.einsum("lrto,lko->lrtk", d_y, B_LrO, precision=HIGHEST)
-            gA = jnp.einsum("ert,lrti,lrtk->elik", onehot_ERT, x_in.astype(jnp.float32), d_u,
-                            precision=HIGHEST)
-            gB = scale * jnp.einsum("ert,lrtk,lrto->elko", onehot_ERT, u.astype(jnp.float32),
-                                    d_y, precision=HIGHEST)
+            x_in = rec[INPUT_OF[name]].astype(jnp.float32)    # [L, R, T, I]
+            A_LIK = lin[name].lora_a[...].astype(jnp.float32)
+            B_LKO = lin[name].lora_b[...].astype(jnp.float32)
+            d_y = dy[name].astype(jnp.float32)                 # [L, R, T, O]
+            u = jnp.einsum("lrti,lik->lrtk", x_in, A_LIK, precision=HIGHEST)
+            d_u = scale * jnp.einsum("lrto,lko->lrtk", d_y, B_LKO, precision=HIGHEST)
+            gA = jnp.einsum("ert,lrti,lrtk->elik", onehot_ERT, x_in, d_u, precision=HIGHEST)
+            gB = scale * jnp.einsum("ert,lrtk,lrto->elko", onehot_ERT, u, d_y, precision=HIGHEST)
             grads[name] = (gA, gB)
 
         def pick(path, leaf):
@@ -155,15 +176,20 @@ def packed_grad_fn(graphdef, *, slots: int, dtype=None):
 
 
 def plan(lengths: Sequence[int], *, chunk_size: int, row_len: int | None = None):
-    """Rows, row length and slots for a packed run: about `chunk_size` examples a chunk."""
+    """(rows, row_len, slots) for about `chunk_size` examples a chunk.
+
+    Rows are twice the longest example by default (room for ~2-3 typical ones);
+    slots leave 25% headroom over the mean fill, so rows, not slots, run out first.
+    """
     max_len = int(max(lengths))
     mean = float(np.mean(lengths))
     row_len = int(row_len or max(max_len, 2 * max_len if max_len <= 256 else max_len))
-    per_row = max(1, int(row_len // mean))
-    rows = max(1, -(-chunk_size // per_row))
-    slots = max(chunk_size, rows * per_row)
+    if row_len < max_len:
+        raise LayerIFError(f"row length {row_len} is shorter than the longest example ({max_len})")
+    per_row = row_len / mean
+    rows = max(1, int(np.ceil(chunk_size / per_row)))
+    slots = max(1, int(np.ceil(rows * per_row * 1.25)))
     return rows, row_len, slots
-
 
 
 def empty_chunk(rows: int, row_len: int, slots: int) -> PackedChunk:

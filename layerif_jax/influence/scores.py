@@ -136,6 +136,11 @@ class _Runner:
             lengths, chunk_size=per_dev, row_len=self.row_len)
         self.slots = self.slots_local * self.ndev
         self.fn = _compiled_packed_fn(self.graphdef, self.dtype, self.slots_local, self.mesh)
+        self.taps = packed.zero_taps(nnx.merge(self.graphdef, self.lora, self.rest),
+                                     self.rows * self.ndev, self.row_len_,
+                                     self.dtype or jnp.float32)
+        if self.mesh is not None:
+            self.taps = jax.device_put(self.taps, NamedSharding(self.mesh, P(None, self.mesh.axis_names[0])))
 
     def chunks(self, examples: Sequence[Example]) -> list:
         if self.engine == "vmap":
@@ -154,7 +159,9 @@ class _Runner:
                 else (c.ids, c.segments, c.positions, c.targets))
         if self.mesh is not None:
             arrs = tuple(jax.device_put(a, self._shard) for a in arrs)
-        return self.fn(self.lora, self.rest, *arrs)
+        if self.engine == "vmap":
+            return self.fn(self.lora, self.rest, *arrs)
+        return self.fn(self.lora, self.rest, *arrs, self.taps)
 
 
 ENGINES = ("packed", "vmap")
@@ -171,7 +178,8 @@ def _compiled_packed_fn(graphdef, dtype, slots, mesh):
     fn = packed.packed_grad_fn(graphdef, slots=slots, dtype=dtype)
     if mesh is not None:  # each device packs and differentiates its own rows and slots
         ax = mesh.axis_names[0]
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P(ax), P(ax), P(ax), P(ax)),
+        fn = jax.shard_map(fn, mesh=mesh,
+                           in_specs=(P(), P(), P(ax), P(ax), P(ax), P(ax), P(None, ax)),
                            out_specs=(P(ax), P(ax)), check_vma=False)
     return jax.jit(fn)
 

@@ -25,7 +25,10 @@ from flax import nnx
 
 from .config import LINEARS, ModelConfig
 
-NEG_INF = -1e30  # finite: a fully masked (padding) query row must not give NaN
+NEG_INF = -1e30
+# which activation feeds each linear map (q, k, v share the attention input)
+INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+            "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}  # finite: a fully masked (padding) query row must not give NaN
 
 
 class StackedLinear(nnx.Module):
@@ -52,28 +55,41 @@ class StackedLinear(nnx.Module):
         return out
 
 
+def mm(x: jax.Array, w: jax.Array, **kw) -> jax.Array:
+    """x[..., I] @ w[I, O] as one 2-D GEMM (XLA:CPU runs [B, T, I] @ [I, O] ~40% slower)."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def linear_apply(p: dict[str, jax.Array], x: jax.Array, *, scale: float, dropout: float,
-                 key: jax.Array | None, dtype, tap: jax.Array | None = None):
+                 key: jax.Array | None, dtype, tap: jax.Array | None = None) -> jax.Array:
     """One layer's slice of a StackedLinear: x[..., I] -> y[..., O].
 
-    With `tap` (zeros shaped like y) it returns (y + tap, (x, u = x A)): the gradient
-    with respect to the tap is dL/dy, from which per-example LoRA gradients follow
-    (influence/packed.py).
+    With `tap` (zeros shaped like y) the LoRA is folded into the kernel,
+    y = x (W + s A B) + tap: the same function, one GEMM instead of two skinny
+    ones, and the gradient with respect to the tap is dL/dy, from which the
+    per-example LoRA gradients follow (influence/packed.py). Dropout is off there.
     """
-    y = x @ p["kernel"].astype(dtype)
+    if tap is not None:
+        w = p["kernel"].astype(jnp.float32)
+        if "lora_a" in p:
+            w = w + scale * (p["lora_a"].astype(jnp.float32) @ p["lora_b"].astype(jnp.float32))
+            # materialise W + sAB once: fused into the GEMM it is recomputed per tile
+            w = jax.lax.optimization_barrier(w)
+        y = mm(x, w.astype(dtype))
+        if "bias" in p:
+            y = y + p["bias"].astype(dtype)
+        return y + tap.astype(y.dtype)
+    y = mm(x, p["kernel"].astype(dtype))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
-    u = None
     if "lora_a" in p:
         xl = x
         if dropout > 0.0 and key is not None:
             keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
             xl = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-        u = xl @ p["lora_a"].astype(dtype)
-        y = y + (scale * (u @ p["lora_b"].astype(dtype))).astype(dtype)
-    if tap is None:
-        return y
-    return y + tap.astype(y.dtype), (x, u)
+        u = mm(xl, p["lora_a"].astype(dtype))
+        y = y + (scale * mm(u, p["lora_b"].astype(dtype))).astype(dtype)
+    return y
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
@@ -134,6 +150,24 @@ def attention_bias(mask_BT: jax.Array, pos_BT: jax.Array, window: int | None,
     return jnp.where(ok, 0.0, NEG_INF)[:, None, None, :, :].astype(jnp.float32)
 
 
+def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype) -> jax.Array:
+    """Grouped-query attention -> [B, T, H*D]. Softmax in float32.
+
+    Laid out as plain batched matmuls over (batch, kv-head): [B*K, G*T, D] x [B*K, D, S];
+    XLA:CPU runs this about twice as fast as the equivalent 5-D einsum.
+    """
+    B, T, H, D = q_BTHD.shape
+    K = k_BTKD.shape[2]
+    G = H // K
+    q = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, D)
+    k = k_BTKD.transpose(0, 2, 3, 1).reshape(B * K, D, T)
+    v = v_BTKD.transpose(0, 2, 1, 3).reshape(B * K, T, D)
+    s = jnp.matmul(q, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, T)
+    w = jax.nn.softmax(s / math.sqrt(D) + bias, axis=-1).astype(dtype)
+    o = jnp.matmul(w.reshape(B * K, G * T, T), v).reshape(B, K, G, T, D)
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
+
+
 def activation(name: str, x: jax.Array) -> jax.Array:
     if name == "silu":
         return jax.nn.silu(x)
@@ -145,7 +179,8 @@ def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos
                 taps: dict[str, jax.Array] | None = None):
     """One decoder block. `p` holds this layer's slice of every stacked parameter.
 
-    With `taps` ({module: zeros [B, T, d_out]}) it returns (x, {module: (x_in, u)}).
+    With `taps` ({module: zeros [B, T, d_out]}) it returns (x, {input: x_in}), the
+    inputs of the linear maps keyed by INPUT_OF (q, k and v share one input).
     """
     keys = dict(zip(LINEARS, jax.random.split(key, len(LINEARS)))) if key is not None else {}
     recorded = {}
@@ -155,10 +190,9 @@ def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos
         tap = None if taps is None else taps.get(name)
         out = linear_apply(p[name], h, scale=scale, dropout=drop, key=keys.get(name),
                            dtype=dtype, tap=tap)
-        if tap is None:
-            return out
-        recorded[name] = out[1]
-        return out[0]
+        if tap is not None:
+            recorded[INPUT_OF[name]] = h
+        return out
 
     B, T, _ = x_BTD.shape
     H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -166,11 +200,7 @@ def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos
     q = apply_rope(lin("q_proj", h).reshape(B, T, H, hd), pos_BT, inv_freq)
     k = apply_rope(lin("k_proj", h).reshape(B, T, K, hd), pos_BT, inv_freq)
     v = lin("v_proj", h).reshape(B, T, K, hd)
-    q = q.reshape(B, T, K, H // K, hd)
-    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    s_BKGTS = s_BKGTS / math.sqrt(hd) + bias
-    w = jax.nn.softmax(s_BKGTS, axis=-1).astype(dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", w, v).reshape(B, T, H * hd)
+    o = attention(q, k, v, bias, dtype)
     x_BTD = x_BTD + lin("o_proj", o)
     h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
     m = activation(cfg.hidden_act, lin("gate_proj", h)) * lin("up_proj", h)
@@ -234,15 +264,18 @@ class Decoder(nnx.Module):
     def head(self, x_BTD: jax.Array) -> jax.Array:
         x = rms_norm(x_BTD, self.norm[...], self.cfg.rms_norm_eps, self.cfg.norm_offset)
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        B, T, D = x.shape
+        out = jnp.dot(x.reshape(B * T, D), w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return out.reshape(B, T, -1)
 
     def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
                       dropout_key=None, dtype=None, taps=None):
         """Final hidden states (before the last norm).
 
         segments_BT: packed rows (attention stays inside a segment; pass positions
-        that restart per segment). taps: {module: zeros [L, B, T, d_out]}; then the
-        result is (x, {module: (x_in [L, B, T, d_in], u [L, B, T, r])}).
+        that restart per segment). taps: {module: zeros [L, B, T, d_out]}; then LoRA
+        is folded into the kernels and the result is (x, {input: x_in [L, B, T, d_in]})
+        with inputs keyed by INPUT_OF.
         """
         cfg = self.cfg
         dtype = dtype or self.dtype
