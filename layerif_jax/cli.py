@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=_positive_float, default=1e-3)
     s.add_argument("--out", default="layerif_runs/default")
     s.set_defaults(fn=cmd_run)
+
+    from .cli_moe import register as register_moe
+    register_moe(sub)
     return p
 
 

@@ -15,7 +15,13 @@ from flax import nnx
 
 from ..loss import example_losses
 
-HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes in the influence sums
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def precision():
+    """Full float32 for the influence sums: HIGHEST on GPU/TPU (no TF32 or bf16 passes);
+    on CPU float32 dots are exact already and HIGHEST only selects a slower kernel."""
+    return None if jax.default_backend() == "cpu" else HIGHEST
 
 
 def per_example_grad_fn(graphdef, dtype=None) -> Callable:
@@ -57,7 +63,7 @@ def sq_norms(g_leaves) -> jax.Array:
 def dots(g_leaves, h_leaves) -> jax.Array:
     """g_i . h_j per leaf and layer: g [B, L, ...], h [M, L, ...] -> [B, M, L, K]."""
     return jnp.stack([jnp.einsum("bld,mld->bml", _flat(g, 1).astype(jnp.float32),
-                                 _flat(h, 1).astype(jnp.float32), precision=HIGHEST)
+                                 _flat(h, 1).astype(jnp.float32), precision=precision())
                       for g, h in zip(g_leaves, h_leaves)], -1)
 
 
@@ -66,7 +72,7 @@ def weighted_sum(coef_BMLK: jax.Array, g_leaves) -> list[jax.Array]:
     out = []
     for k, g in enumerate(g_leaves):
         w = jnp.einsum("bml,bld->mld", coef_BMLK[..., k], _flat(g, 1).astype(jnp.float32),
-                       precision=HIGHEST)
+                       precision=precision())
         out.append(w.reshape(w.shape[:2] + g.shape[2:]))
     return out
 
@@ -78,7 +84,7 @@ def mean_leaves(g_leaves, n: int) -> list[jax.Array]:
 
 def to_units(x_K: jax.Array, onehot_KU: jax.Array) -> jax.Array:
     """Sum the trailing leaf axis into units: [..., K] -> [..., U]."""
-    return jnp.einsum("...k,ku->...u", x_K, onehot_KU, precision=HIGHEST)
+    return jnp.einsum("...k,ku->...u", x_K, onehot_KU, precision=precision())
 
 
 def datainf_lambda(sq_nLU: jax.Array, sizes_U: jax.Array, scale: float = 0.1) -> jax.Array:

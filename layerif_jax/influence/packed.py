@@ -31,22 +31,23 @@ from flax import nnx
 from ..data import Example
 from ..errors import LayerIFError
 from ..model.decoder import INPUT_OF, rms_norm
-from .core import HIGHEST
+from .core import precision
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedChunk:
     ids: np.ndarray        # int32 [R, T]
-    segments: np.ndarray   # int32 [R, T]: example slot in the chunk, -1 = padding
+    segments: np.ndarray   # int32 [R, T]: example number within its row (0..J-1), -1 = padding
     positions: np.ndarray  # int32 [R, T]: restart at 0 for every example
     targets: np.ndarray    # bool  [R, T]
+    slot_pos: np.ndarray   # int32 [E]: r * J + j of each slot, R * J for an empty slot
     index: np.ndarray      # int32 [E]: input index of each slot, -1 = empty slot
 
 
-def pack_chunks(examples: Sequence[Example], *, rows: int, row_len: int,
-                slots: int) -> list[PackedChunk]:
-    """First-fit-decreasing packing into chunks of `rows` rows of `row_len` tokens,
-    at most `slots` examples per chunk. Every chunk has the same shapes."""
+def pack_chunks(examples: Sequence[Example], *, rows: int, row_len: int, slots: int,
+                per_row: int) -> list[PackedChunk]:
+    """First-fit-decreasing packing into chunks of `rows` rows of `row_len` tokens, at
+    most `slots` examples per chunk and `per_row` per row. Every chunk has the same shapes."""
     lengths = np.array([len(e.ids) for e in examples])
     if lengths.max() > row_len:
         raise LayerIFError(f"an example has {lengths.max()} tokens, more than the packed row "
@@ -62,7 +63,7 @@ def pack_chunks(examples: Sequence[Example], *, rows: int, row_len: int,
             if count[c] >= slots:
                 continue
             for r in range(rows):
-                if free[c][r] >= t:
+                if free[c][r] >= t and len(chunks[c][r]) < per_row:
                     chunks[c][r].append(int(i))
                     free[c][r] -= t
                     count[c] += 1
@@ -76,26 +77,30 @@ def pack_chunks(examples: Sequence[Example], *, rows: int, row_len: int,
             count.append(1)
     out = []
     for rows_ in chunks:
-        ids = np.zeros((rows, row_len), np.int32)
-        seg = np.full((rows, row_len), -1, np.int32)
-        pos = np.zeros((rows, row_len), np.int32)
-        tgt = np.zeros((rows, row_len), bool)
-        index = np.full((slots,), -1, np.int32)
+        c = empty_chunk(rows, row_len, slots, per_row)
         slot = 0
         for r, members in enumerate(rows_):
             off = 0
-            for i in members:
+            for j, i in enumerate(members):
                 ex = examples[i]
                 t = len(ex.ids)
-                ids[r, off:off + t] = ex.ids
-                seg[r, off:off + t] = slot
-                pos[r, off:off + t] = np.arange(t)
-                tgt[r, off:off + t] = ex.targets
-                index[slot] = i
+                c.ids[r, off:off + t] = ex.ids
+                c.segments[r, off:off + t] = j
+                c.positions[r, off:off + t] = np.arange(t)
+                c.targets[r, off:off + t] = ex.targets
+                c.slot_pos[slot] = r * per_row + j
+                c.index[slot] = i
                 slot += 1
                 off += t
-        out.append(PackedChunk(ids, seg, pos, tgt, index))
+        out.append(c)
     return out
+
+
+def empty_chunk(rows: int, row_len: int, slots: int, per_row: int) -> PackedChunk:
+    """A chunk with no example (also pads the chunk count to a multiple of the devices)."""
+    return PackedChunk(np.zeros((rows, row_len), np.int32), np.full((rows, row_len), -1, np.int32),
+                       np.zeros((rows, row_len), np.int32), np.zeros((rows, row_len), bool),
+                       np.full((slots,), rows * per_row, np.int32), np.full((slots,), -1, np.int32))
 
 
 def token_nll(model, x_BTD: jax.Array, ids_BT: jax.Array) -> jax.Array:
@@ -123,25 +128,25 @@ def zero_taps(model, rows: int, row_len: int, dtype=jnp.float32) -> dict[str, ja
                             dtype) for name in model.layers.lora_settings()}
 
 
-def packed_grad_fn(graphdef, *, slots: int, dtype=None):
-    """(lora, rest, ids, segments, positions, targets, taps) -> (grads [E, L, ...] like lora, finite_E).
+def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None):
+    """(lora, rest, ids, segments, positions, targets, slot_pos, taps)
+    -> (grads [E, L, ...] like lora, finite_E).
 
     Pure and jit-able; one forward and one batched backward per chunk. `taps` are
-    zeros from `zero_taps`.
+    zeros from `zero_taps`. The segment sums run per row (one-hot [R, J, T], J
+    examples at most per row), then a gather puts them into the E slots.
     """
 
-    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, taps):
+    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E, taps):
         model = nnx.merge(graphdef, lora, rest)
         lin = model.layers.linears()
         settings = model.layers.lora_settings()
         R, T = ids_RT.shape
-        L = model.cfg.num_layers
-        onehot_ERT = (seg_RT[None] == jnp.arange(slots)[:, None, None]).astype(jnp.float32)
+        oh_RJT = (seg_RT[:, None, :] == jnp.arange(per_row)[None, :, None]).astype(jnp.float32)
         # position t predicts token t+1: weight it by targets[t+1] / (targets of its example)
         tgt = jnp.concatenate([tgt_RT[:, 1:], jnp.zeros_like(tgt_RT[:, :1])], 1).astype(jnp.float32)
-        n_tok_E = jnp.einsum("ert,rt->e", onehot_ERT, tgt)
-        inv_E = 1.0 / jnp.maximum(n_tok_E, 1.0)
-        w_RT = jnp.einsum("ert,e->rt", onehot_ERT, inv_E) * tgt
+        n_tok_RJ = jnp.einsum("rjt,rt->rj", oh_RJT, tgt)
+        w_RT = jnp.einsum("rjt,rj->rt", oh_RJT, 1.0 / jnp.maximum(n_tok_RJ, 1.0)) * tgt
 
         def loss(taps):
             x, rec = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT,
@@ -149,17 +154,26 @@ def packed_grad_fn(graphdef, *, slots: int, dtype=None):
             return jnp.sum(token_nll(model, x, ids_RT) * w_RT), rec
 
         dy, rec = jax.grad(loss, has_aux=True)(taps)
+
+        def to_slots(g_LRJ):  # [L, R, J, ...] -> [E, L, ...] (empty slots: zeros)
+            flat = g_LRJ.reshape(g_LRJ.shape[0], R * per_row, *g_LRJ.shape[3:])
+            flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], 1)
+            return jnp.moveaxis(jnp.take(flat, slot_pos_E, axis=1), 1, 0)
+
         grads = {}
         for name, (scale, _) in settings.items():
             x_in = rec[INPUT_OF[name]].astype(jnp.float32)    # [L, R, T, I]
             A_LIK = lin[name].lora_a[...].astype(jnp.float32)
             B_LKO = lin[name].lora_b[...].astype(jnp.float32)
             d_y = dy[name].astype(jnp.float32)                 # [L, R, T, O]
-            u = jnp.einsum("lrti,lik->lrtk", x_in, A_LIK, precision=HIGHEST)
-            d_u = scale * jnp.einsum("lrto,lko->lrtk", d_y, B_LKO, precision=HIGHEST)
-            gA = jnp.einsum("ert,lrti,lrtk->elik", onehot_ERT, x_in, d_u, precision=HIGHEST)
-            gB = scale * jnp.einsum("ert,lrtk,lrto->elko", onehot_ERT, u, d_y, precision=HIGHEST)
-            grads[name] = (gA, gB)
+            u = jnp.einsum("lrti,lik->lrtk", x_in, A_LIK, precision=precision())
+            d_u = scale * jnp.einsum("lrto,lko->lrtk", d_y, B_LKO, precision=precision())
+            # per example: sum over its tokens of x^T d_u and u^T d_y (masks on the skinny side)
+            gA = jnp.einsum("lrjtk,lrti->lrjik", oh_RJT[None, ..., None] * d_u[:, :, None],
+                            x_in, precision=precision())
+            gB = scale * jnp.einsum("lrjtk,lrto->lrjko", oh_RJT[None, ..., None] * u[:, :, None],
+                                    d_y, precision=precision())
+            grads[name] = (to_slots(gA), to_slots(gB))
 
         def pick(path, leaf):
             keys = [str(getattr(k, "key", k)) for k in path]
@@ -176,24 +190,20 @@ def packed_grad_fn(graphdef, *, slots: int, dtype=None):
 
 
 def plan(lengths: Sequence[int], *, chunk_size: int, row_len: int | None = None):
-    """(rows, row_len, slots) for about `chunk_size` examples a chunk.
+    """(rows, row_len, slots, per_row) for about `chunk_size` examples a chunk.
 
     Rows are twice the longest example by default (room for ~2-3 typical ones);
-    slots leave 25% headroom over the mean fill, so rows, not slots, run out first.
+    slots leave 25% headroom over the mean fill, so rows, not slots, run out first;
+    per_row bounds the examples one row may hold.
     """
-    max_len = int(max(lengths))
-    mean = float(np.mean(lengths))
+    lengths = np.asarray(lengths)
+    max_len = int(lengths.max())
+    mean = float(lengths.mean())
     row_len = int(row_len or max(max_len, 2 * max_len if max_len <= 256 else max_len))
     if row_len < max_len:
         raise LayerIFError(f"row length {row_len} is shorter than the longest example ({max_len})")
-    per_row = row_len / mean
-    rows = max(1, int(np.ceil(chunk_size / per_row)))
-    slots = max(1, int(np.ceil(rows * per_row * 1.25)))
-    return rows, row_len, slots
-
-
-def empty_chunk(rows: int, row_len: int, slots: int) -> PackedChunk:
-    """A chunk with no example (pads the chunk count to a multiple of the devices)."""
-    return PackedChunk(np.zeros((rows, row_len), np.int32), np.full((rows, row_len), -1, np.int32),
-                       np.zeros((rows, row_len), np.int32), np.zeros((rows, row_len), bool),
-                       np.full((slots,), -1, np.int32))
+    fill = row_len / mean
+    rows = max(1, int(np.ceil(chunk_size / fill)))
+    slots = max(1, int(np.ceil(rows * fill * 1.25)))
+    per_row = int(min(slots, row_len // max(1, int(np.percentile(lengths, 10)))))
+    return rows, row_len, slots, max(1, per_row)

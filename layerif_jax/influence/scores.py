@@ -132,10 +132,11 @@ class _Runner:
             self.fn = _compiled_vmap_fn(self.graphdef, self.dtype)
             return
         per_dev = max(1, -(-self.chunk_size // self.ndev))
-        self.rows, self.row_len_, self.slots_local = packed.plan(
+        self.rows, self.row_len_, self.slots_local, self.per_row = packed.plan(
             lengths, chunk_size=per_dev, row_len=self.row_len)
         self.slots = self.slots_local * self.ndev
-        self.fn = _compiled_packed_fn(self.graphdef, self.dtype, self.slots_local, self.mesh)
+        self.fn = _compiled_packed_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
+                                      self.mesh)
         self.taps = packed.zero_taps(nnx.merge(self.graphdef, self.lora, self.rest),
                                      self.rows * self.ndev, self.row_len_,
                                      self.dtype or jnp.float32)
@@ -147,16 +148,17 @@ class _Runner:
             return list(bucketed_batches(examples, self.slots, multiple=self.bucket_multiple,
                                          max_len=self.max_len))
         local = packed.pack_chunks(examples, rows=self.rows, row_len=self.row_len_,
-                                   slots=self.slots_local)
+                                   slots=self.slots_local, per_row=self.per_row)
         while len(local) % self.ndev:
-            local.append(packed.empty_chunk(self.rows, self.row_len_, self.slots_local))
+            local.append(packed.empty_chunk(self.rows, self.row_len_, self.slots_local,
+                                            self.per_row))
         return [packed.PackedChunk(*(np.concatenate(parts) for parts in zip(
                     *(dataclasses.astuple(c) for c in local[k:k + self.ndev]))))
                 for k in range(0, len(local), self.ndev)]
 
     def grads(self, c):
         arrs = ((c.ids, c.mask, c.targets) if self.engine == "vmap"
-                else (c.ids, c.segments, c.positions, c.targets))
+                else (c.ids, c.segments, c.positions, c.targets, c.slot_pos))
         if self.mesh is not None:
             arrs = tuple(jax.device_put(a, self._shard) for a in arrs)
         if self.engine == "vmap":
@@ -174,12 +176,12 @@ def _compiled_vmap_fn(graphdef, dtype):
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_packed_fn(graphdef, dtype, slots, mesh):
-    fn = packed.packed_grad_fn(graphdef, slots=slots, dtype=dtype)
+def _compiled_packed_fn(graphdef, dtype, slots, per_row, mesh):
+    fn = packed.packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype)
     if mesh is not None:  # each device packs and differentiates its own rows and slots
         ax = mesh.axis_names[0]
         fn = jax.shard_map(fn, mesh=mesh,
-                           in_specs=(P(), P(), P(ax), P(ax), P(ax), P(ax), P(None, ax)),
+                           in_specs=(P(), P(), P(ax), P(ax), P(ax), P(ax), P(ax), P(None, ax)),
                            out_specs=(P(ax), P(ax)), check_vma=False)
     return jax.jit(fn)
 
@@ -255,6 +257,16 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     need = 4 * d_total * n_pad
     keep = budget is None or need <= budget
 
+    phases = {}
+    tick = time.perf_counter()
+
+    def phase(name, *arrays):  # one sync per phase (not per chunk) for the timing breakdown
+        nonlocal tick
+        jax.block_until_ready(arrays)
+        now = time.perf_counter()
+        phases[name] = round(now - tick, 3)
+        tick = now
+
     # -- pass 1: validation vectors -------------------------------------------------
     v_chunks, v_fin = [], []
     for b in _progress(vb, len(vb), "validation grads", progress):
@@ -268,6 +280,8 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     else:
         v = [sum(xs) for xs in zip(*v_chunks)]
     del v_chunks
+
+    phase("validation", v)
 
     # -- pass 2: training gradients -> per-unit scalars ------------------------------
     kept, sq, vg, t_fin = [], [], [], []
@@ -301,8 +315,11 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
 
     ctx = Context(part=part, n=n, v=v, sq_u=sq_u, vg_u=vg_u, lam=lam, chunks=chunks, kept=keep)
 
+    phase("train", sq_u, vg_u)
+
     # -- passes 3 and 4: precondition, then score every example ---------------------
     h = est.precondition(ctx)
+    phase("precondition", h)
     if h is None:
         unit_scores = vg_u
     else:
@@ -323,6 +340,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     else:
         per_example = layer_nML[:, 0]
 
+    phase("score", layer_nML)
     seconds = time.perf_counter() - t0
     return LayerScores(
         layer_scores=np.asarray(core.aggregate(per_example, aggregate)),
@@ -333,4 +351,5 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
               "chunk_shapes": sorted({tuple(b.ids.shape) for b in tb + vb}),
               "chunks": len(tb) + len(vb),
               "dtype": str(dtype or model.dtype), "materialised_bytes": need if keep else 0,
-              "damping": "adaptive" if damping is None else damping, "damping_scale": damping_scale})
+              "damping": "adaptive" if damping is None else damping, "damping_scale": damping_scale,
+              "phase_seconds": phases})

@@ -55,9 +55,15 @@ class StackedLinear(nnx.Module):
         return out
 
 
-def mm(x: jax.Array, w: jax.Array, **kw) -> jax.Array:
-    """x[..., I] @ w[I, O] as one 2-D GEMM (XLA:CPU runs [B, T, I] @ [I, O] ~40% slower)."""
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+def mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x[..., I] @ w[I, O] as one 2-D GEMM, accumulated in float32, cast back to x's dtype.
+
+    2-D: XLA:CPU runs [B, T, I] @ [I, O] about 40% slower. float32 accumulation: a
+    bfloat16 GEMM with a float32 result runs at twice the speed of a bfloat16 one
+    there (AVX512-BF16), and is more accurate.
+    """
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def linear_apply(p: dict[str, jax.Array], x: jax.Array, *, scale: float, dropout: float,

@@ -1,0 +1,848 @@
+"""LoRA-MoE (MoLA style) with a per-layer number of experts (METHOD.md section 4).
+
+For every target linear map of block l there are s_l LoRA experts (A_j [d_in, r],
+Gaussian init std 1/r as peft's "gaussian"; B_j [r, d_out] zero), typed
+`nnx.LoRAParam`, and a bias-free router W_r [d_in, s_l] typed `RouterParam` (a subclass
+of `nnx.Param`, so `nnx.split(m, (nnx.LoRAParam, RouterParam), ...)` — `TRAINABLE` —
+separates the trained parameters from the frozen base):
+
+    p   = softmax(x W_r)                      (float32)
+    top = the top-k entries of p, renormalised to sum to 1 (k = 2 if s_l > 1 else 1)
+    y   = x W0 + sum_{j in top} p_j (alpha/r) (x A_j) B_j
+
+Layers differ in expert count, so the model is not homogeneous and cannot be one
+`lax.scan` over stacked blocks like `Decoder`: the blocks run in a Python loop (unrolled
+under jit; compile time grows with depth), each from its slice of the base's stacked
+arrays, reusing the decoder's helpers.
+
+Expert computation — DENSE over the layer's experts, two GEMMs, no loop:
+    U = x [N, d_in] @ A_cat [d_in, s*r]                  (all s expert projections)
+    U <- U * (scale * G)  broadcast per (token, expert)  (G [N, s]: the renormalised
+                                                          top-k gates, 0 outside top-k)
+    delta = U [N, s*r] @ B_cat [s*r, d_out]              (weighted sum over experts is
+                                                          the contraction over s*r)
+Why: it is exact (the experts outside the top-k get weight exactly 0), it costs the same
+as ONE LoRA of rank s*r (s*r is 8..64 against d ~ 500..4096: a few percent of the base
+GEMM), it has static shapes and no gather/scatter or token sorting (which on these
+sizes costs more than the FLOPs it saves, and is awkward to differentiate), and the
+router gradient flows through `lax.top_k`'s values. Gather-based routing (megablocks
+style) would only pay off when s*r approaches d.
+
+Optional Switch-style load-balancing loss (coefficient `aux_coef`, default 0 = off):
+per MoE linear with s > 1, s * sum_j f_j P_j over real (unmasked) tokens, f_j = share of
+top-k slots routed to j, P_j = mean router probability; averaged over those linears.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .data import Example, epoch_batches, load_records, pack, record_text
+from .errors import LayerIFError
+from .loss import example_losses
+from .model.config import LINEARS
+from .model.decoder import (activation, apply_rope, attention, attention_bias, linear_apply,
+                            mm, rms_norm, rope_inv_freq)
+from .model.lora import normalize_targets
+
+ADAPTER_CONFIG = "moe_config.json"
+ADAPTER_WEIGHTS = "moe_adapter.safetensors"
+ADAPTER_FORMAT = "layerif_jax_moe"
+CHECKPOINT_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"
+
+
+class RouterParam(nnx.Param):
+    """A router matrix W_r [d_in, s]; trained together with the experts (not frozen)."""
+
+
+TRAINABLE = (nnx.LoRAParam, RouterParam)  # an "any of" filter: experts and routers
+
+
+# -- configuration --------------------------------------------------------------------------
+
+def resolve_top_k(experts: Sequence[int], top_k=None) -> list[int]:
+    """Per-layer top-k: None -> 2 where s_l > 1 else 1; an int -> that for every layer; a
+    sequence -> per layer. Any k > s_l (or k < 1) is a LayerIFError."""
+    counts = [int(s) for s in experts]
+    if top_k is None:
+        return [2 if s > 1 else 1 for s in counts]
+    if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool):
+        ks = [int(top_k)] * len(counts)
+    else:
+        ks = [int(k) for k in top_k]
+        if len(ks) != len(counts):
+            raise LayerIFError(f"top_k has {len(ks)} entries but there are {len(counts)} layers")
+    for l, (k, s) in enumerate(zip(ks, counts)):
+        if k < 1:
+            raise LayerIFError(f"top-k must be >= 1, got {k} for layer {l}")
+        if k > s:
+            raise LayerIFError(f"top-k {k} exceeds the {s} expert(s) of layer {l}")
+    return ks
+
+
+def check_experts(experts, num_layers: int) -> list[int]:
+    try:
+        counts = [int(s) for s in experts]
+        if any(float(s) != int(s) for s in experts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise LayerIFError(f"expert counts must be integers, got {experts!r}") from None
+    if len(counts) != num_layers:
+        raise LayerIFError(f"{len(counts)} expert counts given but the model has "
+                           f"{num_layers} layers")
+    bad = [l for l, s in enumerate(counts) if s < 1]
+    if bad:
+        raise LayerIFError(f"every layer needs >= 1 expert; layer {bad[0]} has {counts[bad[0]]}")
+    return counts
+
+
+# -- the MoE linear map -----------------------------------------------------------------------
+
+def moe_delta(x: jax.Array, a: jax.Array, b: jax.Array, router: jax.Array, *, top_k: int,
+              scale: float, dtype, token_weight: jax.Array | None = None):
+    """sum_{j in topk} p_j scale (x A_j) B_j for x[..., d_in]; a [s, d_in, r], b [s, r, d_out],
+    router [d_in, s]. Returns (delta [..., d_out] in `dtype`, Switch balance loss (float32
+    scalar; 0 for s == 1)). `token_weight` [N] (1 = real token) weights the balance loss."""
+    s, d_in, r = a.shape
+    d_out = b.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    N = x2.shape[0]
+    logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    probs = jax.nn.softmax(logits, axis=-1)                                    # [N, s] f32
+    if top_k >= s:
+        gates = probs / jnp.sum(probs, -1, keepdims=True)
+        onehot = None
+    else:
+        vals, idx = jax.lax.top_k(probs, top_k)                                # [N, k]
+        vals = vals / jnp.sum(vals, -1, keepdims=True)
+        onehot = jax.nn.one_hot(idx, s, dtype=jnp.float32)                     # [N, k, s]
+        gates = jnp.einsum("nk,nks->ns", vals, onehot)                         # 0 outside top-k
+    a_cat = jnp.transpose(a, (1, 0, 2)).reshape(d_in, s * r).astype(dtype)
+    u = mm(x2.astype(dtype), a_cat).reshape(N, s, r)
+    u = (u.astype(jnp.float32) * (scale * gates)[:, :, None]).astype(dtype).reshape(N, s * r)
+    delta = mm(u, b.reshape(s * r, d_out).astype(dtype)).reshape(*lead, d_out)
+
+    if s == 1:
+        aux = jnp.zeros((), jnp.float32)
+    else:
+        w = jnp.ones((N,), jnp.float32) if token_weight is None else token_weight
+        n = jnp.maximum(jnp.sum(w), 1.0)
+        routed = (jnp.ones((N, s), jnp.float32) if onehot is None
+                  else jnp.sum(onehot, axis=1))                                # [N, s] 0/1
+        f = jnp.sum(routed * w[:, None], 0) / (n * top_k)
+        P = jnp.sum(probs * w[:, None], 0) / n
+        aux = s * jnp.sum(f * P)
+    return delta, aux
+
+
+class MoELinear(nnx.Module):
+    """s LoRA experts and a router for one linear map of one block."""
+
+    def __init__(self, d_in: int, d_out: int, num_experts: int, rank: int, scale: float,
+                 top_k: int, *, dtype=jnp.float32, rng: np.random.Generator):
+        # host-side init (numpy, seeded from the model's nnx.Rngs): no per-shape device
+        # compilation for the ~7 L differently shaped expert tensors
+        self.num_experts = int(num_experts)
+        self.top_k = int(top_k)
+        self.rank = int(rank)
+        self.scale = float(scale)
+        a = rng.standard_normal((num_experts, d_in, rank), np.float32) / rank  # peft "gaussian"
+        self.lora_a = nnx.LoRAParam(jnp.asarray(a, dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((num_experts, rank, d_out), dtype))
+        bound = 1.0 / math.sqrt(d_in)  # torch nn.Linear's default (MoLA's router)
+        self.router = RouterParam(jnp.asarray(
+            rng.uniform(-bound, bound, (d_in, num_experts)).astype(np.float32), dtype))
+
+    def delta(self, x, *, dtype, token_weight=None):
+        return moe_delta(x, self.lora_a[...], self.lora_b[...], self.router[...],
+                         top_k=self.top_k, scale=self.scale, dtype=dtype,
+                         token_weight=token_weight)
+
+
+class MoEBlock(nnx.Module):
+    """The MoE linears of one block: attribute <name> for each target name."""
+
+    def __init__(self, cfg, targets, num_experts, rank, scale, top_k, *, dtype, rng):
+        self.targets = tuple(targets)
+        for name in targets:
+            d_in, d_out = cfg.linear_shape(name)
+            setattr(self, name, MoELinear(d_in, d_out, num_experts, rank, scale, top_k,
+                                          dtype=dtype, rng=rng))
+
+    def get(self, name):
+        return getattr(self, name) if name in self.targets else None
+
+
+def moe_block_apply(cfg, p, block: MoEBlock, x_BTD, bias, pos_BT, inv_freq, *, dtype,
+                    token_weight=None):
+    """One decoder block (as `decoder.block_apply`) with MoE-LoRA on the target linears.
+    Returns (x, sum of the balance losses of its MoE linears with s > 1)."""
+    aux = []
+
+    def lin(name, h):
+        y = linear_apply(p[name], h, scale=0.0, dropout=0.0, key=None, dtype=dtype)
+        m = block.get(name)
+        if m is None:
+            return y
+        d, a = m.delta(h, dtype=dtype, token_weight=token_weight)
+        if m.num_experts > 1:
+            aux.append(a)
+        return y + d
+
+    B, T, _ = x_BTD.shape
+    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    h = rms_norm(x_BTD, p["input_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
+    q = apply_rope(lin("q_proj", h).reshape(B, T, H, hd), pos_BT, inv_freq)
+    k = apply_rope(lin("k_proj", h).reshape(B, T, K, hd), pos_BT, inv_freq)
+    v = lin("v_proj", h).reshape(B, T, K, hd)
+    o = attention(q, k, v, bias, dtype)
+    x_BTD = x_BTD + lin("o_proj", o)
+    h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
+    m = activation(cfg.hidden_act, lin("gate_proj", h)) * lin("up_proj", h)
+    x_BTD = x_BTD + lin("down_proj", m)
+    return x_BTD, aux
+
+
+class MoELoraModel(nnx.Module):
+    """A frozen base `Decoder` with MoE-LoRA on every target linear map of every block.
+
+    `experts`: s_l per layer (>= 1). `top_k`: None (2 where s_l > 1 else 1), an int, or a
+    per-layer list (k > s_l is an error). `model(ids, mask)` -> logits [B, T, V] float32;
+    `return_aux=True` also returns the load-balancing loss.
+    """
+
+    def __init__(self, base, experts: Sequence[int], *, rank: int = 8, alpha: float = 16.0,
+                 targets=LINEARS, top_k=None, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        if getattr(base, "lora_config", None) is not None or nnx.state(base, nnx.LoRAParam):
+            raise LayerIFError("the base model carries a LoRA adapter: merge it first "
+                               "(MoE experts are the only LoRA parameters of the model)")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        L = base.cfg.num_layers
+        counts = check_experts(experts, L)
+        if isinstance(rank, bool) or int(rank) != rank or rank < 1:
+            raise LayerIFError(f"expert rank must be an integer >= 1, got {rank!r}")
+        if not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise LayerIFError(f"alpha must be > 0, got {alpha!r}")
+        self.base = base
+        self.experts = tuple(counts)
+        self.top_k = tuple(resolve_top_k(counts, top_k))
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.targets = normalize_targets(targets)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(rngs.params())).ravel())
+        self.blocks = nnx.List([
+            MoEBlock(base.cfg, self.targets, counts[l], self.rank, self.alpha / self.rank,
+                     self.top_k[l], dtype=dtype, rng=rng) for l in range(L)])
+
+    @property
+    def cfg(self):
+        return self.base.cfg
+
+    def spec(self) -> dict[str, Any]:
+        return {"experts": list(self.experts), "top_k": list(self.top_k), "rank": self.rank,
+                "alpha": self.alpha, "targets": list(self.targets)}
+
+    def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
+                      dtype=None):
+        """(final hidden states before the last norm, mean balance loss)."""
+        base, cfg = self.base, self.base.cfg
+        dtype = dtype or base.dtype
+        B, T = ids_BT.shape
+        mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
+        pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
+        bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT)
+        inv_freq = rope_inv_freq(cfg)
+        stacked = base.layers.layer_arrays()
+        tokw = mask_BT.reshape(-1).astype(jnp.float32)
+        x = base.embed(ids_BT, dtype)
+        aux = []
+        for l in range(cfg.num_layers):  # unrolled: per-layer expert counts differ
+            p = jax.tree.map(lambda arr: arr[l], stacked)
+            x, a = moe_block_apply(cfg, p, self.blocks[l], x, bias, pos_BT, inv_freq,
+                                   dtype=dtype, token_weight=tokw)
+            aux.extend(a)
+        aux_mean = (sum(aux) / len(aux)) if aux else jnp.zeros((), jnp.float32)
+        return x, aux_mean
+
+    def __call__(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
+                 dropout_key=None, dtype=None, return_aux: bool = False):
+        del dropout_key  # no expert dropout
+        x, aux = self.hidden_states(ids_BT, mask_BT, positions_BT=positions_BT,
+                                    segments_BT=segments_BT, dtype=dtype)
+        logits = self.base.head(x)
+        return (logits, aux) if return_aux else logits
+
+    def linear_output(self, layer: int, name: str, x, dtype=jnp.float32):
+        """y = x W0 (+ b) + MoE delta of one linear map (for tests and inspection)."""
+        p = jax.tree.map(lambda arr: arr[layer], self.base.layers.linears()[name].layer_arrays())
+        p = {k: v for k, v in p.items() if k in ("kernel", "bias")}
+        y = linear_apply(p, x, scale=0.0, dropout=0.0, key=None, dtype=dtype)
+        m = self.blocks[layer].get(name)
+        return y if m is None else y + m.delta(x, dtype=dtype)[0]
+
+
+# -- adapter I/O ------------------------------------------------------------------------------
+
+def _tensor_name(layer: int, name: str, what: str) -> str:
+    return f"layers.{layer}.{name}.{what}"
+
+
+def save_moe_adapter(model: MoELoraModel, out_dir: str | Path, base_model_name: str = "") -> Path:
+    """out_dir/moe_adapter.safetensors (float32: layers.{l}.{name}.{experts_a [s, d_in, r],
+    experts_b [s, r, d_out], router [d_in, s]}) + out_dir/moe_config.json (expert counts,
+    top_k, rank, alpha, targets). Written to a temporary dir, then renamed into place."""
+    from safetensors.numpy import save_file
+
+    from .io import staged_dir, write_json
+
+    tensors = {}
+    for l, blk in enumerate(model.blocks):
+        for name in model.targets:
+            m = blk.get(name)
+            for what, var in (("experts_a", m.lora_a), ("experts_b", m.lora_b),
+                              ("router", m.router)):
+                tensors[_tensor_name(l, name, what)] = np.ascontiguousarray(
+                    np.asarray(jax.device_get(var[...]), np.float32))
+    meta = {"format": ADAPTER_FORMAT, "version": 1, "num_layers": model.cfg.num_layers,
+            "hidden_size": model.cfg.hidden_size, "model_type": model.cfg.model_type,
+            "base_model": base_model_name or None, **model.spec()}
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
+        write_json(tmp / ADAPTER_CONFIG, meta)
+    return out_dir
+
+
+def _adapter_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if (p / ADAPTER_CONFIG).is_file():
+        return p
+    if (p / ADAPTER_DIR / ADAPTER_CONFIG).is_file():  # a `train_moe` output dir
+        return p / ADAPTER_DIR
+    raise LayerIFError(f"{p}: no MoE adapter ({ADAPTER_CONFIG} not found)")
+
+
+def load_moe_adapter(model, adapter_dir: str | Path, *, top_k=None) -> MoELoraModel:
+    """Load a `save_moe_adapter` dir. `model`: a base `Decoder` (a new MoELoraModel is built
+    around it) or a MoELoraModel (loaded in place; its spec must match). Expert counts
+    that do not fit the model's layers, or tensors whose shapes disagree -> LayerIFError."""
+    from safetensors.numpy import load_file
+
+    from .io import read_json
+
+    d = _adapter_dir(adapter_dir)
+    meta = read_json(d / ADAPTER_CONFIG)
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise LayerIFError(f"{d / ADAPTER_CONFIG}: not a layerif_jax MoE adapter config")
+    try:
+        experts = [int(s) for s in meta["experts"]]
+        rank, alpha = int(meta["rank"]), float(meta["alpha"])
+        targets = tuple(meta["targets"])
+        saved_k = meta.get("top_k")
+    except (KeyError, TypeError, ValueError) as e:
+        raise LayerIFError(f"{d / ADAPTER_CONFIG}: missing or bad field ({e})") from None
+    base = model.base if isinstance(model, MoELoraModel) else model
+    L = base.cfg.num_layers
+    if len(experts) != L:
+        raise LayerIFError(f"adapter {d} has expert counts for {len(experts)} layers "
+                           f"({' '.join(map(str, experts))}) but the model has {L} layers")
+    if meta.get("hidden_size") not in (None, base.cfg.hidden_size):
+        raise LayerIFError(f"adapter {d} was trained on hidden size {meta['hidden_size']}, "
+                           f"the model has {base.cfg.hidden_size}")
+    k = top_k if top_k is not None else saved_k
+    if isinstance(model, MoELoraModel):
+        if list(model.experts) != experts:
+            raise LayerIFError(f"adapter {d} expert counts {experts} do not match the model's "
+                               f"{list(model.experts)}")
+        if (model.rank, tuple(model.targets)) != (rank, normalize_targets(targets)):
+            raise LayerIFError(f"adapter {d} (rank {rank}, targets {list(targets)}) does not "
+                               f"match the model (rank {model.rank}, targets {list(model.targets)})")
+        moe = model
+    else:
+        moe = MoELoraModel(base, experts, rank=rank, alpha=alpha, targets=targets, top_k=k,
+                           rngs=nnx.Rngs(0))
+    try:
+        tensors = load_file(str(d / ADAPTER_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise LayerIFError(f"cannot read {d / ADAPTER_WEIGHTS}: {e}") from None
+    for l, blk in enumerate(moe.blocks):
+        for name in moe.targets:
+            m = blk.get(name)
+            for what, var in (("experts_a", m.lora_a), ("experts_b", m.lora_b),
+                              ("router", m.router)):
+                key = _tensor_name(l, name, what)
+                if key not in tensors:
+                    raise LayerIFError(f"{d / ADAPTER_WEIGHTS} lacks tensor {key}")
+                arr = tensors[key]
+                if arr.shape != var[...].shape:
+                    raise LayerIFError(
+                        f"{d / ADAPTER_WEIGHTS}: {key} has shape {arr.shape}, the model expects "
+                        f"{var[...].shape} (expert counts do not match the model's layers)")
+                var[...] = jnp.asarray(arr, var[...].dtype)
+    return moe
+
+
+# -- training ----------------------------------------------------------------------------------
+
+def split_moe(model: MoELoraModel):
+    """(graphdef, trainable state = experts + routers, frozen rest)."""
+    if not isinstance(model, MoELoraModel):
+        raise LayerIFError("train_moe needs a MoELoraModel")
+    return nnx.split(model, TRAINABLE, ...)
+
+
+def _jdt(name):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def _moe_loss_sum(graphdef, train, rest, ids, mask, targets, index, *, dtype, aux_coef):
+    """Objective summed over real rows (+ aux_coef * balance loss * real rows) and stats."""
+    model = nnx.merge(graphdef, train, rest)
+    logits, aux = model(ids, mask, dtype=_jdt(dtype), return_aux=True)
+    per = example_losses(logits, ids, targets)
+    real = index >= 0
+    n = jnp.sum(real).astype(jnp.float32)
+    lsum = jnp.sum(jnp.where(real, per, 0.0))
+    obj = lsum + aux_coef * aux * n if aux_coef else lsum
+    return obj, (lsum, aux * n, n)
+
+
+def _moe_step_impl(train, opt_state, rest, ids, mask, targets, index, *, graphdef, opt_spec,
+                   dtype, aux_coef):
+    from .train import _optimizer, _tree_norm
+
+    tx = _optimizer(*opt_spec)
+    grad_fn = jax.grad(lambda t, *xs: _moe_loss_sum(graphdef, t, rest, *xs, dtype=dtype,
+                                                    aux_coef=aux_coef), has_aux=True)
+
+    def body(carry, xs):  # gradient accumulation over the micro-batches
+        lsum, asum, gsum = carry
+        g, (l, a, _) = grad_fn(train, *xs)
+        return (lsum + l, asum + a,
+                jax.tree.map(lambda s_, g_: s_ + g_.astype(jnp.float32), gsum, g)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), train)
+    z = jnp.zeros((), jnp.float32)
+    (lsum, asum, gsum), _ = jax.lax.scan(body, (z, z, zeros), (ids, mask, targets, index))
+    n = jnp.sum(index >= 0)
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / denom, gsum)
+    updates, opt_state = tx.update(grads, opt_state, train)
+    train = optax.apply_updates(train, updates)
+    return train, opt_state, {"loss": lsum / denom, "aux": asum / denom,
+                              "grad_norm": _tree_norm(grads), "rows": n}
+
+
+moe_train_step = jax.jit(_moe_step_impl,
+                         static_argnames=("graphdef", "opt_spec", "dtype", "aux_coef"))
+
+
+def _moe_eval_impl(train, rest, ids, mask, targets, index, *, graphdef, dtype):
+    return _moe_loss_sum(graphdef, train, rest, ids, mask, targets, index, dtype=dtype,
+                         aux_coef=0.0)[1]
+
+
+moe_eval_sums = jax.jit(_moe_eval_impl, static_argnames=("graphdef", "dtype"))
+
+
+def moe_validation_loss(model: MoELoraModel, examples: Sequence[Example], cfg=None,
+                        pad_id: int = 0) -> float:
+    """Mean per-example loss on `examples` (no balance loss)."""
+    from .train import TrainConfig, _fit_examples, _pad_length
+    cfg = cfg or TrainConfig()
+    ex = _fit_examples(examples, cfg.max_len, "validation")
+    graphdef, train, rest = split_moe(model)
+    return _evaluate(graphdef, train, rest, ex, cfg, _pad_length(ex, cfg.max_len), pad_id)
+
+
+def _evaluate(graphdef, train, rest, examples, cfg, length, pad_id):
+    total, n = 0.0, 0
+    for batch in epoch_batches(examples, cfg.batch_size, seed=0, epoch=0, max_len=length,
+                               pad_id=pad_id, shuffle=False):
+        s, _, k = moe_eval_sums(train, rest, batch.ids, batch.mask, batch.targets, batch.index,
+                                graphdef=graphdef, dtype=cfg.compute_dtype)
+        total += float(s)
+        n += int(k)
+    return total / max(n, 1)
+
+
+def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_dir: str | Path,
+              cfg=None, *, val_examples: Sequence[Example] | None = None,
+              max_steps: int | None = None, aux_coef: float = 0.0, progress: bool = False,
+              pad_id: int = 0, base_model_name: str = "") -> dict[str, Any]:
+    """Train the experts and routers of `moe_model` (in place); the base stays frozen.
+
+    AdamW on `train.make_schedule` (linear warm-up, then linear decay to 0), global-norm
+    clipping (cfg.max_grad_norm), gradient accumulation as a scan inside one jitted step
+    (the loss of a step is the mean over the real rows of the effective batch). Data order
+    depends on (seed, epoch) only, so an orbax checkpoint at step s (out_dir/checkpoints:
+    trainable state, AdamW state, history) resumes to the uninterrupted trajectory.
+    `max_steps` stops early (with a checkpoint) without changing the schedule. On
+    completion writes out_dir/adapter (`save_moe_adapter`), history.json, train_state.json.
+    """
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    from .train import (TrainConfig, _describe_diff, _fit_examples, _flat, _micro, _opt_spec,
+                        _optimizer, _pad_length, _unflat, _write_json_atomic, lr_at)
+
+    cfg = cfg or TrainConfig()
+    if max_steps is not None and max_steps < 0:
+        raise LayerIFError(f"max_steps must be >= 0, got {max_steps}")
+    if not (isinstance(aux_coef, (int, float)) and math.isfinite(aux_coef) and aux_coef >= 0):
+        raise LayerIFError(f"aux_coef must be >= 0, got {aux_coef!r}")
+    aux_coef = float(aux_coef)
+    graphdef, train, rest = split_moe(moe_model)
+    if not train_examples:
+        raise LayerIFError("no training examples")
+    tr = _fit_examples(train_examples, cfg.max_len, "training")
+    val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
+    T = _pad_length(tr, cfg.max_len)
+    T_val = _pad_length(val, cfg.max_len) if val else 0
+    spe = -(-len(tr) // cfg.effective_batch)
+    total = spe * cfg.epochs
+
+    orig_dtypes = [x.dtype for x in jax.tree.leaves(train)]
+    train = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), train)  # float32 master copy
+    opt_spec = _opt_spec(cfg, total)
+    opt_state = _optimizer(*opt_spec).init(train)
+    c = dataclasses.asdict(cfg)
+    for k in ("checkpoint_every", "keep"):
+        c.pop(k)
+    fp = {"train": c, "moe": moe_model.spec(), "aux_coef": aux_coef, "n_train": len(tr),
+          "total_steps": total}
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mngr = ocp.CheckpointManager(out_dir / CHECKPOINT_DIR,
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep,
+                                                                      create=True))
+    history: dict[str, Any] = {"train_loss": [], "aux_loss": [], "lr": [], "grad_norm": [],
+                               "epochs": [], "steps_per_epoch": spe, "total_steps": total,
+                               "resumed_from": None}
+    step = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        def fail(e):
+            mngr.close()
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return LayerIFError(f"cannot resume from checkpoint {latest} in "
+                                f"{out_dir / CHECKPOINT_DIR}: {msg}")
+        try:
+            meta = mngr.restore(latest, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001
+            raise fail(e) from None
+        diff = _describe_diff((meta or {}).get("fingerprint", {}), fp)
+        if diff:
+            mngr.close()
+            raise LayerIFError(f"{out_dir} holds checkpoints of a different run ({diff}); "
+                               f"use another output directory or delete {CHECKPOINT_DIR}/")
+        try:
+            state = mngr.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore({"train": _flat(train), "opt": _flat(opt_state)})
+            ))["state"]
+            train = _unflat(train, state["train"])
+            opt_state = _unflat(opt_state, state["opt"])
+        except LayerIFError:
+            mngr.close()
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise fail(e) from None
+        step = int(meta["step"])
+        history = meta["history"]
+        history["resumed_from"] = step
+
+    last_saved = step if latest is not None else -1
+    pending: list = []
+
+    def flush():
+        for s in jax.device_get(pending):
+            history["train_loss"].append(float(s["loss"]))
+            history["aux_loss"].append(float(s["aux"]))
+            history["grad_norm"].append(float(s["grad_norm"]))
+        pending.clear()
+
+    def save():
+        nonlocal last_saved
+        flush()
+        meta = {"step": step, "epoch": step // spe, "fingerprint": fp, "history": history}
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"train": _flat(train), "opt": _flat(opt_state)}),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        last_saved = step
+
+    stop = step >= total or (max_steps is not None and step >= max_steps)
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="moe", unit="step",
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        while not stop and step < total:
+            epoch, first = divmod(step, spe)
+            batches = epoch_batches(tr, cfg.effective_batch, seed=cfg.seed, epoch=epoch,
+                                    max_len=T, pad_id=pad_id)
+            for b in range(first, spe):
+                if max_steps is not None and step >= max_steps:
+                    stop = True
+                    break
+                ids, mask, tgt, idx = _micro(batches[b], cfg)
+                history["lr"].append(lr_at(cfg, total, step))
+                train, opt_state, stats = moe_train_step(
+                    train, opt_state, rest, ids, mask, tgt, idx, graphdef=graphdef,
+                    opt_spec=opt_spec, dtype=cfg.compute_dtype, aux_coef=aux_coef)
+                pending.append(stats)
+                step += 1
+                bar.update(1)
+                if len(pending) >= 10:
+                    flush()
+                    bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}")
+                if step % cfg.checkpoint_every == 0 and step % spe != 0:
+                    save()
+            if stop:
+                break
+            flush()
+            losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
+            rec = {"epoch": epoch + 1, "step": step,
+                   "train_loss": float(np.mean(losses)) if losses else None}
+            if val:
+                rec["val_loss"] = _evaluate(graphdef, train, rest, val, cfg, T_val, pad_id)
+            history["epochs"].append(rec)
+            save()
+        if step > last_saved and step > 0:
+            save()
+    except KeyboardInterrupt:
+        if step > last_saved and step > 0:
+            save()
+        raise
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+    flush()
+
+    completed = step >= total
+    history.update(step=step, completed=completed, seconds=time.perf_counter() - t0)
+    nnx.update(moe_model, jax.tree.unflatten(jax.tree.structure(train), [
+        x.astype(dt) for x, dt in zip(jax.tree.leaves(train), orig_dtypes)]))
+    if completed:
+        save_moe_adapter(moe_model, out_dir / ADAPTER_DIR, base_model_name=base_model_name)
+    _write_json_atomic(out_dir / HISTORY_FILE, history)
+    _write_json_atomic(out_dir / STATE_FILE, {
+        "status": "complete" if completed else "stopped", "step": step, "total_steps": total,
+        "steps_per_epoch": spe, "config": dataclasses.asdict(cfg), "moe": moe_model.spec(),
+        "aux_coef": aux_coef, "n_train": len(tr), "n_val": len(val) if val else 0,
+        "padded_length": T, "base_model": base_model_name or None,
+        "adapter": ADAPTER_DIR if completed else None,
+        "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
+        "final_val_loss": (history["epochs"][-1].get("val_loss") if history["epochs"] else None)})
+    return history
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+GLUE_LABELS = {"cola": ("acceptable", "unacceptable"), "mrpc": ("equivalent", "not equivalent"),
+               "rte": ("entailment", "not entailment")}
+_LETTER_RE = re.compile(r"(?i:answer\s+is)\s*:?\s*\(?([A-Z])\b")
+_ANSWER_RE = re.compile(r"(?i:answer)\s*:\s*\(?([A-Z])\b")
+
+
+def _task_kind(task: str) -> str:
+    t = Path(str(task)).name.lower()
+    if t.startswith("qa") or "qa_" in t:
+        return "qa"
+    for g in GLUE_LABELS:
+        if g in t:
+            return g
+    return "labels"
+
+
+def extract_answer(text: str, task: str, labels: Sequence[str] | None = None) -> str | None:
+    """The answer in generated `text`, or None.
+
+    QA tasks (name starting "qa", e.g. qa_openbook_test_all.json; records end "Answer: The
+    answer is X."): the letter after "the answer is" (else after "Answer:"), upper-cased.
+    GLUE tasks (cola / mrpc / rte, records end "Answer: <label>."): the label after
+    "Answer:" (else the first label anywhere), longest label first so "not equivalent" is
+    not read as "equivalent". `labels` overrides the label set.
+    """
+    kind = _task_kind(task)
+    if kind == "qa" and not labels:
+        m = _LETTER_RE.search(text) or _ANSWER_RE.search(text)
+        return m.group(1) if m else None
+    labs = list(labels) if labels else list(GLUE_LABELS.get(kind, ()))
+    if not labs:
+        raise LayerIFError(f"no answer labels known for task {task!r}; pass labels")
+    alt = "|".join(re.escape(x) for x in sorted(labs, key=len, reverse=True))
+    low = {x.lower(): x for x in labs}
+    m = re.search(rf"answer\s*:\s*({alt})\b", text, re.IGNORECASE)
+    if m is None:
+        m = re.search(rf"(?<![A-Za-z])({alt})\b", text, re.IGNORECASE)
+    return low[m.group(1).lower()] if m else None
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    ids = list(tokenizer(prompt)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if len(ids) > 1 and eos is not None and ids[-1] == eos:  # tokenizers that append EOS
+        ids = ids[:-1]
+    return ids
+
+
+def _next_tokens_impl(graphdef, state, ids, mask, pos):
+    model = nnx.merge(graphdef, state)
+    logits = model(ids, mask)
+    return jnp.argmax(logits[jnp.arange(ids.shape[0]), pos], axis=-1).astype(jnp.int32)
+
+
+_next_tokens = jax.jit(_next_tokens_impl, static_argnames=("graphdef",))
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
+             batch_size: int = 8, pad_id: int | None = None) -> list[str]:
+    """Greedy continuations (decoded, special tokens skipped). Full recompute per new token
+    over a fixed padded shape [batch_size, bucket(prompt + max_new_tokens)], right padding
+    (causal attention: padding after a row's end never affects it); stops at EOS."""
+    if max_new_tokens < 1:
+        raise LayerIFError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    graphdef, state = nnx.split(model)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    pad = pad_id if pad_id is not None else (getattr(tokenizer, "pad_token_id", None) or 0)
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = [_prompt_ids(tokenizer, p) for p in prompts[s:s + batch_size]]
+        n = len(chunk)
+        longest = max(len(c) for c in chunk) + max_new_tokens
+        T = -(-longest // 16) * 16
+        ids = np.full((batch_size, T), pad, np.int32)
+        mask = np.zeros((batch_size, T), bool)
+        cur = np.ones(batch_size, np.int64)
+        for r, c in enumerate(chunk):
+            ids[r, :len(c)], mask[r, :len(c)], cur[r] = c, True, len(c)
+        done = np.zeros(batch_size, bool)
+        done[n:] = True
+        new = [[] for _ in range(n)]
+        for _ in range(max_new_tokens):
+            tok = np.asarray(_next_tokens(graphdef, state, ids, mask, (cur - 1).astype(np.int32)))
+            for r in range(n):
+                if done[r]:
+                    continue
+                t = int(tok[r])
+                if t in eos_set:
+                    done[r] = True
+                    continue
+                new[r].append(t)
+                ids[r, cur[r]], mask[r, cur[r]] = t, True
+                cur[r] += 1
+            if done.all():
+                break
+        out.extend(tokenizer.decode(x, skip_special_tokens=True) for x in new)
+    return out
+
+
+def generate_answer(model, tokenizer, prompt: str, *, max_new_tokens: int = 16) -> str:
+    """Greedy continuation of one prompt."""
+    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]
+
+
+def _gold(rec: dict, task: str) -> str:
+    if "answer" in rec and rec["answer"] is not None:
+        return str(rec["answer"]).strip()
+    got = extract_answer(str(rec.get("output", "")), task)
+    if got is None:
+        raise LayerIFError(f"{task}: a record has neither 'answer' nor a parsable 'output'")
+    return got
+
+
+def _candidates(rec: dict, kind: str, labels: Sequence[str]) -> list[str]:
+    if kind == "qa":
+        ch = rec.get("choices")
+        if isinstance(ch, dict) and "label" in ch:
+            return [str(x) for x in ch["label"]]
+        if isinstance(ch, list):
+            return [chr(ord("A") + i) for i in range(len(ch))]
+        return list("ABCDE")
+    return list(labels)
+
+
+def _seq_logprob_impl(graphdef, state, ids, mask, targets):
+    model = nnx.merge(graphdef, state)
+    logp = jax.nn.log_softmax(model(ids, mask)[:, :-1].astype(jnp.float32), axis=-1)
+    tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(tok * targets[:, 1:].astype(jnp.float32), axis=1)
+
+
+_seq_logprob = jax.jit(_seq_logprob_impl, static_argnames=("graphdef",))
+
+
+def accuracy(model, tokenizer, task_path: str | Path, limit: int | None = None,
+             mode: str = "generate", *, batch_size: int = 8, max_new_tokens: int = 16,
+             max_len: int = 256) -> dict[str, Any]:
+    """Accuracy of `model` (MoELoraModel or plain Decoder) on a task file.
+
+    Prompt = the record's instruction (+ input), as in training (`data.record_text`).
+    mode "generate": greedy generation, then `extract_answer`; "loglik": the candidate
+    whose full output (the record's `output` with its answer replaced by the candidate)
+    has the highest summed log-probability given the prompt. Gold = the record's `answer`.
+    """
+    if mode not in ("generate", "loglik"):
+        raise LayerIFError(f"mode must be 'generate' or 'loglik', got {mode!r}")
+    task = Path(task_path).name
+    kind = _task_kind(task)
+    recs = load_records(task_path, limit)
+    prompts = [record_text(r, index=i, source=str(task_path))[0] for i, r in enumerate(recs)]
+    gold = [_gold(r, task) for r in recs]
+    labels = (sorted(set(GLUE_LABELS.get(kind, ())) | set(gold)) if kind != "qa" else None)
+    preds: list[str | None]
+    if mode == "generate":
+        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size)
+        preds = [extract_answer(t, task, labels) for t in texts]
+    else:
+        graphdef, state = nnx.split(model)
+        pad = getattr(tokenizer, "pad_token_id", None) or 0
+        items, owner = [], []
+        for i, r in enumerate(recs):
+            outp = str(r.get("output", ""))
+            at = outp.rfind(gold[i])
+            tmpl = (outp[:at] + "{}" + outp[at + len(gold[i]):]) if at >= 0 else "Answer: {}."
+            n_prompt = len(_prompt_ids(tokenizer, prompts[i]))
+            for cand in _candidates(r, kind, labels):
+                ids = np.asarray(tokenizer(prompts[i] + " " + tmpl.format(cand))["input_ids"],
+                                 np.int32)[:max_len]
+                tg = np.arange(len(ids)) >= n_prompt
+                items.append(Example(ids, tg))
+                owner.append((i, cand))
+        scores = np.empty(len(items))
+        L = -(-max(len(e.ids) for e in items) // 16) * 16
+        for s in range(0, len(items), batch_size):
+            idx = list(range(s, min(s + batch_size, len(items))))
+            b = pack(items, idx, batch_size, L, pad)
+            lp = np.asarray(_seq_logprob(graphdef, state, b.ids, b.mask, b.targets))
+            scores[idx] = lp[:len(idx)]
+        best: dict[int, tuple[float, str]] = {}
+        for (i, cand), sc in zip(owner, scores):
+            if i not in best or sc > best[i][0]:
+                best[i] = (sc, cand)
+        preds = [best[i][1] if i in best else None for i in range(len(recs))]
+    correct = [p is not None and p.strip().lower() == g.lower() for p, g in zip(preds, gold)]
+    return {"task": task, "mode": mode, "n": len(recs), "correct": int(sum(correct)),
+            "accuracy": float(np.mean(correct)) if correct else 0.0,
+            "unparsed": int(sum(p is None for p in preds)),
+            "predictions": preds, "gold": gold}
