@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_run)
 
     from .cli_moe import register as register_moe
+    from .cli_prune import register as register_prune
+    register_prune(sub)
     register_moe(sub)
     return p
 

@@ -1,0 +1,208 @@
+"""Perplexity and zero-shot multiple choice on a tiny random decoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layerif_jax.errors import LayerIFError
+from layerif_jax.evaluate import mc_accuracy, mc_item, perplexity
+from layerif_jax.model.config import ModelConfig
+from layerif_jax.model.decoder import Decoder
+
+CFG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=64,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+TASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "layerif-tasks"
+
+
+def tiny_tokenizer(n_words=57):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(n_words)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Decoder(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def log_softmax64(logits):
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# ------------------------------------------------------------------ perplexity
+def test_perplexity_matches_numpy(model, tok, tmp_path):
+    rng = np.random.default_rng(0)
+    text = " ".join(f"w{i}" for i in rng.integers(0, 57, size=103))
+    p = tmp_path / "wiki.raw"
+    p.write_text(text)
+    ids = np.asarray(tok(text)["input_ids"])
+    for window, max_tokens, bs in ((16, None, 4), (10, 50, 2)):
+        res = perplexity(model, tok, p, window=window, max_tokens=max_tokens, batch_size=bs,
+                         progress=False)
+        use = ids[:max_tokens] if max_tokens else ids
+        n_win = use.size // window
+        wins = use[: n_win * window].reshape(n_win, window)
+        lp = log_softmax64(model(jnp.asarray(wins)))
+        nll = -np.take_along_axis(lp[:, :-1], wins[:, 1:, None], -1).mean()
+        assert res["n_windows"] == n_win and res["n_tokens"] == n_win * (window - 1)
+        assert res["perplexity"] == pytest.approx(np.exp(nll), rel=1e-5)
+        assert res["nll"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_perplexity_errors(model, tok, tmp_path):
+    p = tmp_path / "short.txt"
+    p.write_text("w1 w2 w3")
+    with pytest.raises(LayerIFError, match="fewer than one window"):
+        perplexity(model, tok, p, window=8, progress=False)
+    with pytest.raises(LayerIFError, match="window must be"):
+        perplexity(model, tok, p, window=1, progress=False)
+    with pytest.raises(LayerIFError, match="not found"):
+        perplexity(model, tok, tmp_path / "nope.txt", window=4, progress=False)
+    with pytest.raises(LayerIFError, match="exceeds the model's context"):
+        perplexity(model, tok, p, window=10**6, progress=False)
+
+
+# ------------------------------------------------------------------ multiple choice
+def _task(tmp_path, gold_short=True):
+    """Three records, one per file format; the gold candidate is the one with the
+    fewest tokens (gold_short) or the most."""
+    a, z = ("A", "C") if gold_short else ("C", "A")
+    recs = [
+        {"question": "w10 w11 w12", "choices": {"label": ["A", "B", "C"],
+                                                "text": ["w1", "w2 w3", "w4 w5 w6"]},
+         "answerKey": a, "answer": a, "instruction": "Question: w10 w11 w12\nOptions: ...\n",
+         "output": f"Answer: The answer is {a}."},
+        {"question": "w13 w14", "choices": ["w20", "w21 w22 w23", "w24 w25"],
+         "answer": "A" if gold_short else "B"},
+        {"input": "", "instruction": "Tell me if the statements w7, w8 w9.\nSentence 1: w30\n",
+         "output": f"Answer: {'w7' if gold_short else 'w8 w9'}.",
+         "answer": "w7" if gold_short else "w8 w9"},
+    ]
+    p = tmp_path / f"task_{gold_short}.json"
+    p.write_text(json.dumps(recs))
+    return p
+
+
+def test_mc_accuracy_forced(tok, tmp_path):
+    flat = Decoder(CFG, rngs=nnx.Rngs(1))
+    flat.norm.set_value(jnp.zeros_like(flat.norm[...]))  # logits 0: log p = -log V per token
+    res = mc_accuracy(flat, tok, _task(tmp_path, True), progress=False, details=True)
+    assert res["n"] == 3 and res["accuracy"] == 1.0
+    np.testing.assert_allclose(res["scores"][0], -np.log(61) * np.array([1, 2, 3]), rtol=1e-5)
+    res = mc_accuracy(flat, tok, _task(tmp_path, False), progress=False, batch_size=2)
+    assert res["accuracy"] == 0.0
+    assert mc_accuracy(flat, tok, _task(tmp_path, True), limit=2, progress=False)["n"] == 2
+
+
+def test_mc_scores_match_numpy(model, tok, tmp_path):
+    p = _task(tmp_path)
+    res = mc_accuracy(model, tok, p, progress=False, details=True, batch_size=3)
+    recs = json.loads(p.read_text())
+    seqs = []  # (record, candidate, ids, first candidate position)
+    for i, rec in enumerate(recs):
+        prompt, cands, gold = mc_item(rec)
+        assert gold == res["gold"][i]
+        for j, c in enumerate(cands):
+            pi = tok(prompt)["input_ids"]
+            ci = tok(c, add_special_tokens=False)["input_ids"]
+            seqs.append((i, j, pi + ci, len(pi)))
+    T = max(len(s[2]) for s in seqs)
+    batch = np.zeros((len(seqs), T), np.int64)  # right padding: causal, earlier logits unchanged
+    for r, s in enumerate(seqs):
+        batch[r, :len(s[2])] = s[2]
+    lp = log_softmax64(model(jnp.asarray(batch)))
+    for r, (i, j, ids, start) in enumerate(seqs):
+        want = sum(lp[r, t - 1, ids[t]] for t in range(start, len(ids)))
+        assert res["scores"][i][j] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    pred = [int(np.argmax(s)) for s in res["scores"]]
+    assert res["accuracy"] == pytest.approx(np.mean(np.array(pred) == res["gold"]))
+
+
+def test_mc_item_candidates():
+    qa = {"question_stem": "Fog is near", "choices": {"text": ["a marsh", "a desert"],
+                                                      "label": ["A", "B"]},
+          "answerKey": "B", "instruction": "Question: Fog is near\nOptions: (A) a marsh (B) a desert\n",
+          "output": "Answer: The answer is B."}
+    assert mc_item(qa) == ("Question: Fog is near\nAnswer:", [" a marsh", " a desert"], 1)
+    prompt, cands, gold = mc_item(qa, style="letter")
+    assert prompt == qa["instruction"] and gold == 1
+    assert cands == [" Answer: The answer is A.", " Answer: The answer is B."]
+    rte = {"instruction": "Tell me if the statements entailment, not entailment.\nSentence 1: x\n",
+           "output": "Answer: not entailment.", "answer": "not entailment", "input": ""}
+    assert mc_item(rte)[1:] == ([" Answer: entailment.", " Answer: not entailment."], 1)
+    with pytest.raises(LayerIFError, match="not one of the labels"):
+        mc_item(dict(qa, answerKey="E"))
+    with pytest.raises(LayerIFError, match="not a multiple-choice record"):
+        mc_item({"text": "hello"})
+    with pytest.raises(LayerIFError, match="unknown style"):
+        mc_item(qa, style="bogus")
+
+
+def test_mc_errors(model, tok, tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps([{"instruction": "w1", "output": "w2"}]))
+    with pytest.raises(LayerIFError, match="not a multiple-choice record"):
+        mc_accuracy(model, tok, p, progress=False)
+    with pytest.raises(LayerIFError, match="not found"):
+        mc_accuracy(model, tok, tmp_path / "missing.json", progress=False)
+
+
+@pytest.mark.skipif(not TASKS.is_dir(), reason=f"task files not found at {TASKS}")
+@pytest.mark.parametrize("name", ["glue_rte_test.json", "glue_mrpc_test.json",
+                                  "glue_cola_test.json", "qa_openbook_test_all.json",
+                                  "qa_commonq_test_all.json", "qa_text_scienceq_test_all.json"])
+def test_shared_task_records_parse(name):
+    from layerif_jax.data import load_records
+    rec = load_records(TASKS / name, limit=1)[0]
+    prompt, cands, gold = mc_item(rec, style="letter")
+    assert cands[gold] == " " + rec["output"] and len(cands) >= 2
+    assert prompt.startswith(rec["instruction"].split("\n")[0])
+    if "choices" in rec:
+        _, cands, gold = mc_item(rec, style="text")
+        texts = rec["choices"]["text"] if isinstance(rec["choices"], dict) else rec["choices"]
+        assert cands == [" " + t for t in texts]
+
+
+def test_cli_eval(model, tok, tmp_path, capsys):
+    import argparse
+
+    from layerif_jax.cli_prune import register
+    from layerif_jax.model.checkpoints import export_hf
+    d = export_hf(model, tmp_path / "tiny", tokenizer=tok)
+    parser = argparse.ArgumentParser(prog="layerif")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    register(parser.add_subparsers(dest="cmd", required=True))
+
+    def run(argv):
+        a = parser.parse_args(argv)
+        a.fn(a)
+        return json.loads(capsys.readouterr().out)
+
+    text = tmp_path / "t.raw"
+    text.write_text(" ".join(f"w{i % 57}" for i in range(40)))
+    res = run(["-q", "eval", "ppl", "--model", str(d), "--data", str(text), "--window", "16",
+               "--out", str(tmp_path / "ppl.json")])
+    assert res["n_windows"] == 2 and res["perplexity"] > 1
+    assert json.loads((tmp_path / "ppl.json").read_text()) == res
+    task = _task(tmp_path)
+    res = run(["-q", "eval", "mc", "--model", str(d), "--task", str(task), str(task),
+               "--limit", "2"])
+    assert [t["n"] for t in res["tasks"]] == [2, 2] and 0 <= res["mean_accuracy"] <= 1

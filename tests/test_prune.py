@@ -1,0 +1,414 @@
+"""Pruning (METHOD.md section 5): masks, SparseGPT against a float64 NumPy OBS loop,
+prune_model on a tiny random decoder, calibration data, OWL / alpha metrics."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layerif_jax.errors import LayerIFError
+from layerif_jax.model.config import LINEARS, ModelConfig
+from layerif_jax.model.decoder import INPUT_OF, Decoder
+from layerif_jax.prune import (
+    _sparsegpt_counts,
+    _walk_blocks,
+    alpha_per_matrix,
+    calibration_ids,
+    magnitude_mask,
+    outlier_ratios,
+    prune_model,
+    sparsegpt_prune,
+    wanda_mask,
+)
+
+CFG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=64,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+def tiny_model(seed=0):
+    return Decoder(CFG, rngs=nnx.Rngs(seed))
+
+
+def calib(n=6, t=12, seed=1):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, size=(n, t)).astype(np.int32)
+
+
+def tiny_tokenizer(n_words=57):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(n_words)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+# ------------------------------------------------------------------ float64 reference
+def ref_sparsegpt(W_io, H, sparsity, blocksize, percdamp=0.01, nm=None):
+    """SparseGPT's column loop (torch layout, columns = inputs), float64, plain Python."""
+    W = np.array(W_io, np.float64).T.copy()
+    H = np.array(H, np.float64).copy()
+    rows, cols = W.shape
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * np.mean(np.diag(H)) * np.eye(cols)
+    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    mask = np.zeros_like(W, bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        cnt = i2 - i1
+        W1 = W[:, i1:i2].copy()
+        Q1 = np.zeros_like(W1)
+        Err1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        m1 = np.zeros_like(W1, bool)
+        if nm is None:
+            tmp = W1 ** 2 / np.diag(U1)[None, :] ** 2
+            k = int(np.round(np.float32(sparsity) * np.float32(rows * cnt)))
+            m1.reshape(-1)[np.argsort(tmp.reshape(-1), kind="stable")[:k]] = True
+        for i in range(cnt):
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[:, i:i + nm[1]] ** 2 / np.diag(U1)[i:i + nm[1]][None, :] ** 2
+                idx = np.argsort(tmp, axis=1, kind="stable")[:, :nm[0]]
+                m1[np.arange(rows)[:, None], i + idx] = True
+            w = W1[:, i]
+            q = np.where(m1[:, i], 0.0, w)
+            Q1[:, i] = q
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = m1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W.T, mask.T
+
+
+def problem(d_in, d_out, n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d_in)) @ (np.eye(d_in) + 0.5 * rng.normal(size=(d_in, d_in)))
+    X *= rng.uniform(0.2, 3.0, size=d_in)  # uneven feature scales
+    W = rng.normal(size=(d_in, d_out))
+    return X.astype(np.float32), W.astype(np.float32), (2 * X.T @ X / n).astype(np.float32)
+
+
+# ------------------------------------------------------------------ masks
+def test_magnitude_mask_exact_and_lowest():
+    W = np.random.default_rng(0).normal(size=(24, 10)).astype(np.float32)
+    for s in (0.1, 0.37, 0.5, 0.9):
+        m = np.asarray(magnitude_mask(W, s))
+        assert m.shape == W.shape and m.dtype == bool
+        assert m.sum() == round(s * W.size)
+        assert np.abs(W[m]).max() <= np.abs(W[~m]).min()
+
+
+def test_wanda_mask_per_output():
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(20, 7)).astype(np.float32)
+    a = rng.uniform(0.1, 5, size=20).astype(np.float32)
+    score = np.abs(W) * a[:, None]
+    for s in (0.25, 0.5, 0.66):
+        m = np.asarray(wanda_mask(W, a, s))
+        assert (m.sum(axis=0) == round(s * 20)).all()  # every output column
+        for j in range(7):
+            assert score[m[:, j], j].max() <= score[~m[:, j], j].min()
+    # the activation norm matters: a dominant input is never pruned
+    a2 = a.copy()
+    a2[3] = 1e6
+    assert not np.asarray(wanda_mask(W, a2, 0.9))[3].any()
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4)])
+def test_nm_structure_all_methods(nm):
+    n, m = nm
+    X, W, H = problem(32, 12)
+    a = np.linalg.norm(X, axis=0)
+    masks = [magnitude_mask(W, nm=nm), wanda_mask(W, a, nm=nm),
+             sparsegpt_prune(W, H, nm=nm, blocksize=16)[1]]
+    for mk in masks:
+        g = np.asarray(mk).reshape(32 // m, m, 12)
+        assert (g.sum(axis=1) == n).all()
+    Wp = np.asarray(sparsegpt_prune(W, H, n / m, nm=nm, blocksize=16)[0])
+    assert ((Wp == 0).reshape(32 // m, m, 12).sum(axis=1) >= n).all()
+
+
+@pytest.mark.parametrize("d_in,d_out,bs,s,nm", [
+    (32, 16, 8, 0.5, None),      # the brief's 16 x 32, blocksize 8
+    (20, 6, 8, 0.6, None),       # last block narrower than blocksize (padding path)
+    (32, 16, 8, None, (2, 4)),
+    (16, 5, 8, None, (4, 8)),
+    (12, 4, 128, 0.3, None),     # one block wider than the matrix
+])
+def test_sparsegpt_matches_float64_reference(d_in, d_out, bs, s, nm):
+    _, W, H = problem(d_in, d_out, seed=d_in + d_out)
+    Wr, Mr = ref_sparsegpt(W, H, s, min(bs, d_in), nm=nm)
+    Wp, Mp = sparsegpt_prune(W, H, s, blocksize=bs, nm=nm)
+    np.testing.assert_array_equal(np.asarray(Mp), Mr)
+    np.testing.assert_allclose(np.asarray(Wp), Wr, rtol=2e-3, atol=2e-4 * np.abs(Wr).max())
+    assert (np.asarray(Wp)[Mr] == 0).all()
+    if nm is None:
+        assert Mr.sum() == _sparsegpt_counts(d_in, d_out, s, bs)
+
+
+def test_sparsegpt_dead_inputs():
+    X, W, _ = problem(16, 6)
+    X[:, [2, 9]] = 0
+    H = (2 * X.T @ X / len(X)).astype(np.float32)
+    Wr, Mr = ref_sparsegpt(W, H, 0.5, 8)
+    Wp, Mp = sparsegpt_prune(W, H, 0.5, blocksize=8)
+    np.testing.assert_array_equal(np.asarray(Mp), Mr)
+    np.testing.assert_allclose(np.asarray(Wp), Wr, rtol=2e-3, atol=1e-3)
+    assert (np.asarray(Wp)[[2, 9]] == 0).all()
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
+    X, W, H = problem(48, 24, n=256, seed=3)
+    a = np.linalg.norm(X, axis=0)
+    for s in (0.5, 0.7):
+        err = {}
+        err["magnitude"] = np.linalg.norm(X @ W - X @ np.where(magnitude_mask(W, s), 0, W))
+        err["wanda"] = np.linalg.norm(X @ W - X @ np.where(wanda_mask(W, a, s), 0, W))
+        err["sparsegpt"] = np.linalg.norm(X @ W - X @ np.asarray(sparsegpt_prune(W, H, s, 16)[0]))
+        assert err["sparsegpt"] < err["wanda"] < err["magnitude"], err
+
+
+def test_mask_validation_errors():
+    W = np.ones((8, 4), np.float32)
+    for s in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(LayerIFError, match="sparsity must be in"):
+            magnitude_mask(W, s)
+    with pytest.raises(LayerIFError, match="sparsity is required"):
+        wanda_mask(W, np.ones(8), None)
+    with pytest.raises(LayerIFError, match="1 <= N < M"):
+        magnitude_mask(W, nm=(4, 4))
+    with pytest.raises(LayerIFError, match="1 <= N < M"):
+        wanda_mask(W, np.ones(8), nm=(5, 4))
+    with pytest.raises(LayerIFError, match="not divisible by M=4"):
+        magnitude_mask(np.ones((10, 4)), nm=(2, 4))
+    with pytest.raises(LayerIFError, match="not divisible by M=8"):
+        sparsegpt_prune(np.ones((12, 4)), np.eye(12), nm=(4, 8))
+    with pytest.raises(LayerIFError, match="fixes the sparsity"):
+        magnitude_mask(W, 0.7, nm=(2, 4))
+    with pytest.raises(LayerIFError, match="act_norm"):
+        wanda_mask(W, np.ones(5), 0.5)
+    with pytest.raises(LayerIFError, match="H must be"):
+        sparsegpt_prune(W, np.eye(4), 0.5)
+    with pytest.raises(LayerIFError, match="2-D"):
+        magnitude_mask(np.ones(8), 0.5)
+
+
+# ------------------------------------------------------------------ prune_model
+def _expected(method, s, shape, bs=128):
+    d_in, d_out = shape
+    if method == "magnitude":
+        return round(s * d_in * d_out) / (d_in * d_out)
+    if method == "wanda":
+        return round(s * d_in) / d_in
+    return _sparsegpt_counts(d_in, d_out, s, bs) / (d_in * d_out)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_model_hits_per_matrix_sparsities(method):
+    model = tiny_model()
+    s = np.random.default_rng(2).uniform(0.1, 0.8, size=14)
+    s[3] = 0.0  # a matrix left dense
+    _, report = prune_model(model, s, method, calib(), batch_size=4)
+    assert list(report) == [f"layers.{l}.{n}" for l in range(2) for n in LINEARS]
+    for k, (name, got) in enumerate(report.items()):
+        lin = name.split(".")[-1]
+        want = _expected(method, s[k], CFG.linear_shape(lin)) if s[k] else 0.0
+        assert got == pytest.approx(want, abs=1e-12), name
+        kern = np.asarray(getattr(model.layers, lin).kernel[...][int(name.split(".")[1])])
+        assert (kern == 0).mean() == pytest.approx(got)
+    assert np.isfinite(np.asarray(model(jnp.asarray(calib(2, 5))))).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_model_nm(method):
+    model = tiny_model()
+    _, report = prune_model(model, None, method, calib(), nm=(2, 4), blocksize=16)
+    assert all(v == pytest.approx(0.5) for v in report.values())
+    for name, lin in model.layers.linears().items():
+        k = np.asarray(lin.kernel[...])
+        L, d_in, d_out = k.shape
+        assert ((k == 0).reshape(L, d_in // 4, 4, d_out).sum(axis=2) >= 2).all()
+
+
+def _taps(model, ids):
+    taps = {n: jnp.zeros((CFG.num_layers, *ids.shape, CFG.linear_shape(n)[1])) for n in LINEARS}
+    return model.hidden_states(jnp.asarray(ids), taps=taps)[1]
+
+
+def test_calibration_flows_through_pruned_blocks():
+    """prune_model(wanda) == a manual block-by-block Wanda built on Decoder's own taps."""
+    ids = calib()
+    s = np.full(14, 0.5)
+    pruned, _ = prune_model(tiny_model(), s, "wanda", ids, batch_size=4)
+
+    manual = tiny_model()
+    dense_rec = _taps(manual, ids)
+    for l in range(CFG.num_layers):
+        rec = _taps(manual, ids)  # block l's inputs: blocks < l already pruned
+        for name, lin in manual.layers.linears().items():
+            x = np.asarray(rec[INPUT_OF[name]][l]).reshape(-1, CFG.linear_shape(name)[0])
+            k = lin.kernel[...]
+            m = wanda_mask(k[l], np.linalg.norm(x, axis=0), 0.5)
+            lin.kernel.set_value(k.at[l].set(jnp.where(m, 0.0, k[l])))
+        if l == 1:  # pruning block 0 changed what block 1 sees
+            for kind in ("attn_in", "mlp_in", "down_in"):
+                assert not np.allclose(np.asarray(rec[kind][1]), np.asarray(dense_rec[kind][1]))
+    for name in LINEARS:
+        a = np.asarray(getattr(pruned.layers, name).kernel[...])
+        b = np.asarray(getattr(manual.layers, name).kernel[...])
+        np.testing.assert_array_equal(a == 0, b == 0)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_walk_blocks_stats_match_decoder_taps():
+    model = tiny_model()
+    ids = calib()
+    rec = _taps(model, ids)
+    got = {}
+
+    def visit(l, p, stats, n_tok):
+        got[l] = stats
+        assert n_tok == ids.size
+        return p
+
+    _walk_blocks(model, ids, visit, need_h=True, batch_size=4, progress=False, desc="t")
+    for l in range(2):
+        for kind, st in got[l].items():
+            x = np.asarray(rec[kind][l], np.float64).reshape(-1, rec[kind].shape[-1])
+            np.testing.assert_allclose(np.asarray(st["sq"]), (x * x).sum(0), rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(st["xtx"]), x.T @ x, rtol=1e-4, atol=1e-4)
+
+
+def test_prune_model_errors():
+    model = tiny_model()
+    with pytest.raises(LayerIFError, match="expected 14 sparsities"):
+        prune_model(model, [0.5] * 13, "magnitude")
+    with pytest.raises(LayerIFError, match=r"in \[0, 1\)"):
+        prune_model(model, [1.0] * 14, "magnitude")
+    with pytest.raises(LayerIFError, match="unknown pruning method"):
+        prune_model(model, [0.5] * 14, "random")
+    with pytest.raises(LayerIFError, match="calibration"):
+        prune_model(model, [0.5] * 14, "wanda", None)
+    with pytest.raises(LayerIFError, match="outside the vocabulary"):
+        prune_model(model, [0.5] * 14, "wanda", np.full((2, 4), 99))
+    with pytest.raises(LayerIFError, match="uniform allocation"):
+        prune_model(model, [0.4] * 14, "wanda", calib(), nm=(2, 4))
+    with pytest.raises(LayerIFError, match="not divisible by M=64"):
+        prune_model(model, None, "magnitude", nm=(2, 64))
+    from layerif_jax.model.lora import LoraConfig, apply_lora
+    apply_lora(model, LoraConfig(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj",)))
+    with pytest.raises(LayerIFError, match="LoRA"):
+        prune_model(model, [0.5] * 14, "magnitude")
+
+
+# ------------------------------------------------------------------ OWL, alpha
+def test_outlier_ratios_and_alpha():
+    model = tiny_model()
+    D = outlier_ratios(model, calib(), M=2.0, batch_size=4)
+    assert D.shape == (2,) and ((D >= 0) & (D <= 1)).all() and D.sum() > 0
+    # by hand for block 0: pooled |W| * ||x|| scores of the seven matrices
+    rec = _taps(model, calib())
+    sc = []
+    for name, lin in model.layers.linears().items():
+        x = np.asarray(rec[INPUT_OF[name]][0]).reshape(-1, CFG.linear_shape(name)[0])
+        sc.append((np.abs(np.asarray(lin.kernel[...][0])) * np.linalg.norm(x, axis=0)[:, None]).ravel())
+    sc = np.concatenate(sc)
+    assert D[0] == pytest.approx((sc > 2.0 * sc.mean()).mean(), abs=1e-6)
+    a = alpha_per_matrix(model)
+    assert a.shape == (14,) and np.isfinite(a).all() and (a > 1).all()
+
+
+# ------------------------------------------------------------------ calibration data
+def test_calibration_ids_text_and_task(tmp_path):
+    tok = tiny_tokenizer()
+    words = [f"w{i % 57}" for i in range(300)]
+    p = tmp_path / "c.txt"
+    p.write_text(" ".join(words))
+    ids = calibration_ids(tok, p, n_seq=5, seq_len=16, seed=3)
+    full = np.asarray(tok(" ".join(words))["input_ids"])
+    assert ids.shape == (5, 16) and ids.dtype == np.int32
+    for row in ids:  # every row is a window of the tokenised text
+        starts = [s for s in range(full.size - 15) if (full[s:s + 16] == row).all()]
+        assert starts
+    np.testing.assert_array_equal(ids, calibration_ids(tok, p, n_seq=5, seq_len=16, seed=3))
+    assert not np.array_equal(ids, calibration_ids(tok, p, n_seq=5, seq_len=16, seed=4))
+    with pytest.raises(LayerIFError, match="shorter than one calibration window"):
+        calibration_ids(tok, p, n_seq=2, seq_len=301)
+    task = tmp_path / "t.json"
+    task.write_text(json.dumps([{"instruction": "w1 w2", "output": "w3"},
+                                {"instruction": "w4", "input": "w5", "output": "w6 w7"}]))
+    ids = calibration_ids(tok, task, n_seq=3, seq_len=7)
+    np.testing.assert_array_equal(ids[0], [tok.convert_tokens_to_ids(f"w{i}") for i in range(1, 8)])
+    with pytest.raises(LayerIFError, match="not found"):
+        calibration_ids(tok, tmp_path / "missing.txt")
+
+
+# ------------------------------------------------------------------ CLI
+def _cli(argv):
+    import argparse
+
+    from layerif_jax.cli_prune import register
+    parser = argparse.ArgumentParser(prog="layerif")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    a = parser.parse_args(argv)
+    a.fn(a)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from layerif_jax.model.checkpoints import export_hf
+    return export_hf(tiny_model(), tmp_path_factory.mktemp("m") / "tiny",
+                     tokenizer=tiny_tokenizer())
+
+
+def test_cli_prune(hf_dir, tmp_path, capsys):
+    from layerif_jax.model.checkpoints import load_model
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % 57}" for i in range(200)))
+    scores = tmp_path / "s.json"
+    scores.write_text(json.dumps([1.0, 3.0]))
+    out = tmp_path / "pruned"
+    _cli(["-q", "prune", "--model", str(hf_dir), "--sparsity", "0.5", "--scores", str(scores),
+          "--method", "sparsegpt", "--calib", str(text), "--n-calib", "4", "--calib-len", "8",
+          "--out", str(out)])
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["allocation"] == "layerif" and rep["epsilon"] == 0.1
+    assert rep["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+    m = load_model(out)
+    k = np.asarray(m.layers.q_proj.kernel[...])
+    assert [(k[l] == 0).mean() for l in range(2)] == pytest.approx(
+        [rep["achieved"]["layers.0.q_proj"], rep["achieved"]["layers.1.q_proj"]])
+    assert rep["requested"]["layers.1.q_proj"] > rep["requested"]["layers.0.q_proj"]  # high S
+    assert "global sparsity" in capsys.readouterr().out
+    _cli(["-q", "prune", "--model", str(hf_dir), "--nm", "2:4", "--method", "wanda",
+          "--allocation", "uniform", "--calib", str(text), "--n-calib", "2", "--calib-len", "8",
+          "--out", str(out), "--overwrite"])
+    assert json.loads((out / "prune_report.json").read_text())["nm"] == "2:4"
+    _cli(["-q", "prune", "--model", str(hf_dir), "--sparsity", "0.3", "--allocation", "owl",
+          "--method", "magnitude", "--calib", str(text), "--n-calib", "2", "--calib-len", "8",
+          "--out", str(out), "--overwrite"])
+    assert len(json.loads((out / "prune_report.json").read_text())["metric"]) == 2
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--sparsity", "0.5", "--method", "magnitude"], "needs --scores"),
+    (["--sparsity", "0.5", "--allocation", "uniform"], "needs --calib"),
+    (["--nm", "2:4", "--allocation", "owl"], "use --allocation uniform"),
+    (["--nm", "4:2", "--allocation", "uniform"], "1 <= N < M"),
+    (["--nm", "2-4", "--allocation", "uniform"], "must look like 2:4"),
+    (["--allocation", "uniform", "--method", "magnitude"], "--sparsity is required"),
+    (["--sparsity", "1.2", "--allocation", "uniform"], r"in \(0, 1\)"),
+])
+def test_cli_prune_errors(hf_dir, tmp_path, argv, msg):
+    with pytest.raises(LayerIFError, match=msg):
+        _cli(["prune", "--model", str(hf_dir), "--out", str(tmp_path / "o"), *argv])
