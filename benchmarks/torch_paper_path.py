@@ -382,6 +382,7 @@ def run(args) -> dict:
         "val_losses": val_losses,
         "lora_tensor_names": names,
         "lora_tensor_lambdas": lambdas.tolist(),
+        "peak_rss_gb": _peak_rss_gb(),
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -392,6 +393,15 @@ def run(args) -> dict:
         np.save(args.per_tensor_out, unit_scores)
     _print_summary(result)
     return result
+
+
+def _peak_rss_gb() -> float:
+    """Resident-memory high-water mark of this process (VmHWM, reset at exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
 
 
 def _print_summary(r: dict) -> None:

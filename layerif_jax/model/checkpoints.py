@@ -568,22 +568,6 @@ def _hf_tensors(model: Decoder, dtype, merge: bool) -> Iterator[tuple[str, np.nd
             yield pattern.format(l=l), np.ascontiguousarray(t.T if transpose else t)
 
 
-def _peft_tensors(model: Decoder, dtype) -> Iterator[tuple[str, np.ndarray]]:
-    npdt = None if dtype is None else _np_dtype(dtype)
-    for name, lin in model.layers.linears().items():
-        if lin.lora_a is None:
-            continue
-        sub = "self_attn" if name in _ATTN else "mlp"
-        a = np.asarray(jax.device_get(lin.lora_a[...]))
-        b = np.asarray(jax.device_get(lin.lora_b[...]))
-        if npdt is not None:
-            a, b = a.astype(npdt), b.astype(npdt)
-        for l in range(a.shape[0]):
-            pre = f"base_model.model.model.layers.{l}.{sub}.{name}"
-            yield f"{pre}.lora_A.weight", np.ascontiguousarray(a[l].T)  # [r, in]
-            yield f"{pre}.lora_B.weight", np.ascontiguousarray(b[l].T)  # [out, r]
-
-
 def _write_safetensors(tmp: Path, tensors: Iterator[tuple[str, np.ndarray]],
                        max_bytes: int, stem: str = "model") -> None:
     """Write shards of at most `max_bytes` (a single larger tensor gets its own shard)."""
@@ -642,15 +626,8 @@ def export_hf(model: Decoder, out_dir, dtype=None, merge_lora: bool = True, *,
     with _atomic_dir(out_dir, overwrite) as tmp:
         _write_safetensors(tmp, _hf_tensors(model, dt, merge=merge_lora), max_bytes)
         if lora is not None and not merge_lora:
-            ad = tmp / ADAPTER_DIR
-            ad.mkdir()
-            _write_safetensors(ad, _peft_tensors(model, dt), 2**62, stem="adapter_model")
-            _write_json(ad / "adapter_config.json", {
-                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"],
-                "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-                "target_modules": lora["targets"], "bias": "none", "fan_in_fan_out": False,
-                "use_rslora": False, "inference_mode": True,
-                "base_model_name_or_path": None})
+            from ..peft_io import save_peft_adapter
+            save_peft_adapter(model, tmp / ADAPTER_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_json(tmp / "config.json", hf_cfg)
