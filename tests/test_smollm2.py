@@ -96,3 +96,20 @@ def test_checkpoint_roundtrip(ours, tok, tmp_path):
     assert back.dtype == jnp.bfloat16 and back.cfg == ours.cfg
     ids = tok.encode(PROMPTS[0])
     assert rel_err(logits_padded(back, ids), logits_padded(ours, ids)) <= 5e-2
+
+
+def test_gguf_tokenizer_without_torch_matches_transformers(smollm2_gguf, tok):
+    """The torch-free GGUF tokenizer path (used when torch is absent at run time)
+    tokenises exactly like transformers' own GGUF loader."""
+    import json
+    from pathlib import Path
+    from layerif_jax.model.tokenizer import _gguf_tokenizer_without_torch
+
+    ours = _gguf_tokenizer_without_torch(Path(smollm2_gguf))
+    recs = json.loads((Path(__file__).resolve().parents[1] / "layerif_jax" / "assets"
+                       / "mrpc_train_64.json").read_text())
+    texts = [r["instruction"] + " " + r["output"] for r in recs] + [
+        "The capital of France is", "  tabs\tand émojis 🤖 123456", "<|im_start|>user\nHi<|im_end|>"]
+    for t in texts:
+        assert ours(t)["input_ids"] == tok(t)["input_ids"], t
+    assert len(ours) == len(tok) and ours.eos_token == tok.eos_token

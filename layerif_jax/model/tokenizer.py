@@ -29,12 +29,40 @@ def load_tokenizer(path):
             with open(p, "rb") as fh:
                 if fh.read(4) != b"GGUF":
                     raise LayerIFError(f"{p}: not a GGUF file or tokenizer directory")
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            try:
+                return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            except ImportError:
+                # transformers reads GGUF metadata with torch; without torch (it is not a
+                # runtime dependency) read it with the gguf package and reuse
+                # transformers' converter, which needs no torch.
+                return _gguf_tokenizer_without_torch(p)
         return AutoTokenizer.from_pretrained(str(p))
     except LayerIFError:
         raise
     except Exception as e:  # OSError, ValueError, KeyError ... from transformers
         raise LayerIFError(f"cannot load a tokenizer from {p}: {_oneline(e)}") from None
+
+
+def _gguf_tokenizer_without_torch(path: Path):
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {name: f.contents() for name, f in reader.fields.items()
+            if name.startswith("tokenizer.") or name == "general.architecture"}
+    grouped = {group: {new: meta[f"tokenizer.{key}"] for key, new in renames.items()
+                       if f"tokenizer.{key}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tok_dict, tok_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tok_dict.get("tokenizer_type") == "llama":
+        tok_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        tok_config[name] = tok_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tok_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)
 
 
 def check_vocab(tokenizer, cfg: ModelConfig) -> None:
