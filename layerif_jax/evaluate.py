@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from .errors import LayerIFError
+from .prune import _encode
 
 STYLES = ("text", "letter")
 
@@ -54,14 +55,6 @@ def _row_logprob(model, ids, mask, targets):
     tok = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
     t = targets[:, 1:]
     return jnp.sum(jnp.where(t, tok - lse, 0.0), axis=1), jnp.sum(t, axis=1)
-
-
-def _encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
-    try:
-        out = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)
-    except TypeError:
-        out = tokenizer(text, add_special_tokens=add_special_tokens)
-    return list(out["input_ids"])
 
 
 def _check_ids(ids: np.ndarray, cfg, what: str) -> None:

@@ -52,8 +52,7 @@ from .data import Example, epoch_batches, load_records, pack, record_text
 from .errors import LayerIFError
 from .loss import example_losses
 from .model.config import LINEARS
-from .model.decoder import (activation, apply_rope, attention, attention_bias, linear_apply,
-                            mm, rms_norm, rope_inv_freq)
+from .model.decoder import attention_bias, block_body, linear_apply, mm, rope_inv_freq
 from .model.lora import normalize_targets
 
 ADAPTER_CONFIG = "moe_config.json"
@@ -205,18 +204,7 @@ def moe_block_apply(cfg, p, block: MoEBlock, x_BTD, bias, pos_BT, inv_freq, *, d
             aux.append(a)
         return y + d
 
-    B, T, _ = x_BTD.shape
-    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = rms_norm(x_BTD, p["input_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
-    q = apply_rope(lin("q_proj", h).reshape(B, T, H, hd), pos_BT, inv_freq)
-    k = apply_rope(lin("k_proj", h).reshape(B, T, K, hd), pos_BT, inv_freq)
-    v = lin("v_proj", h).reshape(B, T, K, hd)
-    o = attention(q, k, v, bias, dtype)
-    x_BTD = x_BTD + lin("o_proj", o)
-    h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
-    m = activation(cfg.hidden_act, lin("gate_proj", h)) * lin("up_proj", h)
-    x_BTD = x_BTD + lin("down_proj", m)
-    return x_BTD, aux
+    return block_body(cfg, p, x_BTD, bias, pos_BT, inv_freq, lin, dtype), aux
 
 
 class MoELoraModel(nnx.Module):

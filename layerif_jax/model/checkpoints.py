@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from ..errors import LayerIFError
+from ..io import read_json
 from .config import SUPPORTED, ModelConfig
 from .decoder import Decoder
 from .lora import LoraConfig, apply_lora, lora_config_of
@@ -501,12 +502,7 @@ def load_model(path, dtype="float32") -> Decoder:
         ggufs = sorted(p.glob("*.gguf"))
         hint = f" (did you mean {ggufs[0]}?)" if len(ggufs) == 1 else ""
         raise LayerIFError(f"{p}: unknown checkpoint format: no config.json{hint}")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except OSError as e:
-        raise LayerIFError(f"cannot read {cfg_path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise LayerIFError(f"{cfg_path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    meta = read_json(cfg_path)
     if not isinstance(meta, dict):
         raise LayerIFError(f"{cfg_path}: expected a JSON object")
     if FORMAT_KEY in meta:

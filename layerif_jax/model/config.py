@@ -8,7 +8,6 @@ that transformers loads.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -133,14 +132,8 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            cfg = json.loads(path.read_text())
-        except OSError as e:
-            raise LayerIFError(f"cannot read {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise LayerIFError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        return cls.from_hf(cfg)
+        from ..io import read_json
+        return cls.from_hf(read_json(path))
 
     def to_hf(self) -> dict[str, Any]:
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

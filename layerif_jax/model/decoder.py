@@ -200,6 +200,14 @@ def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos
             recorded[INPUT_OF[name]] = h
         return out
 
+    x_BTD = block_body(cfg, p, x_BTD, bias, pos_BT, inv_freq, lin, dtype)
+    return x_BTD if taps is None else (x_BTD, recorded)
+
+
+def block_body(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
+               lin, dtype) -> jax.Array:
+    """Attention + MLP of one block; `lin(name, h)` applies linear map `name` to h
+    (plain/LoRA here, MoE-LoRA in moe.py)."""
     B, T, _ = x_BTD.shape
     H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x_BTD, p["input_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
@@ -210,8 +218,7 @@ def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos
     x_BTD = x_BTD + lin("o_proj", o)
     h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
     m = activation(cfg.hidden_act, lin("gate_proj", h)) * lin("up_proj", h)
-    x_BTD = x_BTD + lin("down_proj", m)
-    return x_BTD if taps is None else (x_BTD, recorded)
+    return x_BTD + lin("down_proj", m)
 
 
 class Blocks(nnx.Module):
