@@ -5,7 +5,6 @@ Wired into the main parser with `cli_moe.register(sub)`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

@@ -6,7 +6,6 @@ raises LayerIFError (printed as one line, exit code 2, by `cli.main`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path

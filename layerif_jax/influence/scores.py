@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..data import Batch, Example, bucketed_batches
+from ..data import Example, bucketed_batches
 from ..errors import LayerIFError
 from . import core, packed
 from .estimators import Context, get_estimator

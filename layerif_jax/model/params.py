@@ -7,7 +7,6 @@ tensor is per layer (stacked on the leading axis) and whether it is transposed
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Iterable
 
 import jax
