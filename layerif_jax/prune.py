@@ -82,14 +82,46 @@ def _rank(x: jax.Array, axis: int) -> jax.Array:
 # ---------------------------------------------------------------------------------
 # masks (jitted cores take the count k as a traced value: no recompilation per sparsity)
 # ---------------------------------------------------------------------------------
+def _lowest_k(score: jax.Array, k, axis: int | None = None) -> jax.Array:
+    """Mask of the k smallest entries of a NON-NEGATIVE score (over all entries, or along
+    `axis` for every other index); ties go to the earlier position, as a stable sort would.
+
+    Selection without sorting: for non-negative floats the int32 bit patterns are
+    ordered like the values, so the k-th smallest value is found exactly by bisection
+    on the bit pattern (31 vectorised counting passes, O(31 n)); XLA's CPU sort of a
+    million entries is ~50x slower. k may be traced (no recompilation per sparsity).
+    """
+    bits = jax.lax.bitcast_convert_type(score.astype(jnp.float32) + 0.0, jnp.int32)  # -0 -> +0
+    red = dict(axis=axis, keepdims=axis is not None)
+    k = jnp.asarray(k, jnp.int32)
+    lo = jnp.full(jnp.sum(bits, **red).shape, -1, jnp.int32)
+    hi = jnp.full_like(lo, 0x7F800000)  # +inf: count(bits <= hi) = n >= k
+
+    def halve(_, c):
+        lo, hi = c
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits <= mid, **red) >= k
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    _, t = jax.lax.fori_loop(0, 31, halve, (lo, hi))  # t: bit pattern of the k-th smallest
+    below = bits < t
+    tie = bits == t
+    need = k - jnp.sum(below, **red)
+    if axis is None:
+        order = jnp.cumsum(tie.reshape(-1)).reshape(tie.shape)
+    else:
+        order = jnp.cumsum(tie, axis=axis)
+    return below | (tie & (order <= need))
+
+
 @jax.jit
 def _lowest_k_flat(score: jax.Array, k) -> jax.Array:
-    return (_rank(score.reshape(-1), 0) < k).reshape(score.shape)
+    return _lowest_k(score, k)
 
 
 @jax.jit
 def _lowest_k_cols(score: jax.Array, k) -> jax.Array:
-    return _rank(score, 0) < k
+    return _lowest_k(score, k, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
@@ -180,7 +212,7 @@ def _sparsegpt_core(W_io, H, sparsity, percdamp, *, blocksize: int, nm):
             score = jnp.where(v1[None, :], W1 ** 2 / (d1[None, :] ** 2), jnp.inf)
             n_b = (rows * jnp.sum(v1)).astype(jnp.float32)
             k = jnp.round(sparsity * n_b).astype(jnp.int32)
-            mask1 = (_rank(score.reshape(-1), 0) < k).reshape(rows, bs)
+            mask1 = _lowest_k(score, k)
         else:
             mask1 = jnp.zeros((rows, bs), bool)
 
