@@ -32,7 +32,7 @@ from flax import nnx
 
 from layerif_jax.allocate import (alphalora_experts, expert_counts, mola_experts,
                                   top_k_per_layer, uniform_experts)
-from layerif_jax.cli_prune import read_scores
+from layerif_jax.cli_common import read_scores
 from layerif_jax.data import load_records, tokenize
 from layerif_jax.io import atomic_path, default_model_path, shared_data_dir
 from layerif_jax.model.checkpoints import load_model

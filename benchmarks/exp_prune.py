@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from layerif_jax.allocate import layer_sparsities
-from layerif_jax.cli_prune import DEFAULT_EPSILON, read_scores
+from layerif_jax.cli_common import read_scores
+from layerif_jax.cli_prune import DEFAULT_EPSILON
 from layerif_jax.evaluate import mc_accuracy, perplexity
 from layerif_jax.io import atomic_path, default_model_path, shared_data_dir
 from layerif_jax.model.checkpoints import load_model

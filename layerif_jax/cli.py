@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from .cli_common import add_model, load_model_and_tokenizer, positive_float, positive_int
+from .cli_common import (add_model, load_model_and_tokenizer, positive_float, positive_int,
+                         read_scores)
 from .errors import LayerIFError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -128,25 +128,6 @@ def cmd_scores(a):
           f"examples in {res.seconds:.1f} s -> {Path(a.out) / 'scores.json'}")
 
 
-def _read_scores(path, key):
-    from .io import read_json
-    import numpy as np
-    p = Path(path)
-    if p.suffix == ".npy":
-        try:
-            return np.load(p)
-        except (OSError, ValueError) as e:
-            raise LayerIFError(f"cannot read {p}: {e}") from None
-    obj = read_json(p)
-    if isinstance(obj, list):
-        return np.asarray(obj, float)
-    if key in obj.get("layer_scores_by_aggregate", {}):
-        return np.asarray(obj["layer_scores_by_aggregate"][key], float)
-    if "layer_scores" not in obj:
-        raise LayerIFError(f"{p}: no 'layer_scores' key")
-    return np.asarray(obj["layer_scores"], float)
-
-
 def cmd_allocate_experts(a):
     from . import allocate
     from .io import write_json
@@ -154,14 +135,14 @@ def cmd_allocate_experts(a):
     if a.method in ("layerif", "alphalora") and not a.scores:
         raise LayerIFError(f"--method {a.method} needs --scores")
     if a.method == "layerif":
-        counts = allocate.expert_counts(_read_scores(a.scores, a.aggregate), a.total, a.beta)
+        counts = allocate.expert_counts(read_scores(a.scores, a.aggregate), a.total, a.beta)
     elif a.method == "alphalora":
-        counts = allocate.alphalora_experts(_read_scores(a.scores, a.aggregate), a.total, a.beta,
+        counts = allocate.alphalora_experts(read_scores(a.scores, a.aggregate), a.total, a.beta,
                                             per_block=a.per_block)
     elif a.method == "uniform":
-        counts = allocate.uniform_experts(a.layers or len(_read_scores(a.scores, a.aggregate)), a.total)
+        counts = allocate.uniform_experts(a.layers or len(read_scores(a.scores, a.aggregate)), a.total)
     else:
-        L = a.layers or len(_read_scores(a.scores, a.aggregate))
+        L = a.layers or len(read_scores(a.scores, a.aggregate))
         counts = allocate.mola_experts(L, a.total, a.method.split(":", 1)[1])
     counts = np.asarray(counts)
     out = {"method": a.method, "total": a.total, "beta": a.beta, "experts": counts,
@@ -186,15 +167,15 @@ def cmd_allocate_sparsity(a):
     if a.allocation in ("layerif", "reversed"):
         if not a.scores:
             raise LayerIFError(f"--allocation {a.allocation} needs --scores")
-        kw["layer_scores"] = _read_scores(a.scores, a.aggregate)
+        kw["layer_scores"] = read_scores(a.scores, a.aggregate)
     elif a.allocation == "alphapruning":
         if not a.scores:
             raise LayerIFError("--allocation alphapruning needs --scores (PL_Alpha_Hill per matrix)")
-        kw["alpha"] = _read_scores(a.scores, a.aggregate)
+        kw["alpha"] = read_scores(a.scores, a.aggregate)
     elif a.allocation == "owl":
         if not a.scores:
             raise LayerIFError("--allocation owl needs --scores (outlier ratio per block)")
-        kw["outlier_ratios"] = _read_scores(a.scores, a.aggregate)
+        kw["outlier_ratios"] = read_scores(a.scores, a.aggregate)
     ratios = allocate.layer_sparsities(a.allocation, **kw)
     per_block = ratios.reshape(cfg.num_layers, -1)
     print(" ".join(f"{x:.4f}" for x in per_block.mean(1)))
@@ -203,34 +184,6 @@ def cmd_allocate_sparsity(a):
                            "epsilon": a.epsilon, "per_matrix": ratios,
                            "per_block_mean": per_block.mean(1)})
         print(f"sparsities -> {a.out}")
-
-
-def cmd_run(a):
-    """The main job on the embedded default: LoRA fine-tune on a slice of MRPC, then LayerIF."""
-    from .io import write_json
-    t0 = time.perf_counter()
-    out = Path(a.out)
-    model, tok, path = load_model_and_tokenizer(a.model, a.dtype)
-    print(f"model: {path}")
-    ft = argparse.Namespace(
-        rank=8, alpha=16.0, dropout=0.0, targets="q,k,v,o,gate,up,down", epochs=1, lr=a.lr,
-        weight_decay=0.0, warmup=2, batch_size=8, grad_accum=1, max_len=a.max_len, seed=0,
-        bf16=False, data=a.train, val=None, limit=a.n_train, val_limit=None,
-        mask_prompt=False, quiet=a.quiet)
-    hist = _finetune(model, tok, ft, path, out / "finetune")
-    print(f"fine-tuned LoRA on {ft.limit} records of {a.train} -> {out / 'finetune' / 'adapter'}")
-    sc = argparse.Namespace(
-        train=a.train, val=a.val, n_train=a.n_train, n_val=a.n_val, max_len=a.max_len,
-        mask_prompt=False, estimator="datainf", aggregate="+ve", unit="tensor", damping=None,
-        per_val=False, chunk_size=8, memory_budget="8GB", bf16=False, quiet=a.quiet,
-        skip_zero_units=False)
-    res = _scores(model, tok, sc, path, out / "scores", out / "finetune" / "adapter")
-    write_json(out / "run.json", {
-        "model": path, "train": str(a.train), "val": str(a.val), "n_train": a.n_train,
-        "n_val": a.n_val, "finetune_final": hist.get("epochs", [{}])[-1] if hist.get("epochs") else {},
-        "layer_scores": res.layer_scores, "seconds": round(time.perf_counter() - t0, 1)})
-    print(f"layer scores: {out / 'scores' / 'scores.json'} (plot: {out / 'scores' / 'scores.png'})")
-    print(f"summary: {out / 'run.json'}  [{time.perf_counter() - t0:.0f} s]")
 
 
 # -- parser ----------------------------------------------------------------------------
@@ -333,16 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out")
     r.set_defaults(fn=cmd_allocate_sparsity)
 
-    s = sub.add_parser("run", help="the main job on the embedded default (SmolLM2 + MRPC slice)")
-    add_model(s, required=False)
-    s.add_argument("--train", default=str(ASSETS / "mrpc_train_64.json"))
-    s.add_argument("--val", default=str(ASSETS / "mrpc_validation_16.json"))
-    s.add_argument("--n-train", type=positive_int, default=32)
-    s.add_argument("--n-val", type=positive_int, default=8)
-    s.add_argument("--max-len", type=positive_int, default=96)
-    s.add_argument("--lr", type=positive_float, default=1e-3)
-    s.add_argument("--out", default="layerif_runs/default")
-    s.set_defaults(fn=cmd_run)
+    from .cli_run import register as register_run
+    register_run(sub, ASSETS)
 
     from .cli_moe import register as register_moe
     from .cli_prune import register as register_prune

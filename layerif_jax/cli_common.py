@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .errors import LayerIFError
 
 
 def positive_int(s: str) -> int:
@@ -44,3 +47,28 @@ def load_model_and_tokenizer(path, dtype):
     model = load_model(path, dtype)
     check_vocab(tok, model.cfg)
     return model, tok, str(path)
+
+
+def read_scores(path, aggregate: str = "+ve"):
+    """scores.json (LayerIF `scores` output), a .npy, or a JSON list / {"per_matrix": ...}."""
+    import numpy as np
+    from .io import read_json
+
+    p = Path(path)
+    if p.suffix == ".npy":
+        try:
+            return np.asarray(np.load(p), float).reshape(-1)
+        except (OSError, ValueError) as e:
+            raise LayerIFError(f"cannot read {p}: {e}") from None
+    obj = read_json(p)
+    if isinstance(obj, list):
+        return np.asarray(obj, float)
+    if not isinstance(obj, dict):
+        raise LayerIFError(f"{p}: expected a JSON list or object")
+    by_agg = obj.get("layer_scores_by_aggregate") or {}
+    if aggregate in by_agg:
+        return np.asarray(by_agg[aggregate], float)
+    for key in ("layer_scores", "outlier_ratios", "alpha"):
+        if key in obj:
+            return np.asarray(obj[key], float)
+    raise LayerIFError(f"{p}: no 'layer_scores' key")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from .cli_common import add_model as _add_model, load_model_and_tokenizer as _load
 from .cli_common import positive_int as _positive_int
+from .cli_common import read_scores
 from .errors import LayerIFError
 
 ALLOCATIONS = ("layerif", "reversed", "uniform", "alphapruning", "owl")
@@ -30,31 +30,6 @@ def parse_nm(s: str | None) -> tuple[int, int] | None:
     if not (m >= 2 and 1 <= n < m):
         raise LayerIFError(f"--nm {s}: need 1 <= N < M")
     return n, m
-
-
-def read_scores(path, aggregate: str = "+ve"):
-    """scores.json (LayerIF `scores` output), a .npy, or a JSON list / {"per_matrix": ...}."""
-    import numpy as np
-    from .io import read_json
-
-    p = Path(path)
-    if p.suffix == ".npy":
-        try:
-            return np.asarray(np.load(p), float).reshape(-1)
-        except (OSError, ValueError) as e:
-            raise LayerIFError(f"cannot read {p}: {e}") from None
-    obj = read_json(p)
-    if isinstance(obj, list):
-        return np.asarray(obj, float)
-    if not isinstance(obj, dict):
-        raise LayerIFError(f"{p}: expected a JSON list or object")
-    by_agg = obj.get("layer_scores_by_aggregate") or {}
-    if aggregate in by_agg:
-        return np.asarray(by_agg[aggregate], float)
-    for key in ("layer_scores", "outlier_ratios", "alpha"):
-        if key in obj:
-            return np.asarray(obj[key], float)
-    raise LayerIFError(f"{p}: no 'layer_scores' key")
 
 
 # -- prune -------------------------------------------------------------------------

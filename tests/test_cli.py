@@ -143,3 +143,38 @@ def test_bad_input(tiny_dir, data, tmp_path, capsys):
                     "freshly initialised")
     # nothing half-written
     assert not out.exists() and not (tmp_path / "sc").exists() and not (tmp_path / "x").exists()
+
+
+def test_run_full_pipeline(tiny_dir, data, tmp_path, capsys):
+    """`layerif run --full`: fine-tune -> scores -> allocations + report -> MoE-LoRA and
+    pruning, each evaluated. Checks the report against the allocation rules, not itself."""
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "run", "--model", tiny_dir,  # the embedded MRPC records
+                       "--n-train", 16, "--n-val", 4, "--max-len", 32, "--lr", 1e-2, "--full",
+                       "--n-eval", 6, "--n-calib", 4, "--calib-len", 16, "--ppl-tokens", 512,
+                       "--out", out)
+    assert code == 0, err
+    alloc = json.loads((out / "report" / "allocation.json").read_text())
+    assert (out / "report" / "allocation.png").stat().st_size > 1000
+    for method, e in alloc["experts"].items():
+        assert sum(e) == 10 and min(e) >= 1, method  # T = 5 per layer, 2 layers
+        assert alloc["top_k"][method] == [2 if c > 1 else 1 for c in e]
+    counts = np.tile([32 * 32, 32 * 16, 32 * 16, 32 * 32, 32 * 48, 32 * 48, 48 * 32], 2)
+    for scheme, s in alloc["sparsity_per_matrix"].items():
+        s = np.asarray(s)
+        assert s.shape == (14,)
+        assert abs((s * counts).sum() / counts.sum() - 0.5) < 1e-9, scheme
+    summary = json.loads((out / "run.json").read_text())
+    full = summary["full"]
+    for method in ("layerif", "uniform"):
+        assert 0.0 <= full["moe"][method]["accuracy"] <= 1.0
+        assert np.isfinite(full["moe"][method]["final_train_loss"])
+        assert abs(full["prune"][method]["global_sparsity"] - 0.5) < 0.01
+        assert np.isfinite(full["prune"][method]["perplexity"])
+    assert (out / "moe" / "layerif" / "adapter").is_dir()
+
+
+def test_run_bad_sparsity(tiny_dir, data, tmp_path, capsys):
+    code, _, err = run(capsys, "run", "--model", tiny_dir, "--train", data, "--val", data,
+                       "--n-train", 4, "--n-val", 2, "--sparsity", 1.5, "--out", tmp_path / "r")
+    assert code == 2 and err.startswith("error:") and "sparsity" in err
