@@ -39,7 +39,6 @@ from flax import nnx
 from scipy.stats import spearmanr
 
 import layerif_jax as lj
-from layerif_jax.influence import packed
 from layerif_jax.influence.scores import _Runner
 from layerif_jax.io import default_model_path, shared_data_dir
 from layerif_jax.loss import example_losses
@@ -132,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch paper path")
     ap.add_argument("--bf16", action="store_true", help="also time bfloat16 compute")
     ap.add_argument("--scaling", action="store_true", help="also time n = 100, 300, 1000")
+    ap.add_argument("--memory-budget", default="8GB",
+                    help="layer_scores' budget for keeping per-example gradients")
     ap.add_argument("--out", help="write all figures as JSON")
     args = ap.parse_args(argv)
     n, m = (40, 10) if args.quick else (args.n_train, args.n_val)
@@ -150,7 +151,7 @@ def main(argv=None):
         save_peft_adapter(model, adapter_dir, base_model_name=str(model_path))
     records = lambda path, k: lj.tokenize(tok, lj.load_records(path, k), max_len=args.max_len)
     train, val = records(args.train, n), records(args.val, m)
-    kw = dict(chunk_size=args.chunk_size, mesh=None)
+    kw = dict(chunk_size=args.chunk_size, mesh=None, memory_budget=args.memory_budget)
 
     res, cold = timed_scores(model, train, val, **kw)
     _, warm = timed_scores(model, train, val, **kw)
@@ -174,9 +175,11 @@ def main(argv=None):
         for k in (100, 300, 1000):
             tr = records(args.train, k)
             timed_scores(model, tr[:8], val, **kw)  # same shapes: warm
-            _, s = timed_scores(model, tr, val, **kw)
-            out["scaling"][k] = s
-            print(f"scaling n={k}: {s:.1f} s ({s / (k + m):.3f} s per example)", flush=True)
+            r, s = timed_scores(model, tr, val, **kw)
+            out["scaling"][k] = {"seconds": s, "gradients_kept": r.gradients_kept,
+                                 "phase_seconds": r.meta["phase_seconds"]}
+            print(f"scaling n={k}: {s:.1f} s ({s / (k + m):.3f} s per example, gradients "
+                  f"{'kept' if r.gradients_kept else 'recomputed'})", flush=True)
     out["peak_rss_gb"] = peak_rss_gb()
     if not args.no_torch:
         tr = run_torch(args, model_path, adapter_dir, n, m)

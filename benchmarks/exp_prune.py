@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--ppl-window", type=int, default=512)
     p.add_argument("--mc-tasks", default=",".join(MC_TASKS))
-    p.add_argument("--mc-limit", type=int, default=100)
+    p.add_argument("--mc-limit", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation")
     a = p.parse_args(argv)
     if a.quick:

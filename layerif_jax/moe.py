@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,10 +57,7 @@ from .model.lora import normalize_targets
 ADAPTER_CONFIG = "moe_config.json"
 ADAPTER_WEIGHTS = "moe_adapter.safetensors"
 ADAPTER_FORMAT = "layerif_jax_moe"
-CHECKPOINT_DIR = "checkpoints"
-ADAPTER_DIR = "adapter"
-STATE_FILE = "train_state.json"
-HISTORY_FILE = "history.json"
+ADAPTER_DIR = "adapter"  # as train.ADAPTER_DIR: train_moe output dirs look like finetune's
 
 
 class RouterParam(nnx.Param):
@@ -484,11 +480,8 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
     `max_steps` stops early (with a checkpoint) without changing the schedule. On
     completion writes out_dir/adapter (`save_moe_adapter`), history.json, train_state.json.
     """
-    import orbax.checkpoint as ocp
-    from tqdm.auto import tqdm
-
-    from .train import (TrainConfig, _describe_diff, _fit_examples, _flat, _micro, _opt_spec,
-                        _optimizer, _pad_length, _unflat, _write_json_atomic, lr_at)
+    from .train import (TrainConfig, _fit_examples, _opt_spec, _optimizer, _pad_length,
+                        cast_like, finish_run, train_loop)
 
     cfg = cfg or TrainConfig()
     if max_steps is not None and max_steps < 0:
@@ -501,144 +494,37 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
         raise LayerIFError("no training examples")
     tr = _fit_examples(train_examples, cfg.max_len, "training")
     val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
-    T = _pad_length(tr, cfg.max_len)
     T_val = _pad_length(val, cfg.max_len) if val else 0
-    spe = -(-len(tr) // cfg.effective_batch)
-    total = spe * cfg.epochs
+    total = -(-len(tr) // cfg.effective_batch) * cfg.epochs
 
     orig_dtypes = [x.dtype for x in jax.tree.leaves(train)]
     train = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), train)  # float32 master copy
     opt_spec = _opt_spec(cfg, total)
-    opt_state = _optimizer(*opt_spec).init(train)
     c = dataclasses.asdict(cfg)
     for k in ("checkpoint_every", "keep"):
         c.pop(k)
     fp = {"train": c, "moe": moe_model.spec(), "aux_coef": aux_coef, "n_train": len(tr),
           "total_steps": total}
 
+    def step_fn(train, opt_state, ids, mask, tgt, idx, step):
+        return moe_train_step(train, opt_state, rest, ids, mask, tgt, idx, graphdef=graphdef,
+                              opt_spec=opt_spec, dtype=cfg.compute_dtype, aux_coef=aux_coef)
+
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mngr = ocp.CheckpointManager(out_dir / CHECKPOINT_DIR,
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep,
-                                                                      create=True))
-    history: dict[str, Any] = {"train_loss": [], "aux_loss": [], "lr": [], "grad_norm": [],
-                               "epochs": [], "steps_per_epoch": spe, "total_steps": total,
-                               "resumed_from": None}
-    step = 0
-    latest = mngr.latest_step()
-    if latest is not None:
-        def fail(e):
-            mngr.close()
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return LayerIFError(f"cannot resume from checkpoint {latest} in "
-                                f"{out_dir / CHECKPOINT_DIR}: {msg}")
-        try:
-            meta = mngr.restore(latest, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # noqa: BLE001
-            raise fail(e) from None
-        diff = _describe_diff((meta or {}).get("fingerprint", {}), fp)
-        if diff:
-            mngr.close()
-            raise LayerIFError(f"{out_dir} holds checkpoints of a different run ({diff}); "
-                               f"use another output directory or delete {CHECKPOINT_DIR}/")
-        try:
-            state = mngr.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore({"train": _flat(train), "opt": _flat(opt_state)})
-            ))["state"]
-            train = _unflat(train, state["train"])
-            opt_state = _unflat(opt_state, state["opt"])
-        except LayerIFError:
-            mngr.close()
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise fail(e) from None
-        step = int(meta["step"])
-        history = meta["history"]
-        history["resumed_from"] = step
-
-    last_saved = step if latest is not None else -1
-    pending: list = []
-
-    def flush():
-        for s in jax.device_get(pending):
-            history["train_loss"].append(float(s["loss"]))
-            history["aux_loss"].append(float(s["aux"]))
-            history["grad_norm"].append(float(s["grad_norm"]))
-        pending.clear()
-
-    def save():
-        nonlocal last_saved
-        flush()
-        meta = {"step": step, "epoch": step // spe, "fingerprint": fp, "history": history}
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"train": _flat(train), "opt": _flat(opt_state)}),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        last_saved = step
-
-    stop = step >= total or (max_steps is not None and step >= max_steps)
-    bar = tqdm(total=total, initial=step, disable=not progress, desc="moe", unit="step",
-               dynamic_ncols=True)
-    t0 = time.perf_counter()
-    try:
-        while not stop and step < total:
-            epoch, first = divmod(step, spe)
-            batches = epoch_batches(tr, cfg.effective_batch, seed=cfg.seed, epoch=epoch,
-                                    max_len=T, pad_id=pad_id)
-            for b in range(first, spe):
-                if max_steps is not None and step >= max_steps:
-                    stop = True
-                    break
-                ids, mask, tgt, idx = _micro(batches[b], cfg)
-                history["lr"].append(lr_at(cfg, total, step))
-                train, opt_state, stats = moe_train_step(
-                    train, opt_state, rest, ids, mask, tgt, idx, graphdef=graphdef,
-                    opt_spec=opt_spec, dtype=cfg.compute_dtype, aux_coef=aux_coef)
-                pending.append(stats)
-                step += 1
-                bar.update(1)
-                if len(pending) >= 10:
-                    flush()
-                    bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}")
-                if step % cfg.checkpoint_every == 0 and step % spe != 0:
-                    save()
-            if stop:
-                break
-            flush()
-            losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
-            rec = {"epoch": epoch + 1, "step": step,
-                   "train_loss": float(np.mean(losses)) if losses else None}
-            if val:
-                rec["val_loss"] = _evaluate(graphdef, train, rest, val, cfg, T_val, pad_id)
-            history["epochs"].append(rec)
-            save()
-        if step > last_saved and step > 0:
-            save()
-    except KeyboardInterrupt:
-        if step > last_saved and step > 0:
-            save()
-        raise
-    finally:
-        bar.close()
-        mngr.wait_until_finished()
-        mngr.close()
-    flush()
-
-    completed = step >= total
-    history.update(step=step, completed=completed, seconds=time.perf_counter() - t0)
-    nnx.update(moe_model, jax.tree.unflatten(jax.tree.structure(train), [
-        x.astype(dt) for x, dt in zip(jax.tree.leaves(train), orig_dtypes)]))
-    if completed:
+    res = train_loop(
+        train, _optimizer(*opt_spec).init(train), step_fn, cfg=cfg, train=tr, out_dir=out_dir,
+        fingerprint=fp, state_key="train",
+        stats_keys={"train_loss": "loss", "aux_loss": "aux", "grad_norm": "grad_norm"},
+        val_loss=(lambda p: _evaluate(graphdef, p, rest, val, cfg, T_val, pad_id)) if val else None,
+        max_steps=max_steps, progress=progress, pad_id=pad_id, desc="moe")
+    nnx.update(moe_model, cast_like(res.params, orig_dtypes))
+    history = res.history
+    if history["completed"]:
         save_moe_adapter(moe_model, out_dir / ADAPTER_DIR, base_model_name=base_model_name)
-    _write_json_atomic(out_dir / HISTORY_FILE, history)
-    _write_json_atomic(out_dir / STATE_FILE, {
-        "status": "complete" if completed else "stopped", "step": step, "total_steps": total,
-        "steps_per_epoch": spe, "config": dataclasses.asdict(cfg), "moe": moe_model.spec(),
-        "aux_coef": aux_coef, "n_train": len(tr), "n_val": len(val) if val else 0,
-        "padded_length": T, "base_model": base_model_name or None,
-        "adapter": ADAPTER_DIR if completed else None,
-        "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
-        "final_val_loss": (history["epochs"][-1].get("val_loss") if history["epochs"] else None)})
+    finish_run(out_dir, history, {
+        "config": dataclasses.asdict(cfg), "moe": moe_model.spec(), "aux_coef": aux_coef,
+        "n_train": len(tr), "n_val": len(val) if val else 0,
+        "padded_length": _pad_length(tr, cfg.max_len), "base_model": base_model_name or None})
     return history
 
 

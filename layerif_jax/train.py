@@ -32,7 +32,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -325,52 +325,44 @@ def _describe_diff(a: dict, b: dict, prefix="") -> str:
 
 # -- the training loop ----------------------------------------------------------------------
 
-def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
-             cfg: TrainConfig | None = None, *, val_examples: Sequence[Example] | None = None,
-             progress: bool = True, max_steps: int | None = None, pad_id: int = 0,
-             base_model_name: str = "") -> dict[str, Any]:
-    """Fine-tune the LoRA parameters of `model` (in place) on `train_examples`.
+@dataclasses.dataclass
+class LoopResult:
+    params: Any
+    opt_state: Any
+    history: dict[str, Any]
+    step: int
+    total: int
 
-    Writes orbax checkpoints (LoRA, optimizer state, step, epoch, history) under
-    out_dir/checkpoints and resumes from the latest one when present. On completion
-    writes out_dir/adapter (PEFT format), out_dir/train_state.json and
-    out_dir/history.json. `max_steps`: stop (with a checkpoint) once the global optimizer
-    step reaches it, without changing the schedule; a later call resumes. Returns the
-    history: per-step train_loss / lr / grad_norm, per-epoch records, step counts.
+
+def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
+               train: Sequence[Example], out_dir: Path, fingerprint: dict[str, Any],
+               state_key: str, stats_keys: dict[str, str], val_loss: Callable | None = None,
+               max_steps: int | None = None, progress: bool = True, pad_id: int = 0,
+               desc: str = "train") -> LoopResult:
+    """The epoch / step loop shared by LoRA fine-tuning and LoRA-MoE training.
+
+    `step_fn(params, opt_state, ids, mask, targets, index, step) -> (params, opt_state,
+    stats)` is one jitted optimizer step over the micro-batches of one effective batch.
+    Orbax checkpoints (out_dir/checkpoints: {state_key: params, "opt": opt_state} and a
+    JSON meta with step, fingerprint and history) are written every
+    cfg.checkpoint_every steps, at every epoch end, on completion and on Ctrl-C; a later
+    call resumes from the latest one (a checkpoint whose fingerprint differs is refused).
+    Data order depends on (seed, epoch) only, so a resumed run follows the uninterrupted
+    trajectory. `stats_keys` maps history lists to step-stat names ({"train_loss":
+    "loss", ...}); stats are fetched every 10 steps, not per step. `val_loss(params)` is
+    called at every epoch end. `max_steps` stops early without changing the schedule.
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
-    cfg = cfg or TrainConfig()
-    if max_steps is not None and max_steps < 0:
-        raise LayerIFError(f"max_steps must be >= 0, got {max_steps}")
-    lcfg = lora_config_of(model)
-    graphdef, lora, rest = split_model(model)
-    if not train_examples:
-        raise LayerIFError("no training examples")
-    train = _fit_examples(train_examples, cfg.max_len, "training")
-    val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
     T = _pad_length(train, cfg.max_len)
-    T_val = _pad_length(val, cfg.max_len) if val else 0
     spe = -(-len(train) // cfg.effective_batch)
     total = spe * cfg.epochs
-
-    orig_dtypes = [x.dtype for x in jax.tree.leaves(lora)]
-    lora = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), lora)  # float32 master copy
-    opt_spec = _opt_spec(cfg, total)
-    tx = _optimizer(*opt_spec)
-    opt_state = tx.init(lora)
-    dropout = lcfg.dropout > 0
-    base_key = jax.random.key(cfg.seed)  # dropout key of step s: fold_in(base_key, s)
-    fp = _fingerprint(cfg, lcfg, len(train), total)
-
-    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     mngr = ocp.CheckpointManager(
         out_dir / CHECKPOINT_DIR,
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
-
-    history: dict[str, Any] = {"train_loss": [], "lr": [], "grad_norm": [], "epochs": [],
+    history: dict[str, Any] = {**{k: [] for k in stats_keys}, "lr": [], "epochs": [],
                                "steps_per_epoch": spe, "total_steps": total,
                                "resumed_from": None}
     step = 0
@@ -386,17 +378,20 @@ def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
                 meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types
             raise fail(e) from None
-        diff = _describe_diff((meta or {}).get("fingerprint", {}), fp)
+        diff = _describe_diff((meta or {}).get("fingerprint", {}), fingerprint)
         if diff:
             mngr.close()
             raise LayerIFError(f"{out_dir} holds checkpoints of a different run ({diff}); "
                                f"use another output directory or delete {CHECKPOINT_DIR}/")
         try:
             state = mngr.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore({"lora": _flat(lora), "opt": _flat(opt_state)})
-            ))["state"]
-            lora = _unflat(lora, state["lora"])
+                state=ocp.args.StandardRestore({state_key: _flat(params),
+                                                "opt": _flat(opt_state)})))["state"]
+            params = _unflat(params, state[state_key])
             opt_state = _unflat(opt_state, state["opt"])
+        except LayerIFError:
+            mngr.close()
+            raise
         except Exception as e:  # noqa: BLE001
             raise fail(e) from None
         step = int(meta["step"])
@@ -408,21 +403,22 @@ def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
 
     def flush():
         for s in jax.device_get(pending):
-            history["train_loss"].append(float(s["loss"]))
-            history["grad_norm"].append(float(s["grad_norm"]))
+            for k, name in stats_keys.items():
+                history[k].append(float(s[name]))
         pending.clear()
 
     def save():
         nonlocal last_saved
         flush()
-        meta = {"step": step, "epoch": step // spe, "fingerprint": fp, "history": history}
+        meta = {"step": step, "epoch": step // spe, "fingerprint": fingerprint,
+                "history": history}
         mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"lora": _flat(lora), "opt": _flat(opt_state)}),
+            state=ocp.args.StandardSave({state_key: _flat(params), "opt": _flat(opt_state)}),
             meta=ocp.args.JsonSave(meta)), force=True)
         last_saved = step
 
     stop = step >= total or (max_steps is not None and step >= max_steps)
-    bar = tqdm(total=total, initial=step, disable=not progress, desc="finetune", unit="step",
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=desc, unit="step",
                dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -435,13 +431,9 @@ def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
                     stop = True
                     break
                 ids, mask, tgt, idx = _micro(batches[b], cfg)
-                lr_now = lr_at(cfg, total, step)
-                lora, opt_state, stats = train_step(
-                    lora, opt_state, rest, ids, mask, tgt, idx, base_key, np.int32(step),
-                    graphdef=graphdef, opt_spec=opt_spec, dtype=cfg.compute_dtype,
-                    dropout=dropout)
+                history["lr"].append(lr_at(cfg, total, step))
+                params, opt_state, stats = step_fn(params, opt_state, ids, mask, tgt, idx, step)
                 pending.append(stats)
-                history["lr"].append(lr_now)
                 step += 1
                 bar.update(1)
                 if len(pending) >= 10:
@@ -451,13 +443,12 @@ def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
                     save()
             if stop:
                 break
-            # epoch end
-            flush()
+            flush()  # epoch end
             losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
             rec = {"epoch": epoch + 1, "step": step,
                    "train_loss": float(np.mean(losses)) if losses else None}
-            if val:
-                rec["val_loss"] = evaluate(graphdef, lora, rest, val, cfg, T_val, pad_id)
+            if val_loss is not None:
+                rec["val_loss"] = val_loss(params)
             history["epochs"].append(rec)
             bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k.endswith("loss") and v})
             save()
@@ -472,28 +463,84 @@ def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
         mngr.wait_until_finished()
         mngr.close()
     flush()
-
-    completed = step >= total
     history["step"] = step
-    history["completed"] = completed
+    history["completed"] = step >= total
     history["seconds"] = time.perf_counter() - t0  # of this call
-    lora_out = jax.tree.unflatten(jax.tree.structure(lora), [
-        x.astype(dt) for x, dt in zip(jax.tree.leaves(lora), orig_dtypes)])
-    nnx.update(model, lora_out)
+    return LoopResult(params, opt_state, history, step, total)
 
-    if completed:
-        save_peft_adapter(model, out_dir / ADAPTER_DIR, base_model_name=base_model_name)
+
+def finish_run(out_dir: Path, history: dict[str, Any], state: dict[str, Any]) -> None:
+    """history.json and train_state.json of a finished or stopped run."""
     _write_json_atomic(out_dir / HISTORY_FILE, history)
     _write_json_atomic(out_dir / STATE_FILE, {
-        "status": "complete" if completed else "stopped",
-        "step": step, "total_steps": total, "steps_per_epoch": spe,
-        "epochs_done": step // spe, "config": dataclasses.asdict(cfg),
-        "lora": fp["lora"], "n_train": len(train), "n_val": len(val) if val else 0,
-        "padded_length": T, "base_model": base_model_name or None,
-        "adapter": ADAPTER_DIR if completed else None,
+        "status": "complete" if history["completed"] else "stopped",
+        "step": history["step"], "total_steps": history["total_steps"],
+        "steps_per_epoch": history["steps_per_epoch"], **state,
+        "adapter": ADAPTER_DIR if history["completed"] else None,
         "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
         "final_val_loss": (history["epochs"][-1].get("val_loss") if history["epochs"] else None),
     })
+
+
+def cast_like(tree, dtypes):
+    """`tree` with its leaves cast back to `dtypes` (the float32 master copy -> model dtype)."""
+    return jax.tree.unflatten(jax.tree.structure(tree), [
+        x.astype(dt) for x, dt in zip(jax.tree.leaves(tree), dtypes)])
+
+
+def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
+             cfg: TrainConfig | None = None, *, val_examples: Sequence[Example] | None = None,
+             progress: bool = True, max_steps: int | None = None, pad_id: int = 0,
+             base_model_name: str = "") -> dict[str, Any]:
+    """Fine-tune the LoRA parameters of `model` (in place) on `train_examples`.
+
+    Writes orbax checkpoints (LoRA, optimizer state, step, epoch, history) under
+    out_dir/checkpoints and resumes from the latest one when present. On completion
+    writes out_dir/adapter (PEFT format), out_dir/train_state.json and
+    out_dir/history.json. `max_steps`: stop (with a checkpoint) once the global optimizer
+    step reaches it, without changing the schedule; a later call resumes. Returns the
+    history: per-step train_loss / lr / grad_norm, per-epoch records, step counts.
+    """
+    cfg = cfg or TrainConfig()
+    if max_steps is not None and max_steps < 0:
+        raise LayerIFError(f"max_steps must be >= 0, got {max_steps}")
+    lcfg = lora_config_of(model)
+    graphdef, lora, rest = split_model(model)
+    if not train_examples:
+        raise LayerIFError("no training examples")
+    train = _fit_examples(train_examples, cfg.max_len, "training")
+    val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
+    T_val = _pad_length(val, cfg.max_len) if val else 0
+    total = -(-len(train) // cfg.effective_batch) * cfg.epochs
+
+    orig_dtypes = [x.dtype for x in jax.tree.leaves(lora)]
+    lora = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), lora)  # float32 master copy
+    opt_spec = _opt_spec(cfg, total)
+    dropout = lcfg.dropout > 0
+    base_key = jax.random.key(cfg.seed)  # dropout key of step s: fold_in(base_key, s)
+    fp = _fingerprint(cfg, lcfg, len(train), total)
+
+    def step_fn(lora, opt_state, ids, mask, tgt, idx, step):
+        return train_step(lora, opt_state, rest, ids, mask, tgt, idx, base_key, np.int32(step),
+                          graphdef=graphdef, opt_spec=opt_spec, dtype=cfg.compute_dtype,
+                          dropout=dropout)
+
+    out_dir = Path(out_dir).resolve()
+    res = train_loop(
+        lora, _optimizer(*opt_spec).init(lora), step_fn, cfg=cfg, train=train, out_dir=out_dir,
+        fingerprint=fp, state_key="lora", stats_keys={"train_loss": "loss",
+                                                      "grad_norm": "grad_norm"},
+        val_loss=(lambda p: evaluate(graphdef, p, rest, val, cfg, T_val, pad_id)) if val else None,
+        max_steps=max_steps, progress=progress, pad_id=pad_id, desc="finetune")
+    nnx.update(model, cast_like(res.params, orig_dtypes))
+    history = res.history
+    if history["completed"]:
+        save_peft_adapter(model, out_dir / ADAPTER_DIR, base_model_name=base_model_name)
+    finish_run(out_dir, history, {
+        "epochs_done": res.step // history["steps_per_epoch"],
+        "config": dataclasses.asdict(cfg), "lora": fp["lora"], "n_train": len(train),
+        "n_val": len(val) if val else 0, "padded_length": _pad_length(train, cfg.max_len),
+        "base_model": base_model_name or None})
     return history
 
 
