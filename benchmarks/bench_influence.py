@@ -131,6 +131,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch paper path")
     ap.add_argument("--bf16", action="store_true", help="also time bfloat16 compute")
     ap.add_argument("--scaling", action="store_true", help="also time n = 100, 300, 1000")
+    ap.add_argument("--scaling-sizes", default="100,300,1000", help="n values for --scaling")
     ap.add_argument("--memory-budget", default="8GB",
                     help="layer_scores' budget for keeping per-example gradients")
     ap.add_argument("--out", help="write all figures as JSON")
@@ -172,7 +173,7 @@ def main(argv=None):
                 "bf16_spearman_vs_f32": float(spearmanr(rb.layer_scores, res.layer_scores)[0])}
     if args.scaling:
         out["scaling"] = {}
-        for k in (100, 300, 1000):
+        for k in (int(x) for x in args.scaling_sizes.split(",")):
             tr = records(args.train, k)
             timed_scores(model, tr[:8], val, **kw)  # same shapes: warm
             r, s = timed_scores(model, tr, val, **kw)

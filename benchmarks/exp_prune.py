@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--ppl-window", type=int, default=512)
     p.add_argument("--mc-tasks", default=",".join(MC_TASKS))
-    p.add_argument("--mc-limit", type=int, default=40)
+    p.add_argument("--mc-limit", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation")
     p.add_argument("--time-only", action="store_true",
                    help="only time the pruners (no evaluation, no table): OUT/timing.jsonl")
