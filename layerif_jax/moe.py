@@ -480,25 +480,17 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
     `max_steps` stops early (with a checkpoint) without changing the schedule. On
     completion writes out_dir/adapter (`save_moe_adapter`), history.json, train_state.json.
     """
-    from .train import (TrainConfig, _fit_examples, _opt_spec, _optimizer, _pad_length,
-                        cast_like, finish_run, train_loop)
+    from .train import (TrainConfig, _opt_spec, _optimizer, _pad_length, cast_like,
+                        finish_run, float32_master, prepare_run, train_loop)
 
     cfg = cfg or TrainConfig()
-    if max_steps is not None and max_steps < 0:
-        raise LayerIFError(f"max_steps must be >= 0, got {max_steps}")
+    run = prepare_run(train_examples, val_examples, cfg, max_steps)
+    tr, val, T_val, total = run.train, run.val, run.val_length, run.total_steps
     if not (isinstance(aux_coef, (int, float)) and math.isfinite(aux_coef) and aux_coef >= 0):
         raise LayerIFError(f"aux_coef must be >= 0, got {aux_coef!r}")
     aux_coef = float(aux_coef)
     graphdef, train, rest = split_moe(moe_model)
-    if not train_examples:
-        raise LayerIFError("no training examples")
-    tr = _fit_examples(train_examples, cfg.max_len, "training")
-    val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
-    T_val = _pad_length(val, cfg.max_len) if val else 0
-    total = -(-len(tr) // cfg.effective_batch) * cfg.epochs
-
-    orig_dtypes = [x.dtype for x in jax.tree.leaves(train)]
-    train = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), train)  # float32 master copy
+    train, orig_dtypes = float32_master(train)
     opt_spec = _opt_spec(cfg, total)
     c = dataclasses.asdict(cfg)
     for k in ("checkpoint_every", "keep"):

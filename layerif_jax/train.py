@@ -482,6 +482,34 @@ def finish_run(out_dir: Path, history: dict[str, Any], state: dict[str, Any]) ->
     })
 
 
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """What `finetune` and `moe.train_moe` both check and derive before their loop."""
+    train: list
+    val: list | None
+    val_length: int  # padded length of the validation batches (0 without validation)
+    total_steps: int
+
+
+def prepare_run(train_examples: Sequence[Example], val_examples: Sequence[Example] | None,
+                cfg: TrainConfig, max_steps: int | None) -> RunData:
+    """Validate a run's inputs (clear errors) and derive its data and step count."""
+    if max_steps is not None and max_steps < 0:
+        raise LayerIFError(f"max_steps must be >= 0, got {max_steps}")
+    if not train_examples:
+        raise LayerIFError("no training examples")
+    train = _fit_examples(train_examples, cfg.max_len, "training")
+    val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
+    return RunData(train, val, _pad_length(val, cfg.max_len) if val else 0,
+                   -(-len(train) // cfg.effective_batch) * cfg.epochs)
+
+
+def float32_master(tree):
+    """(float32 copy of `tree`, its original leaf dtypes) -- undo with `cast_like`."""
+    return (jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree),
+            [x.dtype for x in jax.tree.leaves(tree)])
+
+
 def cast_like(tree, dtypes):
     """`tree` with its leaves cast back to `dtypes` (the float32 master copy -> model dtype)."""
     return jax.tree.unflatten(jax.tree.structure(tree), [
@@ -502,19 +530,11 @@ def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
     history: per-step train_loss / lr / grad_norm, per-epoch records, step counts.
     """
     cfg = cfg or TrainConfig()
-    if max_steps is not None and max_steps < 0:
-        raise LayerIFError(f"max_steps must be >= 0, got {max_steps}")
+    run = prepare_run(train_examples, val_examples, cfg, max_steps)
+    train, val, T_val, total = run.train, run.val, run.val_length, run.total_steps
     lcfg = lora_config_of(model)
     graphdef, lora, rest = split_model(model)
-    if not train_examples:
-        raise LayerIFError("no training examples")
-    train = _fit_examples(train_examples, cfg.max_len, "training")
-    val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
-    T_val = _pad_length(val, cfg.max_len) if val else 0
-    total = -(-len(train) // cfg.effective_batch) * cfg.epochs
-
-    orig_dtypes = [x.dtype for x in jax.tree.leaves(lora)]
-    lora = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), lora)  # float32 master copy
+    lora, orig_dtypes = float32_master(lora)
     opt_spec = _opt_spec(cfg, total)
     dropout = lcfg.dropout > 0
     base_key = jax.random.key(cfg.seed)  # dropout key of step s: fold_in(base_key, s)

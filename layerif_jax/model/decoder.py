@@ -16,6 +16,7 @@ from the frozen base.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -66,6 +67,38 @@ def mm(x: jax.Array, w: jax.Array) -> jax.Array:
     return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def _fold(kernel, a, b, scale: float, dtype) -> jax.Array:
+    w = kernel.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    # materialise W + sAB once: fused into the GEMM it would be recomputed per tile
+    return jax.lax.optimization_barrier(w).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def folded_linear(x, kernel, a, b, scale: float, dtype) -> jax.Array:
+    """x (W + s A B): one GEMM. Differentiable with respect to x ONLY (the influence
+    taps path never needs the weights' gradient; their cotangents are zero).
+
+    The custom VJP keeps (W, A, B) -- slices of the stacked parameters, which the
+    layer scan forwards without a copy -- and recomputes W + sAB in the backward,
+    instead of saving the folded matrix as a residual that the scan would stack
+    (zero-filled, copied and read back: 14 MB per SmolLM2 block per chunk).
+    """
+    return mm(x, _fold(kernel, a, b, scale, dtype))
+
+
+def _folded_fwd(x, kernel, a, b, scale, dtype):
+    return folded_linear(x, kernel, a, b, scale, dtype), (kernel, a, b)
+
+
+def _folded_bwd(scale, dtype, res, dy):
+    kernel, a, b = res
+    dx = mm(dy, _fold(kernel, a, b, scale, dtype).T)
+    return dx, jnp.zeros_like(kernel), jnp.zeros_like(a), jnp.zeros_like(b)
+
+
+folded_linear.defvjp(_folded_fwd, _folded_bwd)
+
+
 def linear_apply(p: dict[str, jax.Array], x: jax.Array, *, scale: float, dropout: float,
                  key: jax.Array | None, dtype, tap: jax.Array | None = None) -> jax.Array:
     """One layer's slice of a StackedLinear: x[..., I] -> y[..., O].
@@ -76,12 +109,10 @@ def linear_apply(p: dict[str, jax.Array], x: jax.Array, *, scale: float, dropout
     per-example LoRA gradients follow (influence/packed.py). Dropout is off there.
     """
     if tap is not None:
-        w = p["kernel"].astype(jnp.float32)
         if "lora_a" in p:
-            w = w + scale * (p["lora_a"].astype(jnp.float32) @ p["lora_b"].astype(jnp.float32))
-            # materialise W + sAB once: fused into the GEMM it is recomputed per tile
-            w = jax.lax.optimization_barrier(w)
-        y = mm(x, w.astype(dtype))
+            y = folded_linear(x, p["kernel"], p["lora_a"], p["lora_b"], scale, dtype)
+        else:
+            y = mm(x, p["kernel"].astype(dtype))
         if "bias" in p:
             y = y + p["bias"].astype(dtype)
         return y + tap.astype(y.dtype)
@@ -168,9 +199,12 @@ def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype) -> jax.Array:
     q = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, D)
     k = k_BTKD.transpose(0, 2, 3, 1).reshape(B * K, D, T)
     v = v_BTKD.transpose(0, 2, 1, 3).reshape(B * K, T, D)
-    s = jnp.matmul(q, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, T)
-    w = jax.nn.softmax(s / math.sqrt(D) + bias, axis=-1).astype(dtype)
-    o = jnp.matmul(w.reshape(B * K, G * T, T), v).reshape(B, K, G, T, D)
+    s = jnp.matmul(q, k, preferred_element_type=jnp.float32)
+    # the softmax runs in the matmul's layout, so that under autodiff its output is ONE
+    # residual (shared by the softmax and the w @ v backward), not two copies
+    bias = jnp.broadcast_to(bias, (B, K, G, T, T)).reshape(B * K, G * T, T)
+    w = jax.nn.softmax(s * (1.0 / math.sqrt(D)) + bias, axis=-1).astype(dtype)
+    o = jnp.matmul(w, v).reshape(B, K, G, T, D)
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
@@ -288,7 +322,8 @@ class Decoder(nnx.Module):
         segments_BT: packed rows (attention stays inside a segment; pass positions
         that restart per segment). taps: {module: zeros [L, B, T, d_out]}; then LoRA
         is folded into the kernels and the result is (x, {input: x_in [L, B, T, d_in]})
-        with inputs keyed by INPUT_OF.
+        with inputs keyed by INPUT_OF. That path is differentiable with respect to the
+        taps (and activations) only, not the weights (see `folded_linear`).
         """
         cfg = self.cfg
         dtype = dtype or self.dtype
