@@ -78,7 +78,7 @@ def plot(allocs: dict[str, dict[str, list]], path: Path) -> None:
 
 def write_table(rows: list[dict], path: Path) -> None:
     lines = ["| task | allocation | experts (min-max) | loglik acc | generate acc | train s "
-             "| final train loss |", "|---|---|---|---|---|---|---|"]
+             "| train loss (epoch mean) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         g = "" if r.get("gen_acc") is None else f"{100 * r['gen_acc']:.1f}"
         lines.append(f"| {r['task']} | {r['method']} | {min(r['experts'])}-{max(r['experts'])} "
