@@ -12,10 +12,12 @@ Prints a table; the last line is
     ratio_to_fwd_bwd=<x> speedup_vs_torch_loop=<y>
 ratio_to_fwd_bwd: warm DataInf scores / warm jitted forward+backward (LoRA gradient)
 over the same n + m examples in the same packed chunks. speedup_vs_torch_loop: the
-torch path's time (gradients + DataInf, model load excluded) / layerif_jax's first,
-cold call (compilation included, model load excluded).
+torch path's time (gradients + DataInf, model load excluded) / layerif_jax's cold
+call (compilation included, model load excluded). With --reps K every figure is the
+minimum over K alternating rounds (this VM's speed drifts by 10-15% over minutes).
 
     python benchmarks/bench_influence.py --quick
+    python benchmarks/bench_influence.py --reps 2 --out results.json
     python benchmarks/bench_influence.py --scaling --bf16 --out results.json
 """
 
@@ -85,6 +87,14 @@ def fwd_bwd_seconds(model, train, val, chunk_size: int, reps: int = 1) -> float:
     return best
 
 
+def clear_compilation_caches():
+    """Forget every compiled program, so that the next layer_scores call compiles again."""
+    from layerif_jax.influence import scores as sc
+    jax.clear_caches()
+    for f in (sc._compiled_packed_fn, sc._compiled_vmap_fn):
+        f.cache_clear()
+
+
 def timed_scores(model, train, val, **kw):
     t = time.perf_counter()
     res = lj.layer_scores(model, train, val, **kw)
@@ -134,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--scaling-sizes", default="100,300,1000", help="n values for --scaling")
     ap.add_argument("--memory-budget", default="8GB",
                     help="layer_scores' budget for keeping per-example gradients")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="rounds of (cold, warm, fwd+bwd, torch); figures are the minima")
     ap.add_argument("--out", help="write all figures as JSON")
     args = ap.parse_args(argv)
     n, m = (40, 10) if args.quick else (args.n_train, args.n_val)
@@ -154,9 +166,24 @@ def main(argv=None):
     train, val = records(args.train, n), records(args.val, m)
     kw = dict(chunk_size=args.chunk_size, mesh=None, memory_budget=args.memory_budget)
 
-    res, cold = timed_scores(model, train, val, **kw)
-    _, warm = timed_scores(model, train, val, **kw)
-    fb = fwd_bwd_seconds(model, train, val, args.chunk_size)
+    # --reps K: K rounds of [cold call, warm call, fwd+bwd, torch path], each figure the
+    # minimum over the rounds. Alternating the sides inside each round keeps a slow
+    # stretch of this shared machine from landing on one side only; every round's cold
+    # call starts from empty compilation caches, so compilation is always included.
+    colds, warms, fbs, torch_runs = [], [], [], []
+    for r in range(args.reps):
+        clear_compilation_caches()
+        res, cold = timed_scores(model, train, val, **kw)
+        _, warm = timed_scores(model, train, val, **kw)
+        colds.append(cold)
+        warms.append(warm)
+        fbs.append(fwd_bwd_seconds(model, train, val, args.chunk_size))
+        if not args.no_torch:
+            torch_runs.append(run_torch(args, model_path, adapter_dir, n, m))
+        print(f"round {r + 1}/{args.reps}: cold {cold:.1f} s, warm {warm:.1f} s, fwd+bwd "
+              f"{fbs[-1]:.1f} s" + (f", torch {torch_runs[-1]['timings']['total_seconds']:.1f} s"
+                                    if torch_runs and torch_runs[-1] else ""), flush=True)
+    cold, warm, fb = min(colds), min(warms), min(fbs)
     out = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cpus", "jax": jax.__version__, "backend": jax.default_backend(),
@@ -164,6 +191,7 @@ def main(argv=None):
         "max_len": args.max_len, "tokens": int(sum(len(e.ids) for e in train + val)),
         "load_seconds": load_s, "scores_cold_seconds": cold, "scores_warm_seconds": warm,
         "fwd_bwd_seconds": fb, "ratio_to_fwd_bwd": warm / fb, "meta": res.meta,
+        "reps": args.reps, "cold_runs": colds, "warm_runs": warms, "fwd_bwd_runs": fbs,
         "layer_scores": res.layer_scores.tolist(),
     }
     if args.bf16:
@@ -182,11 +210,13 @@ def main(argv=None):
             print(f"scaling n={k}: {s:.1f} s ({s / (k + m):.3f} s per example, gradients "
                   f"{'kept' if r.gradients_kept else 'recomputed'})", flush=True)
     out["peak_rss_gb"] = peak_rss_gb()
-    if not args.no_torch:
-        tr = run_torch(args, model_path, adapter_dir, n, m)
+    torch_runs = [t for t in torch_runs if t]
+    if torch_runs:
+        tr = min(torch_runs, key=lambda t: t["timings"]["total_seconds"])
         if tr:
             torch_s = tr["timings"]["total_seconds"]
             out |= {"torch_seconds": torch_s, "torch_timings": tr["timings"],
+                    "torch_runs": [t["timings"]["total_seconds"] for t in torch_runs],
                     "torch_peak_rss_gb": tr.get("peak_rss_gb", float("nan")),
                     "speedup_vs_torch_loop": torch_s / cold,
                     "speedup_vs_torch_loop_warm": torch_s / warm,
