@@ -14,14 +14,11 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 import layerif_jax as lj
-from bench_influence import random_lora
+from bench_influence import fwd_bwd_fn, random_lora
 from layerif_jax.influence.scores import _Runner
 from layerif_jax.io import default_model_path, shared_data_dir
-from layerif_jax.loss import example_losses
 
 
 def main(argv=None):
@@ -41,15 +38,7 @@ def main(argv=None):
                 bucket_multiple=32, row_len=None)
     r.plan([train])
     chunks = r.chunks(train)[:args.chunks]
-    g = r.graphdef
-
-    @jax.jit
-    def fwd_bwd(lora, rest, ids, seg, pos, tgt):
-        def loss(lora):
-            m = nnx.merge(g, lora, rest)
-            logits = m(ids, seg >= 0, positions_BT=pos, segments_BT=seg)
-            return jnp.sum(example_losses(logits, ids, tgt))
-        return jax.grad(loss)(lora)
+    fwd_bwd = fwd_bwd_fn(r.graphdef)
 
     sides = {"per-example grads": lambda: [r.grads(c) for c in chunks],
              "plain fwd+bwd": lambda: [fwd_bwd(r.lora, r.rest, c.ids, c.segments, c.positions,

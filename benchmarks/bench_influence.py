@@ -58,6 +58,22 @@ def random_lora(model, seed: int, std: float = 0.01):
     return model
 
 
+def fwd_bwd_fn(graphdef):
+    """The baseline: one jitted forward+backward of a packed chunk, (lora, rest, ids,
+    segments, positions, targets) -> gradient of the summed example losses w.r.t. LoRA
+    (ordinary unmerged LoRA path)."""
+
+    @jax.jit
+    def grad(lora, rest, ids, seg, pos, tgt):
+        def loss(lora):
+            m = nnx.merge(graphdef, lora, rest)
+            logits = m(ids, seg >= 0, positions_BT=pos, segments_BT=seg)
+            return jnp.sum(example_losses(logits, ids, tgt))
+        return jax.grad(loss)(lora)
+
+    return grad
+
+
 def fwd_bwd_seconds(model, train, val, chunk_size: int, reps: int = 1) -> float:
     """Warm time of ONE jitted forward+backward (gradient of the summed example losses
     w.r.t. LoRA, ordinary unmerged LoRA path) over every packed chunk of train + val."""
@@ -65,16 +81,7 @@ def fwd_bwd_seconds(model, train, val, chunk_size: int, reps: int = 1) -> float:
                      bucket_multiple=32, row_len=None)
     runner.plan([train, val])
     chunks = runner.chunks(train) + runner.chunks(val)
-    g = runner.graphdef
-
-    @jax.jit
-    def grad(lora, rest, ids, seg, pos, tgt):
-        def loss(lora):
-            m = nnx.merge(g, lora, rest)
-            logits = m(ids, seg >= 0, positions_BT=pos, segments_BT=seg)
-            return jnp.sum(example_losses(logits, ids, tgt))
-        return jax.grad(loss)(lora)
-
+    grad = fwd_bwd_fn(runner.graphdef)
     args = lambda c: (runner.lora, runner.rest, c.ids, c.segments, c.positions, c.targets)
     jax.block_until_ready(grad(*args(chunks[0])))
     best = float("inf")
