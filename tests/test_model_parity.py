@@ -187,3 +187,70 @@ def test_folded_linear_value_and_input_gradient():
     gx = jax.grad(lambda x: jnp.sum(dec.folded_linear(x, f32(W), f32(A), f32(B), s,
                                                       jnp.float32) * f32(r)))(f32(x))
     np.testing.assert_allclose(np.asarray(gx), r @ Wf.T, rtol=1e-5, atol=1e-5)
+
+
+def _fd_vjp(f, x, dy, eps=1e-6):
+    """<dy, df/dx . e_k> for every k by central differences in float64 NumPy."""
+    out = np.zeros_like(x)
+    for k in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[k] = eps
+        out[k] = np.sum(dy * (f(x + e) - f(x - e))) / (2 * eps)
+    return out
+
+
+def test_softmax_and_swiglu_custom_vjps_against_finite_differences():
+    rng = np.random.default_rng(1)
+    x, dy = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+    sm = lambda a: np.exp(a - a.max(-1, keepdims=True)) / np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    y, vjp = jax.vjp(dec.softmax_last, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(y), sm(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy, jnp.float32))[0]),
+                               _fd_vjp(sm, x, dy), rtol=1e-4, atol=1e-5)
+
+    g, u = rng.normal(size=(4, 5)) * 2, rng.normal(size=(4, 5))
+    silu = lambda a: a / (1 + np.exp(-a))
+    y, vjp = jax.vjp(dec.swiglu, jnp.asarray(g, jnp.float32), jnp.asarray(u, jnp.float32))
+    np.testing.assert_allclose(np.asarray(y), silu(g) * u, rtol=1e-5, atol=1e-6)
+    dyy = rng.normal(size=(4, 5))
+    dg, du = vjp(jnp.asarray(dyy, jnp.float32))
+    np.testing.assert_allclose(np.asarray(dg), _fd_vjp(lambda a: silu(a) * u, g, dyy),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(du), silu(g) * dyy, rtol=1e-5, atol=1e-6)
+
+
+def test_probed_linears_values_input_gradient_and_per_example_gradients():
+    """One GEMM for the maps sharing x; the probes' cotangents are the per-example LoRA
+    gradients (explicit float64 sums over each example's tokens)."""
+    rng = np.random.default_rng(2)
+    R, T, I, J, r = 2, 6, 5, 2, 3
+    outs, scales = (4, 3), (0.5, 2.0)
+    x = rng.normal(size=(R, T, I))
+    seg = np.array([[0, 0, 0, 1, 1, -1], [0, 0, 1, 1, 1, 1]])
+    oh = (seg[:, None, :] == np.arange(J)[None, :, None]).astype(np.float64)   # [R, J, T]
+    params = [(rng.normal(size=(I, o)), rng.normal(size=(I, r)), rng.normal(size=(r, o)))
+              for o in outs]
+    cot = [rng.normal(size=(R, T, o)) for o in outs]
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    probes = tuple((jnp.zeros((R * J, I, r)), jnp.zeros((R * J, r, o))) for o in outs)
+
+    def loss(x, probes):
+        ys = dec.probed_linears(x, tuple(tuple(f32(a) for a in p) for p in params), probes,
+                                f32(oh), scales, jnp.float32)
+        return sum(jnp.sum(y * f32(c)) for y, c in zip(ys, cot)), ys
+
+    (_, ys), (gx, gp) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(f32(x), probes)
+    folded = [W + s * A @ B for (W, A, B), s in zip(params, scales)]
+    for y, Wf in zip(ys, folded):
+        np.testing.assert_allclose(np.asarray(y), x @ Wf, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gx), sum(c @ Wf.T for c, Wf in zip(cot, folded)),
+                               rtol=1e-5, atol=1e-4)
+    for (W, A, B), s, c, (gA, gB) in zip(params, scales, cot, gp):
+        for rr in range(R):
+            for j in range(J):
+                tok = seg[rr] == j
+                xe, dye = x[rr, tok], c[rr, tok]
+                np.testing.assert_allclose(np.asarray(gA[rr * J + j]), s * xe.T @ (dye @ B.T),
+                                           rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(np.asarray(gB[rr * J + j]), s * (xe @ A).T @ dye,
+                                           rtol=1e-5, atol=1e-4)

@@ -10,12 +10,13 @@ How: a LoRA map y = x W + s (x A) B has, for example e with tokens t in e,
     dL_e/dB = s * sum_{t in e} u_t^T dy_t          u = x A
     dL_e/dA = s * sum_{t in e} x_t^T (dy_t B^T)
 
-so per-example gradients need only the inputs x_t, u_t (recorded in the forward)
-and dy_t = dL/dy_t, obtained as the gradient with respect to a zero "tap" added to
-every LoRA map's output. Examples in a row do not interact, so the gradient of
-the sum of per-example losses gives each token exactly its own example's dy_t.
-The segment sums are one matmul per module against a one-hot [E, tokens] matrix,
-for all layers at once.
+so per-example gradients need only the inputs x_t and dy_t = dL/dy_t. Examples in
+a row do not interact, so the backward of the sum of per-example losses gives each
+token exactly its own example's dy_t. The sums run inside the backward of each
+layer, as the cotangent of zero "probes" that stand for per-example offsets of the
+LoRA factors (`decoder.probed_linears`): x and dy are used while they are in cache
+and never stacked over layers, and the LoRA maps sharing an input (q, k, v; gate,
+up) run as one GEMM with the LoRA folded into the kernel.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from flax import nnx
 
 from ..data import Example
 from ..errors import LayerIFError
-from ..model.decoder import INPUT_OF, rms_norm
-from .core import precision
+from ..model.decoder import rms_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,27 +120,35 @@ def token_nll(model, x_BTD: jax.Array, ids_BT: jax.Array) -> jax.Array:
     return lse - tgt
 
 
-def zero_taps(model, rows: int, row_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
-    """The zero taps {module: [L, R, T, d_out]}: made once and passed in, since a
+def zero_probes(model, rows: int, per_row: int, dtype=jnp.float32) -> dict[str, tuple]:
+    """The zero probes {LoRA module: (pA [L, R*J, I, r], pB [L, R*J, r, O])}, one pair
+    per example position (row, j) of a chunk: made once and passed in, since a
     broadcast of zeros inside the jitted function costs a full write every call."""
-    lin = model.layers.linears()
-    return {name: jnp.zeros((model.cfg.num_layers, rows, row_len, lin[name].kernel.shape[-1]),
-                            dtype) for name in model.layers.lora_settings()}
+    L = model.cfg.num_layers
+    out = {}
+    for name, lin in model.layers.linears().items():
+        if lin.lora_a is None:
+            continue
+        _, d_in, r = lin.lora_a.shape
+        d_out = lin.lora_b.shape[-1]
+        out[name] = (jnp.zeros((L, rows * per_row, d_in, r), dtype),
+                     jnp.zeros((L, rows * per_row, r, d_out), dtype))
+    return out
 
 
 def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None):
-    """(lora, rest, ids, segments, positions, targets, slot_pos, taps)
+    """(lora, rest, ids, segments, positions, targets, slot_pos, probes)
     -> (grads [E, L, ...] like lora, finite_E).
 
-    Pure and jit-able; one forward and one batched backward per chunk. `taps` are
-    zeros from `zero_taps`. The segment sums run per row (one-hot [R, J, T], J
-    examples at most per row), then a gather puts them into the E slots.
+    Pure and jit-able; one forward and one batched backward per chunk. `probes` are
+    zeros from `zero_probes`; their gradient is the per-example LoRA gradient of
+    every example position (row, j), computed inside the backward of each layer
+    (`decoder.probed_linears`), so no [L, tokens, d] cotangent is ever stacked. A
+    gather then puts the R*J positions into the E slots.
     """
 
-    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E, taps):
+    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E, probes):
         model = nnx.merge(graphdef, lora, rest)
-        lin = model.layers.linears()
-        settings = model.layers.lora_settings()
         R, T = ids_RT.shape
         oh_RJT = (seg_RT[:, None, :] == jnp.arange(per_row)[None, :, None]).astype(jnp.float32)
         # position t predicts token t+1: weight it by targets[t+1] / (targets of its example)
@@ -148,37 +156,22 @@ def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None):
         n_tok_RJ = jnp.einsum("rjt,rt->rj", oh_RJT, tgt)
         w_RT = jnp.einsum("rjt,rj->rt", oh_RJT, 1.0 / jnp.maximum(n_tok_RJ, 1.0)) * tgt
 
-        def loss(taps):
-            x, rec = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT,
-                                         segments_BT=seg_RT, dtype=dtype, taps=taps)
-            return jnp.sum(token_nll(model, x, ids_RT) * w_RT), rec
+        def loss(probes):
+            x = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT,
+                                    segments_BT=seg_RT, dtype=dtype, probes=probes,
+                                    probe_onehot=oh_RJT)
+            return jnp.sum(token_nll(model, x, ids_RT) * w_RT)
 
-        dy, rec = jax.grad(loss, has_aux=True)(taps)
+        g = jax.grad(loss)(probes)
 
-        def to_slots(g_LRJ):  # [L, R, J, ...] -> [E, L, ...] (empty slots: zeros)
-            flat = g_LRJ.reshape(g_LRJ.shape[0], R * per_row, *g_LRJ.shape[3:])
-            flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], 1)
-            return jnp.moveaxis(jnp.take(flat, slot_pos_E, axis=1), 1, 0)
-
-        grads = {}
-        for name, (scale, _) in settings.items():
-            x_in = rec[INPUT_OF[name]].astype(jnp.float32)    # [L, R, T, I]
-            A_LIK = lin[name].lora_a[...].astype(jnp.float32)
-            B_LKO = lin[name].lora_b[...].astype(jnp.float32)
-            d_y = dy[name].astype(jnp.float32)                 # [L, R, T, O]
-            u = jnp.einsum("lrti,lik->lrtk", x_in, A_LIK, precision=precision())
-            d_u = scale * jnp.einsum("lrto,lko->lrtk", d_y, B_LKO, precision=precision())
-            # per example: sum over its tokens of x^T d_u and u^T d_y (masks on the skinny side)
-            gA = jnp.einsum("lrjtk,lrti->lrjik", oh_RJT[None, ..., None] * d_u[:, :, None],
-                            x_in, precision=precision())
-            gB = scale * jnp.einsum("lrjtk,lrto->lrjko", oh_RJT[None, ..., None] * u[:, :, None],
-                                    d_y, precision=precision())
-            grads[name] = (to_slots(gA), to_slots(gB))
+        def to_slots(g_LP):  # [L, R*J, ...] -> [E, L, ...] (empty slots: zeros)
+            g_LP = jnp.concatenate([g_LP, jnp.zeros_like(g_LP[:, :1])], 1)
+            return jnp.moveaxis(jnp.take(g_LP, slot_pos_E, axis=1), 1, 0)
 
         def pick(path, leaf):
             keys = [str(getattr(k, "key", k)) for k in path]
-            name = next(k for k in keys if k in grads)
-            return grads[name][0 if "lora_a" in keys else 1]
+            name = next(k for k in keys if k in g)
+            return to_slots(g[name][0 if "lora_a" in keys else 1]).astype(leaf.dtype)
 
         out = jax.tree_util.tree_map_with_path(pick, lora)
         leaves = jax.tree.leaves(out)

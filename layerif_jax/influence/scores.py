@@ -137,11 +137,11 @@ class _Runner:
         self.slots = self.slots_local * self.ndev
         self.fn = _compiled_packed_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
                                       self.mesh)
-        self.taps = packed.zero_taps(nnx.merge(self.graphdef, self.lora, self.rest),
-                                     self.rows * self.ndev, self.row_len_,
-                                     self.dtype or jnp.float32)
+        self.probes = packed.zero_probes(nnx.merge(self.graphdef, self.lora, self.rest),
+                                         self.rows * self.ndev, self.per_row)
         if self.mesh is not None:
-            self.taps = jax.device_put(self.taps, NamedSharding(self.mesh, P(None, self.mesh.axis_names[0])))
+            self.probes = jax.device_put(
+                self.probes, NamedSharding(self.mesh, P(None, self.mesh.axis_names[0])))
 
     def chunks(self, examples: Sequence[Example]) -> list:
         if self.engine == "vmap":
@@ -163,7 +163,7 @@ class _Runner:
             arrs = tuple(jax.device_put(a, self._shard) for a in arrs)
         if self.engine == "vmap":
             return self.fn(self.lora, self.rest, *arrs)
-        return self.fn(self.lora, self.rest, *arrs, self.taps)
+        return self.fn(self.lora, self.rest, *arrs, self.probes)
 
 
 ENGINES = ("packed", "vmap")

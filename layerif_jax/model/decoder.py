@@ -17,6 +17,7 @@ from the frozen base.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -97,6 +98,63 @@ def _folded_bwd(scale, dtype, res, dy):
 
 
 folded_linear.defvjp(_folded_fwd, _folded_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def probed_linears(x, params, probes, onehot_RJT, scales: tuple, dtype) -> tuple:
+    """The LoRA maps that share the input x [R, T, I] (q, k, v or gate, up), as ONE
+    GEMM against the concatenated folded kernels [W_m + s_m A_m B_m]: a tuple of y_m.
+
+    params: ((W, A, B), ...) per map; probes: ((pA [R*J, I, r], pB [R*J, r, O]), ...),
+    ZEROS. The probes stand for per-example offsets of each map's LoRA factors
+    (A + pA_e, B + pB_e for the tokens of example e = (row, j); onehot_RJT says
+    which tokens those are), so the gradient with respect to them at zero is the
+    per-example LoRA gradient, and the backward computes it right there, per layer,
+    from x and dy = dL/dy:
+
+        dL_e/dB = s * sum_{t in e} (x_t A)^T dy_t,    dL_e/dA = s * sum_{t in e} x_t^T (dy_t B^T)
+
+    The forward ignores the probes' values (it is only differentiated at zero), and
+    the cotangents of W, A and B are zeros: the path is differentiable with respect
+    to x and the probes only. Saved for the backward: x and the parameter slices
+    (which the layer scan forwards without a copy), never dy or a folded matrix.
+    """
+    return _probed_fwd(x, params, probes, onehot_RJT, scales, dtype)[0]
+
+
+def _folded_cat(params, scales, dtype):
+    return jnp.concatenate([_fold(k, a, b, s, dtype) for (k, a, b), s in zip(params, scales)], 1)
+
+
+def _probed_fwd(x, params, probes, onehot_RJT, scales, dtype):
+    y = mm(x, _folded_cat(params, scales, dtype))
+    sizes = [k.shape[-1] for k, _, _ in params]
+    ys = tuple(jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1))
+    return ys, (x, params, onehot_RJT)
+
+
+def _probed_bwd(scales, dtype, res, dys):
+    x, params, oh = res
+    dx = mm(jnp.concatenate([dy.astype(dtype) for dy in dys], -1),
+            _folded_cat(params, scales, dtype).T)
+    from ..influence.core import precision  # full float32 sums on GPU/TPU too
+    prec = precision()
+    R, J, T = oh.shape
+    xf = x.astype(jnp.float32)
+    g_probes = []
+    for (_, a, b), s, dy in zip(params, scales, dys):
+        dyf = dy.astype(jnp.float32)
+        u = jnp.einsum("rti,ik->rtk", xf, a.astype(jnp.float32), precision=prec)
+        du = s * jnp.einsum("rto,ko->rtk", dyf, b.astype(jnp.float32), precision=prec)
+        # masks on the skinny (rank-r) side, then one contraction over the row's tokens
+        gA = jnp.einsum("rjtk,rti->rjik", oh[..., None] * du[:, None], xf, precision=prec)
+        gB = s * jnp.einsum("rjtk,rto->rjko", oh[..., None] * u[:, None], dyf, precision=prec)
+        g_probes.append((gA.reshape(R * J, *gA.shape[2:]), gB.reshape(R * J, *gB.shape[2:])))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return dx, zeros, tuple(g_probes), jnp.zeros_like(oh)
+
+
+probed_linears.defvjp(_probed_fwd, _probed_bwd)
 
 
 def linear_apply(p: dict[str, jax.Array], x: jax.Array, *, scale: float, dropout: float,
@@ -187,6 +245,38 @@ def attention_bias(mask_BT: jax.Array, pos_BT: jax.Array, window: int | None,
     return jnp.where(ok, 0.0, NEG_INF)[:, None, None, :, :].astype(jnp.float32)
 
 
+@jax.custom_vjp
+def softmax_last(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis whose backward keeps ONE residual, its output y:
+    dx = y * (dy - sum(y * dy)). (Autodiff of jax.nn.softmax also keeps exp(x - max),
+    an extra [B*K, G*T, T] array per layer that the layer scan stacks.)"""
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+    y = jax.nn.softmax(x, axis=-1)
+    return y, y
+
+
+def _softmax_bwd(y, dy):
+    return (y * (dy - jnp.sum(y * dy, axis=-1, keepdims=True)),)
+
+
+softmax_last.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def expand_bias(bias, K: int, G: int) -> jax.Array:
+    """[B, 1, 1, T, T] -> the [B*K, G*T, T] layout of `attention` (no-op if already there).
+
+    Expand once, outside the layer scan: expanded inside, the broadcast is a per-layer
+    value that autodiff saves as a residual, stacked over the layers.
+    """
+    if bias.ndim == 3:
+        return bias
+    B, T = bias.shape[0], bias.shape[-1]
+    return jnp.broadcast_to(bias, (B, K, G, T, T)).reshape(B * K, G * T, T)
+
+
 def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype) -> jax.Array:
     """Grouped-query attention -> [B, T, H*D]. Softmax in float32.
 
@@ -202,8 +292,8 @@ def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype) -> jax.Array:
     s = jnp.matmul(q, k, preferred_element_type=jnp.float32)
     # the softmax runs in the matmul's layout, so that under autodiff its output is ONE
     # residual (shared by the softmax and the w @ v backward), not two copies
-    bias = jnp.broadcast_to(bias, (B, K, G, T, T)).reshape(B * K, G * T, T)
-    w = jax.nn.softmax(s * (1.0 / math.sqrt(D)) + bias, axis=-1).astype(dtype)
+    bias = expand_bias(bias, K, G)
+    w = softmax_last(s * (1.0 / math.sqrt(D)) + bias).astype(dtype)
     o = jnp.matmul(w, v).reshape(B, K, G, T, D)
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
@@ -214,18 +304,61 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=(name == "gelu_pytorch_tanh"))
 
 
+@jax.custom_vjp
+def swiglu(g: jax.Array, u: jax.Array) -> jax.Array:
+    """silu(g) * u, whose backward keeps only g and u (autodiff keeps four more
+    [tokens, d_ff] arrays: sigmoid(g), its derivative, products), recomputing the rest."""
+    return jax.nn.silu(g) * u
+
+
+def _swiglu_fwd(g, u):
+    return swiglu(g, u), (g, u)
+
+
+def _swiglu_bwd(res, dy):
+    g, u = res
+    sig = jax.nn.sigmoid(g)
+    silu = g * sig
+    return dy * u * (sig * (1 + g * (1 - sig))), dy * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def glu(name: str, g: jax.Array, u: jax.Array) -> jax.Array:
+    """activation(g) * u: the gated MLP's product."""
+    return swiglu(g, u) if name == "silu" else activation(name, g) * u
+
+
 def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
                 *, lora: dict[str, tuple[float, float]], key: jax.Array | None, dtype,
-                taps: dict[str, jax.Array] | None = None):
+                taps: dict[str, jax.Array] | None = None,
+                probes: dict[str, tuple[jax.Array, jax.Array]] | None = None,
+                probe_onehot: jax.Array | None = None):
     """One decoder block. `p` holds this layer's slice of every stacked parameter.
 
     With `taps` ({module: zeros [B, T, d_out]}) it returns (x, {input: x_in}), the
     inputs of the linear maps keyed by INPUT_OF (q, k and v share one input).
+    With `probes` ({LoRA module: zero (pA, pB)}, see `probed_linears`) the LoRA maps
+    that share an input run as one folded GEMM whose backward yields per-example
+    LoRA gradients as the probes' cotangents.
     """
     keys = dict(zip(LINEARS, jax.random.split(key, len(LINEARS)))) if key is not None else {}
     recorded = {}
+    groups: dict[str, dict[str, jax.Array]] = {}
 
     def lin(name, h):
+        if probes is not None and name in probes:
+            group = INPUT_OF[name]
+            if group not in groups:  # q asks first: compute q, k and v together
+                members = [n for n in LINEARS if INPUT_OF[n] == group and n in probes]
+                ys = probed_linears(
+                    h, tuple((p[n]["kernel"], p[n]["lora_a"], p[n]["lora_b"]) for n in members),
+                    tuple(probes[n] for n in members), probe_onehot,
+                    tuple(lora[n][0] for n in members), dtype)
+                groups[group] = dict(zip(members, ys))
+            y = groups[group][name]
+            return y + p[name]["bias"].astype(y.dtype) if "bias" in p[name] else y
         scale, drop = lora.get(name, (0.0, 0.0))
         tap = None if taps is None else taps.get(name)
         out = linear_apply(p[name], h, scale=scale, dropout=drop, key=keys.get(name),
@@ -251,7 +384,7 @@ def block_body(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_
     o = attention(q, k, v, bias, dtype)
     x_BTD = x_BTD + lin("o_proj", o)
     h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
-    m = activation(cfg.hidden_act, lin("gate_proj", h)) * lin("up_proj", h)
+    m = glu(cfg.hidden_act, lin("gate_proj", h), lin("up_proj", h))
     return x_BTD + lin("down_proj", m)
 
 
@@ -316,7 +449,7 @@ class Decoder(nnx.Module):
         return out.reshape(B, T, -1)
 
     def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
-                      dropout_key=None, dtype=None, taps=None):
+                      dropout_key=None, dtype=None, taps=None, probes=None, probe_onehot=None):
         """Final hidden states (before the last norm).
 
         segments_BT: packed rows (attention stays inside a segment; pass positions
@@ -324,13 +457,18 @@ class Decoder(nnx.Module):
         is folded into the kernels and the result is (x, {input: x_in [L, B, T, d_in]})
         with inputs keyed by INPUT_OF. That path is differentiable with respect to the
         taps (and activations) only, not the weights (see `folded_linear`).
+        probes: {LoRA module: zero (pA [L, R*J, I, r], pB [L, R*J, r, O])} with
+        probe_onehot [R, J, T] (token t of row r belongs to example j of the row): the
+        gradient with respect to the probes is the per-example LoRA gradient (see
+        `probed_linears`); differentiable with respect to the probes only.
         """
         cfg = self.cfg
         dtype = dtype or self.dtype
         B, T = ids_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
-        bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT)
+        bias = expand_bias(attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT),
+                           cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads)
         inv_freq = rope_inv_freq(cfg)
         lora = self.layers.lora_settings()
         stacked = self.layers.layer_arrays()
@@ -338,12 +476,12 @@ class Decoder(nnx.Module):
                 else None)
 
         def body(x, xs):
-            p, key, tap = xs
+            p, key, tap, probe = xs
             out = block_apply(cfg, p, x, bias, pos_BT, inv_freq, lora=lora, key=key,
-                              dtype=dtype, taps=tap)
+                              dtype=dtype, taps=tap, probes=probe, probe_onehot=probe_onehot)
             return (out, None) if tap is None else out
 
-        x, recorded = jax.lax.scan(body, self.embed(ids_BT, dtype), (stacked, keys, taps))
+        x, recorded = jax.lax.scan(body, self.embed(ids_BT, dtype), (stacked, keys, taps, probes))
         return x if taps is None else (x, recorded)
 
     def __call__(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
