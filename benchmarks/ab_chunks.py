@@ -35,14 +35,13 @@ def main(argv=None):
     recs = lj.load_records(shared_data_dir() / "layerif-tasks" / "glue_mrpc_train.json", args.n)
     train = lj.tokenize(tok, recs, max_len=args.max_len)
     r = _Runner(model, dtype=None, mesh=None, engine="packed", chunk_size=8,
-                bucket_multiple=32, row_len=None)
+                bucket_multiple=32, row_len=None, chunks_per_call=1)
     r.plan([train])
-    chunks = r.chunks(train)[:args.chunks]
+    chunks = r.chunks(train)[:args.chunks]   # groups of one chunk
     fwd_bwd = fwd_bwd_fn(r.graphdef)
 
     sides = {"per-example grads": lambda: [r.grads(c) for c in chunks],
-             "plain fwd+bwd": lambda: [fwd_bwd(r.lora, r.rest, c.ids, c.segments, c.positions,
-                                               c.targets) for c in chunks]}
+             "plain fwd+bwd": lambda: [fwd_bwd(r.lora, r.rest, *c.arrays[:4]) for c in chunks]}
     for f in sides.values():  # compile
         jax.block_until_ready(f())
     times = {k: [] for k in sides}
@@ -54,7 +53,7 @@ def main(argv=None):
     for k, v in times.items():
         print(f"{k:18s} s per chunk: " + " ".join(f"{x:.2f}" for x in v))
     a, b = (min(v) for v in times.values())
-    print(f"chunk shape {chunks[0].ids.shape}, {len(chunks)} chunks; ratio of minima {a / b:.3f}")
+    print(f"chunk shape {chunks[0].chunk_shape}, {len(chunks)} chunks; ratio of minima {a / b:.3f}")
 
 
 if __name__ == "__main__":

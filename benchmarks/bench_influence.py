@@ -59,35 +59,43 @@ def random_lora(model, seed: int, std: float = 0.01):
 
 
 def fwd_bwd_fn(graphdef):
-    """The baseline: one jitted forward+backward of a packed chunk, (lora, rest, ids,
-    segments, positions, targets) -> gradient of the summed example losses w.r.t. LoRA
-    (ordinary unmerged LoRA path)."""
+    """The baseline: one jitted forward+backward per packed chunk, run over a group of k
+    chunks in one call exactly like layer_scores runs them (lax.map), (lora, rest, ids,
+    segments, positions, targets, each [k, ...]) -> gradient of the summed example
+    losses w.r.t. LoRA (ordinary unmerged LoRA path)."""
 
-    @jax.jit
-    def grad(lora, rest, ids, seg, pos, tgt):
+    def one(lora, rest, ids, seg, pos, tgt):
         def loss(lora):
             m = nnx.merge(graphdef, lora, rest)
             logits = m(ids, seg >= 0, positions_BT=pos, segments_BT=seg)
             return jnp.sum(example_losses(logits, ids, tgt))
         return jax.grad(loss)(lora)
 
+    @jax.jit
+    def grad(lora, rest, ids, seg, pos, tgt):
+        gs = jax.lax.map(lambda a: one(lora, rest, *a), (ids, seg, pos, tgt))
+        return jax.tree.map(lambda g: g.sum(0), gs)
+
     return grad
 
 
-def fwd_bwd_seconds(model, train, val, chunk_size: int, reps: int = 1) -> float:
+def fwd_bwd_seconds(model, train, val, chunk_size: int, reps: int = 1,
+                    chunks_per_call: int = 4) -> float:
     """Warm time of ONE jitted forward+backward (gradient of the summed example losses
-    w.r.t. LoRA, ordinary unmerged LoRA path) over every packed chunk of train + val."""
+    w.r.t. LoRA, ordinary unmerged LoRA path) over every packed chunk of train + val,
+    grouped into calls as layer_scores groups them."""
     runner = _Runner(model, dtype=None, mesh=None, engine="packed", chunk_size=chunk_size,
-                     bucket_multiple=32, row_len=None)
+                     bucket_multiple=32, row_len=None, chunks_per_call=chunks_per_call)
     runner.plan([train, val])
-    chunks = runner.chunks(train) + runner.chunks(val)
+    groups = runner.chunks(train) + runner.chunks(val)
     grad = fwd_bwd_fn(runner.graphdef)
-    args = lambda c: (runner.lora, runner.rest, c.ids, c.segments, c.positions, c.targets)
-    jax.block_until_ready(grad(*args(chunks[0])))
+    args = lambda c: (runner.lora, runner.rest, *c.arrays[:4])
+    for shape in {c.num_chunks: c for c in groups}.values():  # compile every group size
+        jax.block_until_ready(grad(*args(shape)))
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        for c in chunks:
+        for c in groups:
             out = grad(*args(c))
         jax.block_until_ready(out)
         best = min(best, time.perf_counter() - t)

@@ -27,9 +27,12 @@ SCRIPT = textwrap.dedent("""
     four = layer_scores(model, train, val, mesh="auto", chunk_size=4, per_val=True)
     four_r = layer_scores(model, train, val, mesh="auto", chunk_size=8, memory_budget=1)
     assert four.meta["devices"] == 4 and one.meta["devices"] == 1
+    four_g = layer_scores(model, train, val, mesh="auto", chunk_size=1, row_len=17,
+                          chunks_per_call=3, per_val=True)
+    assert four_g.meta["calls"] < four_g.meta["chunks"], four_g.meta
     rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
     print("REL", rel(four.per_example, one.per_example), rel(four.per_val_layers, one.per_val_layers),
-          rel(four_r.per_example, one.per_example))
+          rel(four_r.per_example, one.per_example), rel(four_g.per_val_layers, one.per_val_layers))
 """)
 
 

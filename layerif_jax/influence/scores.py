@@ -109,9 +109,12 @@ class _Runner:
     """
 
     def __init__(self, model, *, dtype, mesh: Mesh | None, engine: str, chunk_size: int,
-                 bucket_multiple: int, row_len: int | None):
+                 bucket_multiple: int, row_len: int | None, chunks_per_call: int = 1):
         if engine not in ENGINES:
             raise LayerIFError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+        if chunks_per_call < 1:
+            raise LayerIFError(f"chunks per call must be >= 1, got {chunks_per_call}")
+        self.chunks_per_call = chunks_per_call
         graphdef, self.lora, self.rest = nnx.split(model, nnx.LoRAParam, ...)
         self.graphdef, self.dtype, self.mesh, self.engine = graphdef, dtype, mesh, engine
         self.ndev = 1 if mesh is None else mesh.devices.size
@@ -121,6 +124,7 @@ class _Runner:
             self.lora = jax.device_put(self.lora, rep)
             self.rest = jax.device_put(self.rest, rep)
             self._shard = NamedSharding(mesh, P(mesh.axis_names[0]))
+            self._group_shard = NamedSharding(mesh, P(None, mesh.axis_names[0]))
         self.fn = None
 
     def plan(self, examples_sets: Sequence[Sequence[Example]]):
@@ -147,6 +151,12 @@ class _Runner:
         if self.engine == "vmap":
             return list(bucketed_batches(examples, self.slots, multiple=self.bucket_multiple,
                                          max_len=self.max_len))
+        chunks = self.packed_chunks(examples)
+        k = self.chunks_per_call
+        return [_Group.of(chunks[i:i + k], self.ndev) for i in range(0, len(chunks), k)]
+
+    def packed_chunks(self, examples: Sequence[Example]) -> list[packed.PackedChunk]:
+        """The packed chunks (each with the rows of every device), before grouping."""
         local = packed.pack_chunks(examples, rows=self.rows, row_len=self.row_len_,
                                    slots=self.slots_local, per_row=self.per_row)
         while len(local) % self.ndev:
@@ -157,16 +167,44 @@ class _Runner:
                 for k in range(0, len(local), self.ndev)]
 
     def grads(self, c):
-        arrs = ((c.ids, c.mask, c.targets) if self.engine == "vmap"
-                else (c.ids, c.segments, c.positions, c.targets, c.slot_pos))
-        if self.mesh is not None:
-            arrs = tuple(jax.device_put(a, self._shard) for a in arrs)
+        """Per-example gradients of a vmap batch or a packed group: (leaves [rows, L, ...]
+        lora-shaped, finite [rows]), rows in the order of `c.index`."""
         if self.engine == "vmap":
+            arrs = (c.ids, c.mask, c.targets)
+            if self.mesh is not None:
+                arrs = tuple(jax.device_put(a, self._shard) for a in arrs)
             return self.fn(self.lora, self.rest, *arrs)
+        arrs = c.arrays
+        if self.mesh is not None:
+            arrs = tuple(jax.device_put(a, self._group_shard) for a in arrs)
         return self.fn(self.lora, self.rest, *arrs, self.probes)
 
 
 ENGINES = ("packed", "vmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """k packed chunks run by ONE call (`lax.map` inside the jit): XLA:CPU maps a fresh
+    temp buffer per call, so one call per chunk pays the page faults k times.
+
+    arrays: (ids, segments, positions, targets, slot_pos), each stacked [k, ...].
+    index: input index of every output row; the call returns, per device, its slots
+    slot-major and chunk-minor (so that the output stays sharded by device).
+    """
+    arrays: tuple
+    index: np.ndarray
+    num_chunks: int
+    chunk_shape: tuple
+
+    @staticmethod
+    def of(chunks: Sequence[packed.PackedChunk], ndev: int) -> "_Group":
+        arrays = tuple(np.stack(x) for x in zip(*[(c.ids, c.segments, c.positions, c.targets,
+                                                   c.slot_pos) for c in chunks]))
+        idx = np.stack([c.index for c in chunks])                       # [k, ndev * E]
+        k, e = idx.shape
+        index = idx.reshape(k, ndev, e // ndev).transpose(1, 2, 0).reshape(-1)
+        return _Group(arrays, index, k, tuple(chunks[0].ids.shape))
 
 
 @functools.lru_cache(maxsize=8)
@@ -177,13 +215,21 @@ def _compiled_vmap_fn(graphdef, dtype):
 
 @functools.lru_cache(maxsize=8)
 def _compiled_packed_fn(graphdef, dtype, slots, per_row, mesh):
+    """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...], probes)
+    -> (grads [E * k, L, ...], finite [E * k])): k chunks in one call, see `_Group`."""
     fn = packed.packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype)
+
+    def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
+        g, fin = jax.lax.map(lambda a: fn(lora, rest, *a, probes), (ids, seg, pos, tgt, slot_pos))
+        slot_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+        return jax.tree.map(slot_major, g), slot_major(fin)
+
     if mesh is not None:  # each device packs and differentiates its own rows and slots
         ax = mesh.axis_names[0]
-        fn = jax.shard_map(fn, mesh=mesh,
-                           in_specs=(P(), P(), P(ax), P(ax), P(ax), P(ax), P(ax), P(None, ax)),
-                           out_specs=(P(ax), P(ax)), check_vma=False)
-    return jax.jit(fn)
+        group_fn = jax.shard_map(
+            group_fn, mesh=mesh, in_specs=(P(), P(), *(P(None, ax),) * 6),
+            out_specs=(P(ax), P(ax)), check_vma=False)
+    return jax.jit(group_fn)
 
 
 _sq_norms = jax.jit(core.sq_norms)
@@ -206,13 +252,17 @@ def _raise_nonfinite(finite_chunks, batches, what):
                            f"{' ...' if len(bad) > 10 else ''} (index in the input order)")
 
 
+def _chunk_shape(b) -> tuple:
+    return b.chunk_shape if isinstance(b, _Group) else tuple(b.ids.shape)
+
+
 def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
                  estimator: str = "datainf", aggregate: str = "+ve", unit: str = "tensor",
                  damping: float | None = None, damping_scale: float = 0.1,
                  per_val: bool = False, chunk_size: int = 8, memory_budget="8GB",
                  dtype=None, mesh="auto", engine: str = "packed", row_len: int | None = None,
                  bucket_multiple: int = 32, skip_zero_units: bool = False,
-                 progress: bool = False) -> LayerScores:
+                 chunks_per_call: int = 4, progress: bool = False) -> LayerScores:
     """Per-example, per-layer influence scores and the LayerIF layer scores S^(l).
 
     model: an NNX Decoder with a (trained) LoRA adapter. train/val: tokenised
@@ -224,6 +274,9 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     engine: "packed" (several examples per row, one backward per chunk of about
     `chunk_size` examples; rows of `row_len` tokens, default twice the longest
     example) or "vmap" (vmap(grad) over length buckets of `bucket_multiple`).
+    chunks_per_call: packed chunks run by one compiled call (fewer fresh temp buffers;
+    the call's outputs, chunks_per_call x the per-example gradients of a chunk, must
+    fit in memory at once).
     """
     t0 = time.perf_counter()
     if aggregate not in AGGREGATES:
@@ -243,7 +296,8 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     budget = parse_bytes(memory_budget)
 
     runner = _Runner(model, dtype=dtype, mesh=mesh, engine=engine, chunk_size=chunk_size,
-                     bucket_multiple=bucket_multiple, row_len=row_len)
+                     bucket_multiple=bucket_multiple, row_len=row_len,
+                     chunks_per_call=chunks_per_call)
     _check_adapter(runner.lora)
     part = make_partition(runner.lora, unit)
     onehot = jnp.asarray(part.onehot())
@@ -252,8 +306,8 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     n, m = len(train), len(val)
     runner.plan([train, val])
     tb, vb = runner.chunks(train), runner.chunks(val)
-    slots = runner.slots
-    n_pad = len(tb) * slots
+    offsets = np.cumsum([0] + [len(b.index) for b in tb])
+    n_pad = int(offsets[-1])
     need = 4 * d_total * n_pad
     keep = budget is None or need <= budget
 
@@ -310,7 +364,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
 
     def chunks():
         for k, b in enumerate(tb):
-            rows = slice(k * slots, (k + 1) * slots)
+            rows = slice(int(offsets[k]), int(offsets[k + 1]))
             yield rows, (kept[k] if keep else jax.tree.leaves(runner.grads(b)[0]))
 
     ctx = Context(part=part, n=n, v=v, sq_u=sq_u, vg_u=vg_u, lam=lam, chunks=chunks, kept=keep)
@@ -347,9 +401,10 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
         per_example=per_example, aggregate=aggregate, estimator=est.name, unit=unit,
         n_train=n, n_val=m, lambdas=np.asarray(lam), unit_names=part.unit_names,
         seconds=seconds, gradients_kept=keep, per_val_layers=per_val_layers,
-        meta={"engine": engine, "chunk_slots": slots, "devices": ndev,
-              "chunk_shapes": sorted({tuple(b.ids.shape) for b in tb + vb}),
-              "chunks": len(tb) + len(vb),
+        meta={"engine": engine, "chunk_slots": runner.slots, "devices": ndev,
+              "chunk_shapes": sorted({_chunk_shape(b) for b in tb + vb}),
+              "chunks": sum(getattr(b, "num_chunks", 1) for b in tb + vb),
+              "calls": len(tb) + len(vb),
               "dtype": str(dtype or model.dtype), "materialised_bytes": need if keep else 0,
               "damping": "adaptive" if damping is None else damping, "damping_scale": damping_scale,
               "phase_seconds": phases})
