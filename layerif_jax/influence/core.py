@@ -15,13 +15,7 @@ from flax import nnx
 
 from ..loss import example_losses
 
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def precision():
-    """Full float32 for the influence sums: HIGHEST on GPU/TPU (no TF32 or bf16 passes);
-    on CPU float32 dots are exact already and HIGHEST only selects a slower kernel."""
-    return None if jax.default_backend() == "cpu" else HIGHEST
+from ..model.decoder import precision  # noqa: F401  (re-exported: the influence sums use it)
 
 
 def per_example_grad_fn(graphdef, dtype=None) -> Callable:

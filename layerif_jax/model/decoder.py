@@ -57,6 +57,12 @@ class StackedLinear(nnx.Module):
         return out
 
 
+def precision():
+    """Full float32 for the influence sums: HIGHEST on GPU/TPU (no TF32 or bf16 passes);
+    on CPU float32 dots are exact already and HIGHEST only selects a slower kernel."""
+    return None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
+
+
 def mm(x: jax.Array, w: jax.Array) -> jax.Array:
     """x[..., I] @ w[I, O] as one 2-D GEMM, accumulated in float32, cast back to x's dtype.
 
@@ -137,7 +143,6 @@ def _probed_bwd(scales, dtype, res, dys):
     x, params, oh = res
     dx = mm(jnp.concatenate([dy.astype(dtype) for dy in dys], -1),
             _folded_cat(params, scales, dtype).T)
-    from ..influence.core import precision  # full float32 sums on GPU/TPU too
     prec = precision()
     R, J, T = oh.shape
     xf = x.astype(jnp.float32)
@@ -265,18 +270,6 @@ def _softmax_bwd(y, dy):
 softmax_last.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def expand_bias(bias, K: int, G: int) -> jax.Array:
-    """[B, 1, 1, T, T] -> the [B*K, G*T, T] layout of `attention` (no-op if already there).
-
-    Expand once, outside the layer scan: expanded inside, the broadcast is a per-layer
-    value that autodiff saves as a residual, stacked over the layers.
-    """
-    if bias.ndim == 3:
-        return bias
-    B, T = bias.shape[0], bias.shape[-1]
-    return jnp.broadcast_to(bias, (B, K, G, T, T)).reshape(B * K, G * T, T)
-
-
 def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype) -> jax.Array:
     """Grouped-query attention -> [B, T, H*D]. Softmax in float32.
 
@@ -292,7 +285,7 @@ def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype) -> jax.Array:
     s = jnp.matmul(q, k, preferred_element_type=jnp.float32)
     # the softmax runs in the matmul's layout, so that under autodiff its output is ONE
     # residual (shared by the softmax and the w @ v backward), not two copies
-    bias = expand_bias(bias, K, G)
+    bias = jnp.broadcast_to(bias, (B, K, G, T, T)).reshape(B * K, G * T, T)
     w = softmax_last(s * (1.0 / math.sqrt(D)) + bias).astype(dtype)
     o = jnp.matmul(w, v).reshape(B, K, G, T, D)
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
@@ -467,8 +460,7 @@ class Decoder(nnx.Module):
         B, T = ids_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
-        bias = expand_bias(attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT),
-                           cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads)
+        bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT)
         inv_freq = rope_inv_freq(cfg)
         lora = self.layers.lora_settings()
         stacked = self.layers.layer_arrays()
