@@ -83,7 +83,8 @@ def _scores(model, tok, a, model_path, out, lora_path):
     val = _examples(tok, a.val, a.n_val, a.max_len, a.mask_prompt)
     res = layer_scores(model, train, val, estimator=a.estimator, aggregate=a.aggregate,
                        unit=a.unit, damping=a.damping, per_val=a.per_val,
-                       chunk_size=a.chunk_size, memory_budget=a.memory_budget,
+                       chunk_size=a.chunk_size, chunks_per_call=a.chunks_per_call,
+                       memory_budget=a.memory_budget,
                        dtype=jnp.bfloat16 if a.bf16 else None, progress=not a.quiet,
                        skip_zero_units=a.skip_zero_units)
     summary = {
@@ -251,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=positive_int, default=128)
     s.add_argument("--mask-prompt", action="store_true")
     s.add_argument("--chunk-size", type=positive_int, default=8)
+    s.add_argument("--chunks-per-call", type=positive_int, default=4,
+                   help="chunks of --chunk-size examples run by one compiled call")
     s.add_argument("--memory-budget", default="8GB",
-                   help="keep per-example gradients when they fit (bytes, e.g. 8GB); else recompute")
+                   help="keep per-example gradients up to this size (bytes, e.g. 8GB); "
+                        "recompute the rest")
     s.add_argument("--bf16", action="store_true", help="bfloat16 forward/backward, float32 sums")
     s.add_argument("--skip-zero-units", action="store_true")
     s.set_defaults(fn=cmd_scores)

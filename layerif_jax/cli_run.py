@@ -176,7 +176,7 @@ def cmd_run(a):
     sc = argparse.Namespace(
         train=a.train, val=a.val, n_train=a.n_train, n_val=a.n_val, max_len=a.max_len,
         mask_prompt=False, estimator="datainf", aggregate="+ve", unit="tensor", damping=None,
-        per_val=False, chunk_size=8, memory_budget="8GB", bf16=False, quiet=a.quiet,
+        per_val=False, chunk_size=8, chunks_per_call=4, memory_budget="8GB", bf16=False, quiet=a.quiet,
         skip_zero_units=False)
     res = _scores(model, tok, sc, path, out / "scores", out / "finetune" / "adapter")
     print(f"layer scores: {out / 'scores' / 'scores.json'} (plot: {out / 'scores' / 'scores.png'})")

@@ -50,9 +50,11 @@ def test_finetune_scores_allocate(tiny_dir, data, tmp_path, capsys):
     assert (ft / "adapter" / "adapter_config.json").is_file()
     sc = tmp_path / "sc"
     code, out, err = run(capsys, "scores", "--model", tiny_dir, "--lora", ft, "--train", data,
-                         "--val", data, "--out", sc, "--n-train", 8, "--n-val", 3, "--per-val")
+                         "--val", data, "--out", sc, "--n-train", 8, "--n-val", 3, "--per-val",
+                         "--chunk-size", 2, "--chunks-per-call", 3)
     assert code == 0, err
     s = json.loads((sc / "scores.json").read_text())
+    assert s["calls"] < s["chunks"], s      # --chunks-per-call grouped the chunks
     for key in ("layer_scores", "aggregate", "estimator", "n_train", "n_val", "seconds", "model", "adapter"):
         assert key in s
     assert s["n_train"] == 8 and s["n_val"] == 3 and len(s["layer_scores"]) == 2

@@ -105,6 +105,24 @@ def test_invariant_to_chunks_budget_and_buckets(setup):
         assert _rel(got.per_example, base.per_example) < 1e-5, kw
 
 
+@pytest.mark.parametrize("engine", ["packed", "vmap"])
+def test_budget_between_none_and_all_keeps_part(setup, engine):
+    model, train, val, tg, vg = setup
+    want, _ = ref.reference_scores(tg, vg, LAYERS)
+    full = layer_scores(model, train, val, mesh=None, chunk_size=2, chunks_per_call=1,
+                        engine=engine)
+    need = full.meta["needed_bytes"]
+    assert full.gradients_kept and full.meta["materialised_bytes"] == need
+    got = layer_scores(model, train, val, mesh=None, chunk_size=2, chunks_per_call=1,
+                       engine=engine, memory_budget=need // 2)
+    assert not got.gradients_kept
+    assert 0 < got.meta["materialised_bytes"] <= need // 2
+    assert 0 < got.meta["kept_examples"] < len(train)
+    assert 0 < got.meta["recomputed_calls"] < got.meta["calls"]
+    assert _rel(got.per_example, want) < 1e-5
+    assert _rel(got.per_example, full.per_example) < 1e-5
+
+
 def test_fixed_damping(setup):
     model, train, val, tg, vg = setup
     want, _ = ref.reference_scores(tg, vg, LAYERS, damping=0.05)

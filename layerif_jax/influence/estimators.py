@@ -31,7 +31,7 @@ class Context:
     vg_u: jax.Array                 # v_m . g_i,b, [n_pad, M, L, U]
     lam: jax.Array                  # damping per unit [L, U]
     chunks: Callable[[], Iterator[tuple[slice, list[jax.Array]]]]  # (rows, grad leaves [B, L, ...])
-    kept: bool                      # gradients are materialised (no recomputation)
+    kept: bool                      # every gradient is materialised (no recomputation)
 
     def leaf_view(self, x_U: jax.Array) -> jax.Array:
         """[..., U] -> [..., K]: each leaf takes its unit's value."""
@@ -70,8 +70,8 @@ class DataInf:
 
     h_b = (1 / (n lambda_b)) (n v_b - sum_i c_i,b g_i,b),
     c_i,b = (v_b . g_i,b) / (lambda_b + ||g_i,b||^2).
-    Needs one weighted gradient sum per unit: one extra pass (or none when the
-    gradients are materialised).
+    Needs one weighted gradient sum per unit: one extra pass over the gradients that
+    were not kept.
     """
     name = "datainf"
 

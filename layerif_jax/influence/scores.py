@@ -6,11 +6,12 @@ over examples):
 1. validation: per-example LoRA gradients, averaged into v (or kept, one v per
    validation example, with `per_val`);
 2. training: per-example gradients -> ||g_i,b||^2 and v . g_i,b per unit; the
-   gradients themselves are kept when n x d fits `memory_budget`;
+   gradients themselves are kept when n x d fits `memory_budget`, and when it does
+   not, as many calls' gradients as fit are kept (`_keep_plan`);
 3. the estimator's preconditioning (DataInf: one weighted gradient sum per unit);
 4. scores h . g_i per unit, summed into layers.
 
-Passes 3 and 4 stream the kept gradients, or recompute them chunk by chunk;
+Passes 3 and 4 stream the kept gradients and recompute the others chunk by chunk;
 results do not depend on which (beyond float rounding), nor on the chunk size.
 Examples are sorted by length and padded per bucket, so the number of compiled
 shapes is the number of buckets.
@@ -50,7 +51,7 @@ class LayerScores:
     lambdas: np.ndarray                 # [L, U]
     unit_names: tuple[str, ...]
     seconds: float
-    gradients_kept: bool
+    gradients_kept: bool                # every training gradient kept (meta: kept_examples)
     per_val_layers: np.ndarray | None = None   # [n, m, L]
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -252,6 +253,26 @@ def _raise_nonfinite(finite_chunks, batches, what):
                            f"{' ...' if len(bad) > 10 else ''} (index in the input order)")
 
 
+def _keep_plan(calls, bytes_per_row: int, budget: int | None) -> np.ndarray:
+    """Which training calls keep their gradients under `budget` (bytes).
+
+    All of them when n x d fits. Otherwise a greedy knapsack: calls with the most
+    token slots per kept byte first (a recomputation costs the call's tokens, keeping
+    costs its rows), each taken while it still fits. So a budget a little below
+    n x d costs a few recomputed calls, not two more passes over the training set.
+    """
+    rows = np.array([len(b.index) for b in calls])
+    if budget is None or bytes_per_row * rows.sum() <= budget:
+        return np.ones(len(calls), bool)
+    tokens = np.array([getattr(b, "num_chunks", 1) * int(np.prod(_chunk_shape(b)))
+                       for b in calls], float)
+    keep, used = np.zeros(len(calls), bool), 0
+    for k in np.argsort(-tokens / rows, kind="stable"):
+        if used + bytes_per_row * rows[k] <= budget:
+            keep[k], used = True, used + bytes_per_row * rows[k]
+    return keep
+
+
 def _chunk_shape(b) -> tuple:
     return b.chunk_shape if isinstance(b, _Group) else tuple(b.ids.shape)
 
@@ -309,7 +330,8 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     offsets = np.cumsum([0] + [len(b.index) for b in tb])
     n_pad = int(offsets[-1])
     need = 4 * d_total * n_pad
-    keep = budget is None or need <= budget
+    keep_call = _keep_plan(tb, 4 * d_total, budget)
+    keep = bool(keep_call.all())
 
     phases = {}
     tick = time.perf_counter()
@@ -345,8 +367,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
         sq.append(_sq_norms(leaves))
         vg.append(_dots(leaves, v))
         t_fin.append(fin)
-        if keep:
-            kept.append(leaves)
+        kept.append(leaves if keep_call[len(kept)] else None)
     _raise_nonfinite(t_fin, tb, "training")
     sq_u = core.to_units(jnp.concatenate(sq), onehot)          # [n_pad, L, U]
     vg_u = core.to_units(jnp.concatenate(vg), onehot)          # [n_pad, M, L, U]
@@ -365,7 +386,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     def chunks():
         for k, b in enumerate(tb):
             rows = slice(int(offsets[k]), int(offsets[k + 1]))
-            yield rows, (kept[k] if keep else jax.tree.leaves(runner.grads(b)[0]))
+            yield rows, (kept[k] if kept[k] is not None else jax.tree.leaves(runner.grads(b)[0]))
 
     ctx = Context(part=part, n=n, v=v, sq_u=sq_u, vg_u=vg_u, lam=lam, chunks=chunks, kept=keep)
 
@@ -405,6 +426,10 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
               "chunk_shapes": sorted({_chunk_shape(b) for b in tb + vb}),
               "chunks": sum(getattr(b, "num_chunks", 1) for b in tb + vb),
               "calls": len(tb) + len(vb),
-              "dtype": str(dtype or model.dtype), "materialised_bytes": need if keep else 0,
+              "dtype": str(dtype or model.dtype),
+              "materialised_bytes": int(4 * d_total * np.diff(offsets)[keep_call].sum()),
+              "needed_bytes": need,
+              "kept_examples": int(sum((b.index >= 0).sum() for b, k in zip(tb, keep_call) if k)),
+              "recomputed_calls": int((~keep_call).sum()),
               "damping": "adaptive" if damping is None else damping, "damping_scale": damping_scale,
               "phase_seconds": phases})
