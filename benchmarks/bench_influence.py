@@ -221,9 +221,12 @@ def main(argv=None):
             timed_scores(model, tr[:8], val, **kw)  # same shapes: warm
             r, s = timed_scores(model, tr, val, **kw)
             out["scaling"][k] = {"seconds": s, "gradients_kept": r.gradients_kept,
-                                 "phase_seconds": r.meta["phase_seconds"]}
-            print(f"scaling n={k}: {s:.1f} s ({s / (k + m):.3f} s per example, gradients "
-                  f"{'kept' if r.gradients_kept else 'recomputed'})", flush=True)
+                                 **{x: r.meta[x] for x in ("kept_examples", "needed_bytes",
+                                                           "recomputed_calls", "calls",
+                                                           "phase_seconds")}}
+            print(f"scaling n={k}: {s:.1f} s ({s / (k + m):.3f} s per example, gradients of "
+                  f"{r.meta['kept_examples']}/{k} examples kept, "
+                  f"{r.meta['recomputed_calls']}/{r.meta['calls']} calls recomputed)", flush=True)
     out["peak_rss_gb"] = peak_rss_gb()
     torch_runs = [t for t in torch_runs if t]
     if torch_runs:
