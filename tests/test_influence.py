@@ -174,9 +174,11 @@ def test_bad_arguments(setup):
     model, train, val, _, _ = setup
     for kw, msg in [(dict(estimator="lissa2"), "unknown estimator"), (dict(aggregate="top10"), "unknown aggregate"),
                     (dict(unit="row"), "unknown unit"), (dict(damping=-1.0), "damping"),
-                    (dict(memory_budget="lots"), "memory budget")]:
+                    (dict(memory_budget="lots"), "memory budget"),
+                    (dict(mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
+                                                 ("data", "model"))), "1-D mesh")]:
         with pytest.raises(LayerIFError, match=msg):
-            layer_scores(model, train, val, mesh=None, **kw)
+            layer_scores(model, train, val, **{"mesh": None, **kw})
 
 
 def test_bfloat16_compute_follows_float32(setup):

@@ -1,11 +1,13 @@
-"""Data-parallel influence over a 4-device CPU mesh equals the single-device result."""
+"""Data-parallel influence over a 4-device CPU mesh equals the single-device result:
+one process with 4 devices, and two processes (multi-host, gloo collectives) with 2 each."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
+BUILD = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp
     from flax import nnx
     from layerif_jax.data import Example
@@ -23,6 +25,10 @@ SCRIPT = textwrap.dedent("""
     ex = lambda k: [Example(rng.integers(0, 53, t).astype(np.int32), np.arange(t) >= 1)
                     for t in rng.integers(4, 17, k)]
     train, val = ex(11), ex(6)
+    rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+""")
+
+SCRIPT = BUILD + textwrap.dedent("""
     one = layer_scores(model, train, val, mesh=None, chunk_size=4, per_val=True)
     four = layer_scores(model, train, val, mesh="auto", chunk_size=4, per_val=True)
     four_r = layer_scores(model, train, val, mesh="auto", chunk_size=8, memory_budget=1)
@@ -30,17 +36,66 @@ SCRIPT = textwrap.dedent("""
     four_g = layer_scores(model, train, val, mesh="auto", chunk_size=1, row_len=17,
                           chunks_per_call=3, per_val=True)
     assert four_g.meta["calls"] < four_g.meta["chunks"], four_g.meta
-    rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
     print("REL", rel(four.per_example, one.per_example), rel(four.per_val_layers, one.per_val_layers),
           rel(four_r.per_example, one.per_example), rel(four_g.per_val_layers, one.per_val_layers))
 """)
 
+# every process runs this with the same model and examples; each gets the whole result
+MULTIHOST = textwrap.dedent("""
+    import sys, jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2,
+                               process_id=int(sys.argv[1]))
+    assert jax.process_count() == 2 and jax.local_device_count() == 2
+""") + BUILD + textwrap.dedent("""
+    one = layer_scores(model, train, val, mesh=None, chunk_size=4, per_val=True)
+    two = layer_scores(model, train, val, mesh="auto", chunk_size=4, per_val=True)
+    assert two.meta["devices"] == 4
+    kw = dict(mesh="auto", chunk_size=1, row_len=17, chunks_per_call=1)   # several calls
+    need = layer_scores(model, train, val, **kw).meta["needed_bytes"]
+    part = layer_scores(model, train, val, memory_budget=need // 2, **kw)
+    assert 0 < part.meta["kept_examples"] < len(train), part.meta
+    vm = layer_scores(model, train, val, mesh="auto", engine="vmap", chunk_size=4)
+    ex_one = layer_scores(model, train, val, mesh=None, estimator="exact")
+    ex_two = layer_scores(model, train, val, mesh="auto", estimator="exact", chunk_size=4)
+    print("REL", rel(two.per_example, one.per_example), rel(two.per_val_layers, one.per_val_layers),
+          rel(part.per_example, one.per_example), rel(vm.per_example, one.per_example),
+          rel(ex_two.per_example, ex_one.per_example))
+""")
+
+
+def _env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu")
+
+
+def _rels(stdout):
+    return [float(x) for x in stdout.split("REL")[1].split()]
+
 
 def test_four_host_devices_match_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=_env(4), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    rels = [float(x) for x in out.stdout.split("REL")[1].split()]
+    rels = _rels(out.stdout)
     assert all(r < 1e-5 for r in rels), rels
+
+
+def test_two_processes_match_one_device():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST, str(i), str(port)], env=_env(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=600))
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+        rels = _rels(stdout)
+        assert len(rels) == 5 and all(r < 1e-5 for r in rels), rels

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import LayerIFError
 from . import core
+from .distributed import to_host
 from .partition import Partition
 
 
@@ -95,10 +96,10 @@ class Exact:
         part, n = ctx.part, ctx.n
         leaves = None
         for rows, g in ctx.chunks():
-            host = [np.asarray(x, np.float64) for x in g]
+            host = [to_host(x, np.float64) for x in g]
             leaves = host if leaves is None else [np.concatenate([a, b]) for a, b in zip(leaves, host)]
-        lam = np.asarray(ctx.lam, np.float64)
-        v = [np.asarray(x, np.float64) for x in ctx.v]
+        lam = to_host(ctx.lam, np.float64)
+        v = [to_host(x, np.float64) for x in ctx.v]
         h = [np.zeros_like(x) for x in v]
         L = part.num_layers
         for u in range(part.num_units):

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ..data import Example, bucketed_batches
 from ..errors import LayerIFError
 from . import core, packed
+from .distributed import put, to_host
 from .estimators import Context, get_estimator
 from .partition import make_partition
 
@@ -92,6 +93,8 @@ def _check_adapter(lora_state):
 
 
 def _mesh(mesh):
+    if isinstance(mesh, Mesh) and mesh.devices.ndim != 1:
+        raise LayerIFError(f"influence shards examples over a 1-D mesh, got axes {mesh.axis_names}")
     if mesh is None or isinstance(mesh, Mesh):
         return mesh
     if mesh == "auto":
@@ -122,8 +125,8 @@ class _Runner:
         self.chunk_size, self.bucket_multiple, self.row_len = chunk_size, bucket_multiple, row_len
         if mesh is not None:
             rep = NamedSharding(mesh, P())
-            self.lora = jax.device_put(self.lora, rep)
-            self.rest = jax.device_put(self.rest, rep)
+            self.lora = put(self.lora, rep)
+            self.rest = put(self.rest, rep)
             self._shard = NamedSharding(mesh, P(mesh.axis_names[0]))
             self._group_shard = NamedSharding(mesh, P(None, mesh.axis_names[0]))
         self.fn = None
@@ -145,8 +148,7 @@ class _Runner:
         self.probes = packed.zero_probes(nnx.merge(self.graphdef, self.lora, self.rest),
                                          self.rows * self.ndev, self.per_row)
         if self.mesh is not None:
-            self.probes = jax.device_put(
-                self.probes, NamedSharding(self.mesh, P(None, self.mesh.axis_names[0])))
+            self.probes = put(self.probes, NamedSharding(self.mesh, P(None, self.mesh.axis_names[0])))
 
     def chunks(self, examples: Sequence[Example]) -> list:
         if self.engine == "vmap":
@@ -173,11 +175,11 @@ class _Runner:
         if self.engine == "vmap":
             arrs = (c.ids, c.mask, c.targets)
             if self.mesh is not None:
-                arrs = tuple(jax.device_put(a, self._shard) for a in arrs)
+                arrs = tuple(put(a, self._shard) for a in arrs)
             return self.fn(self.lora, self.rest, *arrs)
         arrs = c.arrays
         if self.mesh is not None:
-            arrs = tuple(jax.device_put(a, self._group_shard) for a in arrs)
+            arrs = tuple(put(a, self._group_shard) for a in arrs)
         return self.fn(self.lora, self.rest, *arrs, self.probes)
 
 
@@ -239,7 +241,7 @@ _mean = jax.jit(core.mean_leaves, static_argnums=1)
 
 
 def _progress(it, total, desc, enabled):
-    if not enabled:
+    if not enabled or jax.process_index() != 0:
         return it
     from tqdm.auto import tqdm
     return tqdm(it, total=total, desc=desc, unit="chunk", leave=False)
@@ -247,7 +249,7 @@ def _progress(it, total, desc, enabled):
 
 def _raise_nonfinite(finite_chunks, batches, what):
     bad = sorted(int(i) for f, b in zip(finite_chunks, batches)
-           for i, ok in zip(b.index, np.asarray(f)) if i >= 0 and not ok)
+           for i, ok in zip(b.index, to_host(f)) if i >= 0 and not ok)
     if bad:
         raise LayerIFError(f"NaN or inf in the gradient of {what} example(s) {bad[:10]}"
                            f"{' ...' if len(bad) > 10 else ''} (index in the input order)")
@@ -374,14 +376,14 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
 
     lam = (jnp.full((part.num_layers, part.num_units), damping, jnp.float32) if damping
            else damping_scale * jnp.sum(sq_u, 0) / n / sizes)
-    zero = np.argwhere(np.asarray(jnp.sum(sq_u, 0)) == 0)
+    zero = np.argwhere(to_host(jnp.sum(sq_u, 0)) == 0)
     if len(zero) and estimator != "identity":
         if not skip_zero_units:
             l, u = zero[0]
             raise LayerIFError(
                 f"{part.describe(int(l), int(u))} has an all-zero gradient over the training set "
                 f"({len(zero)} such units; skip them with skip_zero_units / --skip-zero-units)")
-        lam = jnp.where(jnp.asarray(np.asarray(jnp.sum(sq_u, 0)) == 0), 1.0, lam)
+        lam = jnp.where(jnp.sum(sq_u, 0) == 0, 1.0, lam)
 
     def chunks():
         for k, b in enumerate(tb):
@@ -400,7 +402,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     else:
         hg = [_dots(g, h) for _, g in chunks()]
         unit_scores = core.to_units(jnp.concatenate(hg), onehot)  # [n_pad, M, L, U]
-    layer_nML = np.asarray(jnp.sum(unit_scores, -1), np.float64)
+    layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)
 
     # back to input order, drop filler rows/columns
     t_idx = np.concatenate([b.index for b in tb])
@@ -420,7 +422,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     return LayerScores(
         layer_scores=np.asarray(core.aggregate(per_example, aggregate)),
         per_example=per_example, aggregate=aggregate, estimator=est.name, unit=unit,
-        n_train=n, n_val=m, lambdas=np.asarray(lam), unit_names=part.unit_names,
+        n_train=n, n_val=m, lambdas=to_host(lam), unit_names=part.unit_names,
         seconds=seconds, gradients_kept=keep, per_val_layers=per_val_layers,
         meta={"engine": engine, "chunk_slots": runner.slots, "devices": ndev,
               "chunk_shapes": sorted({_chunk_shape(b) for b in tb + vb}),

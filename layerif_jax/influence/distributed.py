@@ -1,0 +1,33 @@
+"""Multi-process (multi-host) plumbing of the influence core.
+
+On a pod every process runs the same program with the same model and the same
+examples (`jax.distributed.initialize()` first); the mesh spans all processes'
+devices. Host data goes onto that mesh with `put`, and sharded results come back to
+every process with `to_host`. With one process both are plain `device_put` /
+`np.asarray`.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def put(tree, sharding):
+    """Host data that is identical in every process -> arrays laid out as `sharding`."""
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree)
+
+
+def to_host(x, dtype=None) -> np.ndarray:
+    """The whole value of a (possibly process-spanning) array, in every process."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x, dtype)
