@@ -8,7 +8,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,6 @@
 """The `layerif` command end to end on a tiny model, and its handling of bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,7 +127,6 @@ def test_bad_input(tiny_dir, data, tmp_path, capsys):
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, small / f.name)
     from layerif_jax.model.checkpoints import export_hf, load_model
-    import jax.numpy as jnp
     from layerif_jax.model.config import ModelConfig
     from layerif_jax.model.decoder import Decoder
     from flax import nnx
