@@ -188,6 +188,19 @@ def cmd_allocate_sparsity(a):
 
 
 # -- parser ----------------------------------------------------------------------------
+def command_defaults(command: str, **given) -> argparse.Namespace:
+    """The settings `layerif COMMAND` has when given only `given`: for a command that runs
+    another command's code (`layerif run`), so that the parser stays the one source of
+    every default."""
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    ns = {a.dest: a.default for a in subs.choices[command]._actions if a.dest != "help"}
+    unknown = set(given) - set(ns) - {"quiet"}
+    if unknown:
+        raise TypeError(f"`layerif {command}` has no settings {sorted(unknown)}")
+    return argparse.Namespace(**{**ns, "quiet": False, **given})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerif", description=(
         "LayerIF in JAX: layer-wise influence scores for LLMs, and their use for LoRA-MoE "

@@ -9,7 +9,6 @@ LayerIF and the uniform sparsities, each evaluated (OUT/full.json).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -152,7 +151,7 @@ def run_full(a, path: str, alloc: dict, out: Path, progress: bool) -> dict:
 
 def cmd_run(a):
     """The main job: fine-tune, score, allocate, report (and with --full, use them)."""
-    from .cli import _finetune, _scores
+    from .cli import _finetune, _scores, command_defaults
     from .io import staged_dir, write_json
     from .prune import alpha_per_matrix
 
@@ -165,19 +164,13 @@ def cmd_run(a):
     model, tok, path = load_model_and_tokenizer(a.model, a.dtype)
     _check_total(model.cfg.num_layers, a.total or 5 * model.cfg.num_layers)
     print(f"model: {path}")
-    ft = argparse.Namespace(
-        rank=8, alpha=16.0, dropout=0.0, targets="q,k,v,o,gate,up,down", epochs=1, lr=a.lr,
-        weight_decay=0.0, warmup=min(2, -(-a.n_train // 8) - 1),  # >= 1 step at lr > 0
-        batch_size=8, grad_accum=1, max_len=a.max_len, seed=0,
-        bf16=False, data=a.train, val=None, limit=a.n_train, val_limit=None,
-        mask_prompt=False, quiet=a.quiet)
+    ft = command_defaults(
+        "finetune", lr=a.lr, warmup=min(2, -(-a.n_train // 8) - 1),  # >= 1 step at lr > 0
+        max_len=a.max_len, data=a.train, limit=a.n_train, quiet=a.quiet)
     hist = _finetune(model, tok, ft, path, out / "finetune")
     print(f"fine-tuned LoRA on {ft.limit} records of {a.train} -> {out / 'finetune' / 'adapter'}")
-    sc = argparse.Namespace(
-        train=a.train, val=a.val, n_train=a.n_train, n_val=a.n_val, max_len=a.max_len,
-        mask_prompt=False, estimator="datainf", aggregate="+ve", unit="tensor", damping=None,
-        per_val=False, chunk_size=8, chunks_per_call=4, memory_budget="8GB", bf16=False, quiet=a.quiet,
-        skip_zero_units=False)
+    sc = command_defaults("scores", train=a.train, val=a.val, n_train=a.n_train, n_val=a.n_val,
+                          max_len=a.max_len, quiet=a.quiet)
     res = _scores(model, tok, sc, path, out / "scores", out / "finetune" / "adapter")
     print(f"layer scores: {out / 'scores' / 'scores.json'} (plot: {out / 'scores' / 'scores.png'})")
 

@@ -374,16 +374,17 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     sq_u = core.to_units(jnp.concatenate(sq), onehot)          # [n_pad, L, U]
     vg_u = core.to_units(jnp.concatenate(vg), onehot)          # [n_pad, M, L, U]
 
+    sq_sum = jnp.sum(sq_u, 0)                                   # [L, U]
     lam = (jnp.full((part.num_layers, part.num_units), damping, jnp.float32) if damping
-           else damping_scale * jnp.sum(sq_u, 0) / n / sizes)
-    zero = np.argwhere(to_host(jnp.sum(sq_u, 0)) == 0)
+           else damping_scale * sq_sum / n / sizes)
+    zero = np.argwhere(to_host(sq_sum) == 0)
     if len(zero) and estimator != "identity":
         if not skip_zero_units:
             l, u = zero[0]
             raise LayerIFError(
                 f"{part.describe(int(l), int(u))} has an all-zero gradient over the training set "
                 f"({len(zero)} such units; skip them with skip_zero_units / --skip-zero-units)")
-        lam = jnp.where(jnp.sum(sq_u, 0) == 0, 1.0, lam)
+        lam = jnp.where(sq_sum == 0, 1.0, lam)
 
     def chunks():
         for k, b in enumerate(tb):
