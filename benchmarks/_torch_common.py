@@ -71,9 +71,9 @@ def load_model_and_tokenizer(model_path: str | os.PathLike):
 
     p = Path(model_path)
     if p.is_file() and p.suffix == ".gguf":
-        src, kw = str(p.parent), {"gguf_file": p.name}
+        src, kw = str(p.parent), {"gguf_file": p.name, "trust_remote_code": False}
     elif p.is_dir():
-        src, kw = str(p), {}
+        src, kw = str(p), {"trust_remote_code": False}
     else:
         raise FileNotFoundError(f"model path {p} is neither a .gguf file nor a folder")
     tokenizer = AutoTokenizer.from_pretrained(src, **kw)

@@ -77,7 +77,7 @@ def cmd_finetune(a):
 def _scores(model, tok, a, model_path, out, lora_path):
     import jax.numpy as jnp
     from .influence import layer_scores
-    from .io import staged_dir, write_json, write_npy
+    from .io import OutputDir, write_json, write_npy
 
     train = _examples(tok, a.train, a.n_train, a.max_len, a.mask_prompt)
     val = _examples(tok, a.val, a.n_val, a.max_len, a.mask_prompt)
@@ -95,7 +95,7 @@ def _scores(model, tok, a, model_path, out, lora_path):
         "adapter": str(lora_path), "train": str(a.train), "val": str(a.val),
         "max_len": a.max_len, "gradients_kept": res.gradients_kept, **res.meta,
     }
-    with staged_dir(out) as tmp:
+    with OutputDir(out, "scores") as od, od.staging() as tmp:
         write_json(tmp / "scores.json", summary)
         write_npy(tmp / "per_example.npy", res.per_example)
         if a.per_val:

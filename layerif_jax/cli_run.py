@@ -152,7 +152,7 @@ def run_full(a, path: str, alloc: dict, out: Path, progress: bool) -> dict:
 def cmd_run(a):
     """The main job: fine-tune, score, allocate, report (and with --full, use them)."""
     from .cli import _finetune, _scores, command_defaults
-    from .io import staged_dir, write_json
+    from .io import OutputDir, write_json
     from .prune import alpha_per_matrix
 
     from .allocate import _check_sparsity_args, _check_total
@@ -180,7 +180,7 @@ def cmd_run(a):
     alloc = allocations(scores, alpha, model.cfg, total=a.total or 5 * model.cfg.num_layers,
                         beta=a.beta, sparsity=a.sparsity, epsilon=a.epsilon)
     alloc["alpha_per_matrix"] = alpha.tolist()
-    with staged_dir(out / "report") as tmp:
+    with OutputDir(out / "report", "report") as od, od.staging() as tmp:
         write_json(tmp / "allocation.json", alloc)
         plot_allocation(alloc, scores["+ve"], tmp / "allocation.png")
     t_alloc = time.perf_counter() - t1

@@ -287,13 +287,14 @@ def _tensor_name(layer: int, name: str, what: str) -> str:
     return f"layers.{layer}.{name}.{what}"
 
 
-def save_moe_adapter(model: MoELoraModel, out_dir: str | Path, base_model_name: str = "") -> Path:
+def save_moe_adapter(model: MoELoraModel, out_dir: str | Path, base_model_name: str = "",
+                     *, overwrite: bool = False) -> Path:
     """out_dir/moe_adapter.safetensors (float32: layers.{l}.{name}.{experts_a [s, d_in, r],
-    experts_b [s, r, d_out], router [d_in, s]}) + out_dir/moe_config.json (expert counts,
-    top_k, rank, alpha, targets). Written to a temporary dir, then renamed into place."""
-    from safetensors.numpy import save_file
-
-    from .io import staged_dir, write_json
+    experts_b [s, r, d_out], router [d_in, s]}, finite, with checksums) +
+    out_dir/moe_config.json (expert counts, top_k, rank, alpha, targets), committed as
+    `io.OutputDir` does."""
+    from . import safetensors_io
+    from .io import OutputDir, write_json
 
     tensors = {}
     for l, blk in enumerate(model.blocks):
@@ -307,8 +308,9 @@ def save_moe_adapter(model: MoELoraModel, out_dir: str | Path, base_model_name: 
             "hidden_size": model.cfg.hidden_size, "model_type": model.cfg.model_type,
             "base_model": base_model_name or None, **model.spec()}
     out_dir = Path(out_dir)
-    with staged_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
+    with OutputDir(out_dir, "save moe adapter", overwrite=overwrite) as out, \
+            out.staging() as tmp:
+        safetensors_io.write(tmp / ADAPTER_WEIGHTS, tensors)
         write_json(tmp / ADAPTER_CONFIG, meta)
     return out_dir
 
@@ -326,9 +328,8 @@ def load_moe_adapter(model, adapter_dir: str | Path, *, top_k=None) -> MoELoraMo
     """Load a `save_moe_adapter` dir. `model`: a base `Decoder` (a new MoELoraModel is built
     around it) or a MoELoraModel (loaded in place; its spec must match). Expert counts
     that do not fit the model's layers, or tensors whose shapes disagree -> LayerIFError."""
-    from safetensors.numpy import load_file
-
     from .io import read_json
+    from .safetensors_io import SafetensorsFile
 
     d = _adapter_dir(adapter_dir)
     meta = read_json(d / ADAPTER_CONFIG)
@@ -361,10 +362,7 @@ def load_moe_adapter(model, adapter_dir: str | Path, *, top_k=None) -> MoELoraMo
     else:
         moe = MoELoraModel(base, experts, rank=rank, alpha=alpha, targets=targets, top_k=k,
                            rngs=nnx.Rngs(0))
-    try:
-        tensors = load_file(str(d / ADAPTER_WEIGHTS))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types
-        raise LayerIFError(f"cannot read {d / ADAPTER_WEIGHTS}: {e}") from None
+    tensors = SafetensorsFile(d / ADAPTER_WEIGHTS).read_all()
     for l, blk in enumerate(moe.blocks):
         for name in moe.targets:
             m = blk.get(name)
@@ -466,22 +464,26 @@ def _evaluate(graphdef, train, rest, examples, cfg, length, pad_id):
     return total / max(n, 1)
 
 
-def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_dir: str | Path,
+def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_dir,
               cfg=None, *, val_examples: Sequence[Example] | None = None,
               max_steps: int | None = None, aux_coef: float = 0.0, progress: bool = False,
-              pad_id: int = 0, base_model_name: str = "") -> dict[str, Any]:
+              pad_id: int = 0, base_model_name: str = "", overwrite: bool = False
+              ) -> dict[str, Any]:
     """Train the experts and routers of `moe_model` (in place); the base stays frozen.
 
     AdamW on `train.make_schedule` (linear warm-up, then linear decay to 0), global-norm
     clipping (cfg.max_grad_norm), gradient accumulation as a scan inside one jitted step
     (the loss of a step is the mean over the real rows of the effective batch). Data order
     depends on (seed, epoch) only, so an orbax checkpoint at step s (out_dir/checkpoints:
-    trainable state, AdamW state, history) resumes to the uninterrupted trajectory.
-    `max_steps` stops early (with a checkpoint) without changing the schedule. On
-    completion writes out_dir/adapter (`save_moe_adapter`), history.json, train_state.json.
+    trainable state, AdamW state, history, checksums) resumes to the uninterrupted
+    trajectory when its fingerprint (settings, data, base weights, initial experts)
+    matches. `out_dir`: a path or an open `io.OutputDir`. `max_steps` stops early (with a
+    checkpoint) without changing the schedule. On completion commits out_dir/adapter
+    (`save_moe_adapter`), history.json, train_state.json.
     """
     from .train import (TrainConfig, _opt_spec, _optimizer, _pad_length, cast_like,
-                        finish_run, float32_master, prepare_run, train_loop)
+                        finish_run, float32_master, prepare_run, run_dir, run_fingerprint,
+                        train_loop)
 
     cfg = cfg or TrainConfig()
     run = prepare_run(train_examples, val_examples, cfg, max_steps)
@@ -492,32 +494,29 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
     graphdef, train, rest = split_moe(moe_model)
     train, orig_dtypes = float32_master(train)
     opt_spec = _opt_spec(cfg, total)
-    c = dataclasses.asdict(cfg)
-    for k in ("checkpoint_every", "keep"):
-        c.pop(k)
-    fp = {"train": c, "moe": moe_model.spec(), "aux_coef": aux_coef, "n_train": len(tr),
-          "total_steps": total}
+    fp = run_fingerprint(cfg, tr, total, base=rest, init=train, moe=moe_model.spec(),
+                         aux_coef=aux_coef)
 
     def step_fn(train, opt_state, ids, mask, tgt, idx, step):
         return moe_train_step(train, opt_state, rest, ids, mask, tgt, idx, graphdef=graphdef,
                               opt_spec=opt_spec, dtype=cfg.compute_dtype, aux_coef=aux_coef)
 
-    out_dir = Path(out_dir).resolve()
-    res = train_loop(
-        train, _optimizer(*opt_spec).init(train), step_fn, cfg=cfg, train=tr, out_dir=out_dir,
-        fingerprint=fp, state_key="train",
-        stats_keys={"train_loss": "loss", "aux_loss": "aux", "grad_norm": "grad_norm"},
-        val_loss=(lambda p: _evaluate(graphdef, p, rest, val, cfg, T_val, pad_id)) if val else None,
-        max_steps=max_steps, progress=progress, pad_id=pad_id, desc="moe")
-    nnx.update(moe_model, cast_like(res.params, orig_dtypes))
-    history = res.history
-    if history["completed"]:
-        save_moe_adapter(moe_model, out_dir / ADAPTER_DIR, base_model_name=base_model_name)
-    finish_run(out_dir, history, {
-        "config": dataclasses.asdict(cfg), "moe": moe_model.spec(), "aux_coef": aux_coef,
-        "n_train": len(tr), "n_val": len(val) if val else 0,
-        "padded_length": _pad_length(tr, cfg.max_len), "base_model": base_model_name or None})
-    return history
+    with run_dir(out_dir, "moe train", overwrite) as out:
+        res = train_loop(
+            train, _optimizer(*opt_spec).init(train), step_fn, cfg=cfg, train=tr,
+            out_dir=out.path, fingerprint=fp, state_key="train",
+            stats_keys={"train_loss": "loss", "aux_loss": "aux", "grad_norm": "grad_norm"},
+            val_loss=((lambda p: _evaluate(graphdef, p, rest, val, cfg, T_val, pad_id))
+                      if val else None),
+            max_steps=max_steps, progress=progress, pad_id=pad_id, desc="moe")
+        nnx.update(moe_model, cast_like(res.params, orig_dtypes))
+        finish_run(out, res.history, {
+            "config": dataclasses.asdict(cfg), "moe": moe_model.spec(), "aux_coef": aux_coef,
+            "n_train": len(tr), "n_val": len(val) if val else 0,
+            "padded_length": _pad_length(tr, cfg.max_len),
+            "base_model": base_model_name or None},
+            lambda p: save_moe_adapter(moe_model, p, base_model_name=base_model_name))
+    return res.history
 
 
 # -- evaluation --------------------------------------------------------------------------------

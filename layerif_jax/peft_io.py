@@ -11,17 +11,16 @@ accepts the in-memory forms `...lora_A.default.weight` and keys without the
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from . import safetensors_io
 from .errors import LayerIFError
+from .io import OutputDir, write_json
 from .model.config import LINEARS
 from .model.lora import ALIASES, LoraConfig, apply_lora, lora_config_of
 
@@ -46,23 +45,10 @@ def _num(x: float):
     return int(x) if x.is_integer() else x
 
 
-def _replace_dir(tmp: Path, final: Path):
-    """Move a finished temp dir into place (an existing dir is swapped out, then deleted)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_peft_adapter(model, out_dir: str | Path, base_model_name: str = "") -> Path:
-    """Write the model's LoRA as a PEFT adapter dir (float32 tensors). Returns the dir."""
-    from safetensors.numpy import save_file
-
+def save_peft_adapter(model, out_dir: str | Path, base_model_name: str = "", *,
+                      overwrite: bool = False) -> Path:
+    """Write the model's LoRA as a PEFT adapter dir (float32 tensors, refused when not
+    finite; their SHA-256 in the file's metadata). Returns the dir."""
     lcfg = lora_config_of(model)
     if lcfg is None:
         raise LayerIFError("the model has no LoRA adapter to save")
@@ -100,18 +86,9 @@ def save_peft_adapter(model, out_dir: str | Path, base_model_name: str = "") -> 
         "use_dora": False,
         "lora_bias": False,
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with OutputDir(out_dir, "save adapter", overwrite=overwrite) as out, out.staging() as tmp:
+        safetensors_io.write(tmp / WEIGHTS_NAME, tensors)
+        write_json(tmp / CONFIG_NAME, config)
     return out_dir
 
 
@@ -207,34 +184,10 @@ def read_adapter_config(adapter_dir: str | Path, num_layers: int) -> LoraConfig:
     return LoraConfig(rank=r, alpha=alpha, dropout=drop, targets=targets)
 
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-              "BF16": ml_dtypes.bfloat16}
-
-
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file as float32 numpy arrays (read directly: numpy has no bfloat16,
-    and safetensors' numpy backend refuses it)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        data = memoryview(raw)[8 + n:]
-        out = {}
-        for k, info in header.items():
-            if k == "__metadata__":
-                continue
-            dt = _ST_DTYPES.get(info["dtype"])
-            if dt is None:
-                raise LayerIFError(f"{path}: tensor {k} has unsupported dtype {info['dtype']}")
-            lo, hi = info["data_offsets"]
-            arr = np.frombuffer(data[lo:hi], dtype=dt).reshape(info["shape"])
-            out[k] = arr.astype(np.float32)
-        return out
-    except LayerIFError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LayerIFError(f"cannot read {path}: not a valid safetensors file ({e})") from None
+    """The adapter's tensors as float32 (checksums verified, NaN/inf refused by name)."""
+    return {k: v.astype(np.float32)
+            for k, v in safetensors_io.SafetensorsFile(path).read_all().items()}
 
 
 def load_peft_adapter(model, adapter_dir: str | Path):

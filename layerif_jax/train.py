@@ -26,13 +26,12 @@ batch s % steps_per_epoch and reproduces the uninterrupted run. Dropout keys are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +39,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from . import checksum
 from .data import Example, bucket_length, epoch_batches
 from .errors import LayerIFError
+from .io import OutputDir, write_json
 from .loss import lm_loss
 from .model.lora import lora_config_of
+from .notes import info, note
 from .peft_io import save_peft_adapter
+from .stop import check as check_stop, checking
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -276,20 +279,26 @@ def _micro(batch, cfg: TrainConfig):
             batch.targets.reshape(A, B, T), batch.index.reshape(A, B))
 
 
-def _write_json_atomic(path: Path, obj: Any):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _fingerprint(cfg: TrainConfig, lcfg, n_train: int, total_steps: int) -> dict[str, Any]:
-    """Settings a checkpoint must share with the run that resumes it."""
+def run_fingerprint(cfg: TrainConfig, train: Sequence[Example], total_steps: int, *,
+                    base, init, **settings) -> dict[str, Any]:
+    """Everything a checkpoint must share with the run that resumes it: the training
+    settings (not checkpoint_every / keep, which do not change the trajectory), the
+    tokenised data (exact digest), the base weights and the initial trainable state
+    (identity digests: shapes, dtypes and a strided sample of the values), and the
+    caller's `settings` (LoRA or MoE configuration)."""
     c = dataclasses.asdict(cfg)
-    for k in ("checkpoint_every", "keep"):  # do not change the trajectory
+    for k in ("checkpoint_every", "keep"):
         c.pop(k)
-    return {"train": c, "lora": {"rank": lcfg.rank, "alpha": lcfg.alpha, "dropout": lcfg.dropout,
-                                 "targets": list(lcfg.targets)},
-            "n_train": n_train, "total_steps": total_steps}
+    return {"train": c, **settings, "n_train": len(train), "total_steps": total_steps,
+            "data": checksum.examples_digest(train),
+            "base_model": checksum.identity_digest(jax.tree.leaves(base)),
+            "init": checksum.identity_digest(jax.tree.leaves(init))}
+
+
+_WHAT = {"data": "the training data (a different file, --limit, --max-len or "
+                 "--mask-prompt)",
+         "base_model": "the base model (a different checkpoint or --dtype)",
+         "init": "the initial adapter (a different --seed)"}
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -319,8 +328,15 @@ def _describe_diff(a: dict, b: dict, prefix="") -> str:
             if d:
                 return d
         elif va != vb:
+            if k in _WHAT and not prefix:
+                return f"{_WHAT[k]} differs"
             return f"{prefix}{k}: checkpoint {va!r}, now {vb!r}"
     return ""
+
+
+def _oneline(e: BaseException, limit: int = 160) -> str:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
 # -- the training loop ----------------------------------------------------------------------
@@ -332,6 +348,53 @@ class LoopResult:
     history: dict[str, Any]
     step: int
     total: int
+    resumed_from: int | None
+
+
+def _restore(mngr, params, opt_state, fingerprint: dict, state_key: str, where: Path):
+    """(params, opt_state, meta) of the newest intact checkpoint, or None when there is
+    none. A checkpoint of another run is refused; a damaged one (unreadable, a checksum
+    that does not match, non-finite values) is skipped with a note naming it."""
+    import orbax.checkpoint as ocp
+
+    damaged: list[tuple[int, str]] = []
+    for s in sorted(mngr.all_steps(), reverse=True):
+        try:
+            meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if not isinstance(meta, dict) or "step" not in meta:
+                raise ValueError("no step in its metadata")
+        except Exception as e:  # noqa: BLE001 - orbax raises many types
+            damaged.append((s, f"unreadable metadata: {_oneline(e)}"))
+            continue
+        diff = _describe_diff(meta.get("fingerprint", {}), fingerprint)
+        if diff:
+            raise LayerIFError(f"{where} holds checkpoints of a different run ({diff}); "
+                               f"use another output directory or delete {CHECKPOINT_DIR}/")
+        template = {state_key: _flat(params), "opt": _flat(opt_state)}
+        try:
+            state = mngr.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(template)))["state"]
+            host = jax.tree.map(np.asarray, dict(state))
+        except Exception as e:  # noqa: BLE001
+            damaged.append((s, f"unreadable arrays: {_oneline(e)}"))
+            continue
+        bad = checksum.first_mismatch(host, meta.get("digests") or {})
+        if bad is not None:
+            damaged.append((s, f"checksum mismatch in {bad}"))
+            continue
+        bad = checksum.nonfinite(host)
+        if bad is not None:
+            damaged.append((s, f"non-finite values in {bad}"))
+            continue
+        for d, why in damaged:
+            note(f"checkpoint {d} in {where / CHECKPOINT_DIR} is damaged ({why}); "
+                 f"resuming from checkpoint {s} instead")
+        return (_unflat(params, host[state_key]), _unflat(opt_state, host["opt"]), meta)
+    if damaged:
+        raise LayerIFError(f"no intact checkpoint in {where / CHECKPOINT_DIR} ("
+                           + "; ".join(f"{s}: {why}" for s, why in damaged)
+                           + f"); delete {CHECKPOINT_DIR}/ to start over")
+    return None
 
 
 def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
@@ -344,13 +407,17 @@ def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
     `step_fn(params, opt_state, ids, mask, targets, index, step) -> (params, opt_state,
     stats)` is one jitted optimizer step over the micro-batches of one effective batch.
     Orbax checkpoints (out_dir/checkpoints: {state_key: params, "opt": opt_state} and a
-    JSON meta with step, fingerprint and history) are written every
-    cfg.checkpoint_every steps, at every epoch end, on completion and on Ctrl-C; a later
-    call resumes from the latest one (a checkpoint whose fingerprint differs is refused).
-    Data order depends on (seed, epoch) only, so a resumed run follows the uninterrupted
-    trajectory. `stats_keys` maps history lists to step-stat names ({"train_loss":
-    "loss", ...}); stats are fetched every 10 steps, not per step. `val_loss(params)` is
-    called at every epoch end. `max_steps` stops early without changing the schedule.
+    JSON meta with step, fingerprint, SHA-256 of every array and history) are written
+    every cfg.checkpoint_every steps, at every epoch end, on completion and on a stop
+    (Ctrl-C, SIGTERM: `layerif_jax.stop`); a later call resumes from the newest intact
+    one (another run's is refused, a damaged one skipped with a note). Data order
+    depends on (seed, epoch) only, so a resumed run follows the uninterrupted
+    trajectory. At most one step runs ahead of the one being waited for, so a stop
+    acts after the current step and the progress bar counts finished steps. A
+    non-finite loss stops the run with an error (the last checkpoint is kept).
+    `stats_keys` maps history lists to step-stat names ({"train_loss": "loss", ...});
+    `val_loss(params)` is called at every epoch end; `max_steps` stops early without
+    changing the schedule.
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
@@ -358,7 +425,6 @@ def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
     T = _pad_length(train, cfg.max_len)
     spe = -(-len(train) // cfg.effective_batch)
     total = spe * cfg.epochs
-    out_dir.mkdir(parents=True, exist_ok=True)
     mngr = ocp.CheckpointManager(
         out_dir / CHECKPOINT_DIR,
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
@@ -366,55 +432,52 @@ def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
                                "steps_per_epoch": spe, "total_steps": total,
                                "resumed_from": None}
     step = 0
-    latest = mngr.latest_step()
-    if latest is not None:
-        def fail(e):
-            mngr.close()
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return LayerIFError(f"cannot resume from checkpoint {latest} in "
-                                f"{out_dir / CHECKPOINT_DIR}: {msg}")
-        try:  # settings first: a different run's arrays may not even fit the target
-            meta = mngr.restore(latest, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # noqa: BLE001 - orbax raises many types
-            raise fail(e) from None
-        diff = _describe_diff((meta or {}).get("fingerprint", {}), fingerprint)
-        if diff:
-            mngr.close()
-            raise LayerIFError(f"{out_dir} holds checkpoints of a different run ({diff}); "
-                               f"use another output directory or delete {CHECKPOINT_DIR}/")
-        try:
-            state = mngr.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore({state_key: _flat(params),
-                                                "opt": _flat(opt_state)})))["state"]
-            params = _unflat(params, state[state_key])
-            opt_state = _unflat(opt_state, state["opt"])
-        except LayerIFError:
-            mngr.close()
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise fail(e) from None
+    try:
+        restored = _restore(mngr, params, opt_state, fingerprint, state_key, out_dir)
+    except BaseException:
+        mngr.close()
+        raise
+    if restored is not None:
+        params, opt_state, meta = restored
         step = int(meta["step"])
         history = meta["history"]
         history["resumed_from"] = step
+        if step >= total:
+            info(f"reusing the finished {desc} in {out_dir} ({total} steps)")
+        else:
+            info(f"resumed {desc} from step {step} of {total} ({out_dir})")
 
-    last_saved = step if latest is not None else -1
-    pending: list[dict[str, jax.Array]] = []
+    last_saved = step if restored is not None else -1
+    inflight: list[tuple[int, dict]] = []  # (step, stats) dispatched, not yet waited for
 
-    def flush():
-        for s in jax.device_get(pending):
-            for k, name in stats_keys.items():
-                history[k].append(float(s[name]))
-        pending.clear()
+    def finish(keep: int):
+        """Wait for the oldest steps in flight until `keep` remain; record their stats."""
+        while len(inflight) > keep:
+            k, s = inflight.pop(0)
+            s = jax.device_get(s)
+            if not math.isfinite(float(s["loss"])):
+                raise LayerIFError(
+                    f"the training loss is not finite at step {k + 1} of {total} (diverged); "
+                    f"lower --lr or raise --warmup (the last checkpoint, step {last_saved}, "
+                    "is kept)")
+            for key, name in stats_keys.items():
+                history[key].append(float(s[name]))
+            bar.update(1)
+            bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}")
 
     def save():
         nonlocal last_saved
-        flush()
+        finish(0)
+        flat = {state_key: _flat(params), "opt": _flat(opt_state)}
+        host = jax.tree.map(np.asarray, flat)
+        bad = checksum.nonfinite(host)
+        if bad is not None:
+            raise LayerIFError(f"the trained state is not finite after step {step} ({bad}); "
+                               f"nothing saved (the last checkpoint, step {last_saved}, is kept)")
         meta = {"step": step, "epoch": step // spe, "fingerprint": fingerprint,
-                "history": history}
+                "digests": checksum.tree_digests(host), "history": history}
         mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({state_key: _flat(params), "opt": _flat(opt_state)}),
-            meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
         last_saved = step
 
     stop = step >= total or (max_steps is not None and step >= max_steps)
@@ -422,64 +485,86 @@ def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
                dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        while not stop and step < total:
-            epoch, first = divmod(step, spe)
-            batches = epoch_batches(train, cfg.effective_batch, seed=cfg.seed, epoch=epoch,
-                                    max_len=T, pad_id=pad_id)
-            for b in range(first, spe):
-                if max_steps is not None and step >= max_steps:
-                    stop = True
+        with checking():
+            while not stop and step < total:
+                epoch, first = divmod(step, spe)
+                batches = epoch_batches(train, cfg.effective_batch, seed=cfg.seed,
+                                        epoch=epoch, max_len=T, pad_id=pad_id)
+                for b in range(first, spe):
+                    if max_steps is not None and step >= max_steps:
+                        stop = True
+                        break
+                    ids, mask, tgt, idx = _micro(batches[b], cfg)
+                    history["lr"].append(lr_at(cfg, total, step))
+                    params, opt_state, stats = step_fn(params, opt_state, ids, mask, tgt, idx,
+                                                       step)
+                    inflight.append((step, stats))
+                    step += 1
+                    finish(1)
+                    check_stop()
+                    if step % cfg.checkpoint_every == 0 and step % spe != 0:
+                        save()
+                if stop:
                     break
-                ids, mask, tgt, idx = _micro(batches[b], cfg)
-                history["lr"].append(lr_at(cfg, total, step))
-                params, opt_state, stats = step_fn(params, opt_state, ids, mask, tgt, idx, step)
-                pending.append(stats)
-                step += 1
-                bar.update(1)
-                if len(pending) >= 10:
-                    flush()
-                    bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}")
-                if step % cfg.checkpoint_every == 0 and step % spe != 0:
-                    save()
-            if stop:
-                break
-            flush()  # epoch end
-            losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
-            rec = {"epoch": epoch + 1, "step": step,
-                   "train_loss": float(np.mean(losses)) if losses else None}
-            if val_loss is not None:
-                rec["val_loss"] = val_loss(params)
-            history["epochs"].append(rec)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in rec.items() if k.endswith("loss") and v})
-            save()
+                finish(0)  # epoch end
+                losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
+                rec = {"epoch": epoch + 1, "step": step,
+                       "train_loss": float(np.mean(losses)) if losses else None}
+                if val_loss is not None:
+                    rec["val_loss"] = val_loss(params)
+                history["epochs"].append(rec)
+                save()
+            if step > last_saved and step > 0:
+                save()
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM (stop.Interrupted): keep the work done
         if step > last_saved and step > 0:
-            save()
-    except KeyboardInterrupt:
-        if step > last_saved and step > 0:  # state after a finished step is consistent
-            save()
+            try:
+                save()
+            except LayerIFError:
+                pass  # a diverged state is not saved; the stop still stands
         raise
     finally:
         bar.close()
         mngr.wait_until_finished()
         mngr.close()
-    flush()
+    finish(0)
     history["step"] = step
     history["completed"] = step >= total
     history["seconds"] = time.perf_counter() - t0  # of this call
-    return LoopResult(params, opt_state, history, step, total)
+    return LoopResult(params, opt_state, history, step, total,
+                      None if restored is None else int(restored[2]["step"]))
 
 
-def finish_run(out_dir: Path, history: dict[str, Any], state: dict[str, Any]) -> None:
-    """history.json and train_state.json of a finished or stopped run."""
-    _write_json_atomic(out_dir / HISTORY_FILE, history)
-    _write_json_atomic(out_dir / STATE_FILE, {
-        "status": "complete" if history["completed"] else "stopped",
-        "step": history["step"], "total_steps": history["total_steps"],
-        "steps_per_epoch": history["steps_per_epoch"], **state,
-        "adapter": ADAPTER_DIR if history["completed"] else None,
-        "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
-        "final_val_loss": (history["epochs"][-1].get("val_loss") if history["epochs"] else None),
-    })
+def finish_run(out: OutputDir, history: dict[str, Any], state: dict[str, Any],
+               write_adapter: Callable[[Path], Any]) -> None:
+    """Commit history.json, train_state.json and (when complete) the adapter, which
+    `write_adapter(path)` writes; the checkpoints stay."""
+    done = history["completed"]
+    with out.staging(exclusive=False) as tmp:
+        if done:
+            write_adapter(tmp / ADAPTER_DIR)
+        write_json(tmp / HISTORY_FILE, history)
+        write_json(tmp / STATE_FILE, {
+            "status": "complete" if done else "stopped",
+            "step": history["step"], "total_steps": history["total_steps"],
+            "steps_per_epoch": history["steps_per_epoch"], **state,
+            "adapter": ADAPTER_DIR if done else None,
+            "final_train_loss": history["train_loss"][-1] if history["train_loss"] else None,
+            "final_val_loss": (history["epochs"][-1].get("val_loss") if history["epochs"]
+                               else None)})
+
+
+@contextlib.contextmanager
+def run_dir(out_dir, command: str, overwrite: bool = False) -> Iterator[OutputDir]:
+    """The locked output directory of a training run (an `OutputDir`, or a path to open)."""
+    if isinstance(out_dir, OutputDir):
+        with out_dir as out:
+            out.claim([CHECKPOINT_DIR])
+            yield out
+        return
+    with OutputDir(Path(out_dir).resolve(), command, overwrite=overwrite) as out:
+        out.claim([CHECKPOINT_DIR])
+        yield out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,18 +601,21 @@ def cast_like(tree, dtypes):
         x.astype(dt) for x, dt in zip(jax.tree.leaves(tree), dtypes)])
 
 
-def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
-             cfg: TrainConfig | None = None, *, val_examples: Sequence[Example] | None = None,
-             progress: bool = True, max_steps: int | None = None, pad_id: int = 0,
-             base_model_name: str = "") -> dict[str, Any]:
+def finetune(model, train_examples: Sequence[Example], out_dir, cfg: TrainConfig | None = None,
+             *, val_examples: Sequence[Example] | None = None, progress: bool = True,
+             max_steps: int | None = None, pad_id: int = 0, base_model_name: str = "",
+             overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune the LoRA parameters of `model` (in place) on `train_examples`.
 
-    Writes orbax checkpoints (LoRA, optimizer state, step, epoch, history) under
-    out_dir/checkpoints and resumes from the latest one when present. On completion
-    writes out_dir/adapter (PEFT format), out_dir/train_state.json and
-    out_dir/history.json. `max_steps`: stop (with a checkpoint) once the global optimizer
-    step reaches it, without changing the schedule; a later call resumes. Returns the
-    history: per-step train_loss / lr / grad_norm, per-epoch records, step counts.
+    `out_dir`: a path or an open `io.OutputDir` (locked; files of others in it are
+    refused unless `overwrite`). Writes orbax checkpoints under out_dir/checkpoints and
+    resumes from the newest intact one when its fingerprint (settings, data, base
+    weights, initial adapter: `run_fingerprint`) matches; another run's is refused. On
+    completion commits out_dir/adapter (PEFT format), out_dir/train_state.json and
+    out_dir/history.json. `max_steps`: stop (with a checkpoint) once the global
+    optimizer step reaches it, without changing the schedule; a later call resumes.
+    Returns the history: per-step train_loss / lr / grad_norm, per-epoch records, step
+    counts.
     """
     cfg = cfg or TrainConfig()
     run = prepare_run(train_examples, val_examples, cfg, max_steps)
@@ -538,30 +626,31 @@ def finetune(model, train_examples: Sequence[Example], out_dir: str | Path,
     opt_spec = _opt_spec(cfg, total)
     dropout = lcfg.dropout > 0
     base_key = jax.random.key(cfg.seed)  # dropout key of step s: fold_in(base_key, s)
-    fp = _fingerprint(cfg, lcfg, len(train), total)
+    lora_fp = {"rank": lcfg.rank, "alpha": lcfg.alpha, "dropout": lcfg.dropout,
+               "targets": list(lcfg.targets)}
+    fp = run_fingerprint(cfg, train, total, base=rest, init=lora, lora=lora_fp)
 
     def step_fn(lora, opt_state, ids, mask, tgt, idx, step):
         return train_step(lora, opt_state, rest, ids, mask, tgt, idx, base_key, np.int32(step),
                           graphdef=graphdef, opt_spec=opt_spec, dtype=cfg.compute_dtype,
                           dropout=dropout)
 
-    out_dir = Path(out_dir).resolve()
-    res = train_loop(
-        lora, _optimizer(*opt_spec).init(lora), step_fn, cfg=cfg, train=train, out_dir=out_dir,
-        fingerprint=fp, state_key="lora", stats_keys={"train_loss": "loss",
-                                                      "grad_norm": "grad_norm"},
-        val_loss=(lambda p: evaluate(graphdef, p, rest, val, cfg, T_val, pad_id)) if val else None,
-        max_steps=max_steps, progress=progress, pad_id=pad_id, desc="finetune")
-    nnx.update(model, cast_like(res.params, orig_dtypes))
-    history = res.history
-    if history["completed"]:
-        save_peft_adapter(model, out_dir / ADAPTER_DIR, base_model_name=base_model_name)
-    finish_run(out_dir, history, {
-        "epochs_done": res.step // history["steps_per_epoch"],
-        "config": dataclasses.asdict(cfg), "lora": fp["lora"], "n_train": len(train),
-        "n_val": len(val) if val else 0, "padded_length": _pad_length(train, cfg.max_len),
-        "base_model": base_model_name or None})
-    return history
+    with run_dir(out_dir, "finetune", overwrite) as out:
+        res = train_loop(
+            lora, _optimizer(*opt_spec).init(lora), step_fn, cfg=cfg, train=train,
+            out_dir=out.path, fingerprint=fp, state_key="lora",
+            stats_keys={"train_loss": "loss", "grad_norm": "grad_norm"},
+            val_loss=((lambda p: evaluate(graphdef, p, rest, val, cfg, T_val, pad_id))
+                      if val else None),
+            max_steps=max_steps, progress=progress, pad_id=pad_id, desc="finetune")
+        nnx.update(model, cast_like(res.params, orig_dtypes))
+        finish_run(out, res.history, {
+            "epochs_done": res.step // res.history["steps_per_epoch"],
+            "config": dataclasses.asdict(cfg), "lora": lora_fp, "n_train": len(train),
+            "n_val": len(val) if val else 0, "padded_length": _pad_length(train, cfg.max_len),
+            "base_model": base_model_name or None},
+            lambda p: save_peft_adapter(model, p, base_model_name=base_model_name))
+    return res.history
 
 
 def evaluate(graphdef, lora, rest, examples: Sequence[Example], cfg: TrainConfig,

@@ -215,10 +215,14 @@ def test_own_format_bf16_and_overwrite(llama_dir, tmp_path):
     for k, v in model_to_tensors(m16, jnp.float32).items():
         ref = model_to_tensors(m32, jnp.bfloat16)[k].astype(np.float32)
         np.testing.assert_array_equal(v, ref, err_msg=k)
-    with pytest.raises(LayerIFError, match="already exists"):
-        save_checkpoint(m32, out)
-    save_checkpoint(m32, out, overwrite=True)
+    save_checkpoint(m32, out)                 # its own earlier output: replaced
     assert load_model(out).dtype == jnp.float32
+    (out / "notes.txt").write_text("mine")    # a file of the user's: refused, then kept
+    with pytest.raises(LayerIFError, match=r"did not write \(notes.txt\)"):
+        save_checkpoint(m16, out)
+    save_checkpoint(m16, out, overwrite=True)
+    assert load_model(out, dtype="bfloat16").dtype == jnp.bfloat16
+    assert (out / "notes.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -371,7 +375,7 @@ def test_errors(tmp_path, llama_dir, tiny_hf_model):
         load_model(bad)
     msg = str(ei.value)
     assert "\n" not in msg
-    assert "missing model.layers.1.mlp.up_proj.weight" in msg
+    assert "1 missing keys (model.layers.1.mlp.up_proj.weight)" in msg
     assert "model.layers.2.self_attn.o_proj.weight" in msg and "shape" in msg
 
     (bad / "model.safetensors").write_bytes(b"\x00" * 16)

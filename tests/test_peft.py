@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from layerif_jax.io import MANIFEST  # noqa: E402
 from layerif_jax.errors import LayerIFError  # noqa: E402
 from layerif_jax.model.lora import LoraConfig, apply_lora  # noqa: E402
 from layerif_jax.peft_io import (  # noqa: E402
@@ -82,7 +83,7 @@ def test_ours_to_peft(tiny, tmp_path):
     np.testing.assert_array_equal(jax_logits(again, ids()), ref)
     # saving again over an existing dir replaces it
     save_peft_adapter(model, out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, MANIFEST])
 
 
 def peft_adapter(tm, path, targets, r=4, alpha=8, seed=0):

@@ -20,9 +20,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import struct
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,8 +30,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from .. import checksum, safetensors_io
 from ..errors import LayerIFError
-from ..io import read_json
+from ..io import OutputDir, parse_bytes, read_json, write_json
+from ..safetensors_io import SafetensorsFile
 from .config import SUPPORTED, ModelConfig
 from .decoder import Decoder
 from .lora import LoraConfig, apply_lora, lora_config_of
@@ -73,53 +72,17 @@ def _np_dtype(dtype) -> np.dtype:
 
 def _oneline(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__
-
-
-def _parse_size(size) -> int:
-    if isinstance(size, (int, np.integer)):
-        return int(size)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), re.I)
-    if not m:
-        raise LayerIFError(f"cannot parse shard size {size!r} (e.g. 5GB, 500MB or bytes)")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * mult)
+    return msg[0][:200] if msg else type(e).__name__
 
 
 @contextlib.contextmanager
-def _atomic_dir(out_dir, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of `out_dir`; rename it into place on success."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise LayerIFError(f"{out} already exists (pass overwrite=True to replace it)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LayerIFError(f"cannot create {out.parent}: {e.strerror}") from None
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+def _output(out_dir, command: str, overwrite: bool) -> Iterator[Path]:
+    """A staging folder committed into `out_dir` (see `io.OutputDir`): files of others
+    in it are refused unless `overwrite`, and are never removed."""
+    out = out_dir if isinstance(out_dir, OutputDir) else OutputDir(
+        Path(out_dir).expanduser().resolve(), command, overwrite=overwrite)
+    with out, out.staging() as tmp:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def _get_var(obj, path):
@@ -131,48 +94,6 @@ def _get_var(obj, path):
 # ---------------------------------------------------------------------------------
 # safetensors (lazy, bf16-capable)
 # ---------------------------------------------------------------------------------
-_ST_RAW = {"BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-           "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
-
-
-class _SafetensorsFile:
-    """One .safetensors file: keys, and tensors read on demand as numpy arrays.
-
-    `safe_open(framework="numpy")` cannot build bfloat16 (or fp8) arrays; those are
-    read as raw bytes at their header offsets and viewed through ml_dtypes.
-    """
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self.path = path
-        try:
-            self._f = safe_open(str(path), framework="numpy")
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                self._header = json.loads(fh.read(n))
-            self._base = 8 + n
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise LayerIFError(f"cannot read {path}: {_oneline(e)}") from None
-        self._header.pop("__metadata__", None)
-
-    def keys(self) -> list[str]:
-        return list(self._header)
-
-    def get(self, name: str) -> np.ndarray:
-        info = self._header[name]
-        if info["dtype"] in _ST_RAW:
-            dt = _ST_RAW[info["dtype"]]
-            begin, end = info["data_offsets"]
-            with open(self.path, "rb") as fh:
-                fh.seek(self._base + begin)
-                buf = fh.read(end - begin)
-            if len(buf) != end - begin:
-                raise LayerIFError(f"{self.path}: tensor {name} is truncated")
-            return np.frombuffer(buf, dtype=dt.newbyteorder("<")).reshape(info["shape"])
-        return self._f.get_tensor(name)
-
-
 def _load_hf_dir(path: Path, dtype) -> Decoder:
     cfg = ModelConfig.from_file(path / "config.json")
     index = path / "model.safetensors.index.json"
@@ -202,7 +123,7 @@ def _load_hf_dir(path: Path, dtype) -> Decoder:
                      if (path / "pytorch_model.bin").exists() else "")
             raise LayerIFError(f"{path}: no model.safetensors or sharded safetensors "
                                f"index{extra}")
-    opened = {f: _SafetensorsFile(f) for f in files}
+    opened = {f: SafetensorsFile(f) for f in files}
     for f, st in opened.items():  # the files' own headers, not the index, say what is there
         for k in st.keys():
             where.setdefault(k, f)
@@ -337,10 +258,33 @@ def gguf_config(path) -> ModelConfig:
 def _gguf_reader(path: Path):
     import gguf
 
+    class Checked(gguf.GGUFReader):
+        """Checks every tensor's byte range against the file before mapping it."""
+
+        def _build_tensors(self, start_offs, fields):
+            size = len(self.data)
+            for f in fields:
+                try:
+                    _, name, _, dims, raw, off = f.parts
+                    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw[0])]
+                    need = int(np.prod(dims)) * type_size // block
+                    end = int(start_offs + off[0]) + need
+                except Exception:  # noqa: BLE001 - an unknown layout: let gguf decide
+                    continue
+                if end > size:
+                    raise LayerIFError(
+                        f"truncated or corrupt GGUF {path}: expected {need} bytes for tensor "
+                        f"{bytes(name).decode(errors='replace')} (up to byte {end}), the file "
+                        f"has {size}")
+            super()._build_tensors(start_offs, fields)
+
     try:
-        return gguf.GGUFReader(str(path))
+        return Checked(str(path))
+    except LayerIFError:
+        raise
     except Exception as e:
-        raise LayerIFError(f"cannot read GGUF file {path}: {_oneline(e)}") from None
+        raise LayerIFError(f"cannot read GGUF file {path} (truncated or corrupt?): "
+                           f"{_oneline(e)}") from None
 
 
 def _load_gguf(path: Path, dtype) -> Decoder:
@@ -396,14 +340,24 @@ def _lora_info(model: Decoder) -> dict[str, Any] | None:
     return info
 
 
+def _state_arrays(model) -> dict[str, Any]:
+    return {jax.tree_util.keystr(p): x
+            for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]}
+
+
 def save_checkpoint(model: Decoder, out_dir, *, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write `model` (base weights and any LoRA adapters) to `out_dir` atomically.
+    """Write `model` (base weights and any LoRA adapters) to `out_dir`, committed as
+    `io.OutputDir` does (files of others in `out_dir` are refused unless `overwrite`).
 
     Layout: `config.json` (the HF config plus `"layerif_jax_format": 1`, the base
-    dtype and a `lora` section) and `state/` (orbax StandardCheckpointer save of the
-    model's nnx.State). With `tokenizer`, its files are saved next to config.json.
+    dtype, a `lora` section and the SHA-256 of every array, checked on load) and
+    `state/` (orbax StandardCheckpointer save of the model's nnx.State). With
+    `tokenizer`, its known files are saved next to config.json. Non-finite weights are
+    refused.
     """
     import orbax.checkpoint as ocp
+
+    from .tokenizer import save_tokenizer_files
 
     meta = model.cfg.to_hf()
     meta[FORMAT_KEY] = FORMAT_VERSION
@@ -411,9 +365,14 @@ def save_checkpoint(model: Decoder, out_dir, *, tokenizer=None, overwrite: bool 
     lora = _lora_info(model)
     if lora is not None:
         meta["layerif_jax_lora"] = lora
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), _state_arrays(model))
+    bad = checksum.nonfinite(host)
+    if bad is not None:
+        raise LayerIFError(f"refusing to write {out_dir}: {bad} holds NaN or inf values")
+    meta["layerif_jax_digests"] = checksum.tree_digests(host)
+    del host
     state = nnx.state(model)
-    with _atomic_dir(out_dir, overwrite) as tmp:
-        _write_json(tmp / "config.json", meta)
+    with _output(out_dir, "convert", overwrite) as tmp:
         try:
             with ocp.StandardCheckpointer() as ck:
                 ck.save(tmp / STATE_DIR, state)
@@ -422,8 +381,8 @@ def save_checkpoint(model: Decoder, out_dir, *, tokenizer=None, overwrite: bool 
             raise LayerIFError(f"cannot write checkpoint state to {out_dir}: "
                                f"{_oneline(e)}") from None
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-            _write_json(tmp / "config.json", meta)  # in case save_pretrained touched it
+            save_tokenizer_files(tokenizer, tmp)
+        write_json(tmp / "config.json", meta)
     return Path(out_dir).expanduser().resolve()
 
 
@@ -468,6 +427,16 @@ def _load_own(path: Path, meta: dict[str, Any], dtype) -> Decoder:
     except Exception as e:
         raise LayerIFError(f"cannot restore {path / STATE_DIR}: {_oneline(e)}") from None
     nnx.update(abstract, state)
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), _state_arrays(abstract))
+    digests = meta.get("layerif_jax_digests")
+    if digests and str(jnp.dtype(dtype)) == meta.get("layerif_jax_dtype"):
+        bad = checksum.first_mismatch(host, digests)
+        if bad is not None:
+            raise LayerIFError(f"{path}: {bad} does not match its stored checksum (the "
+                               "checkpoint is corrupt)")
+    bad = checksum.nonfinite(host)
+    if bad is not None:
+        raise LayerIFError(f"{path}: {bad} holds NaN or inf values")
     return abstract
 
 
@@ -505,6 +474,8 @@ def load_model(path, dtype="float32") -> Decoder:
     meta = read_json(cfg_path)
     if not isinstance(meta, dict):
         raise LayerIFError(f"{cfg_path}: expected a JSON object")
+    from .tokenizer import refuse_remote_code
+    refuse_remote_code(p)
     if FORMAT_KEY in meta:
         return _load_own(p, meta, dt)
     if meta.get("model_type") not in SUPPORTED:
@@ -566,9 +537,8 @@ def _hf_tensors(model: Decoder, dtype, merge: bool) -> Iterator[tuple[str, np.nd
 
 def _write_safetensors(tmp: Path, tensors: Iterator[tuple[str, np.ndarray]],
                        max_bytes: int, stem: str = "model") -> None:
-    """Write shards of at most `max_bytes` (a single larger tensor gets its own shard)."""
-    from safetensors.numpy import save_file
-
+    """Write shards of at most `max_bytes` (a single larger tensor gets its own shard);
+    every tensor finite (`safetensors_io.write`), with its checksum."""
     written: list[tuple[Path, list[str]]] = []
     buf: dict[str, np.ndarray] = {}
     size = total = 0
@@ -577,7 +547,7 @@ def _write_safetensors(tmp: Path, tensors: Iterator[tuple[str, np.ndarray]],
         nonlocal buf, size
         if buf:
             f = tmp / f".{stem}-part{len(written):05d}.safetensors"
-            save_file(buf, str(f), metadata={"format": "pt"})
+            safetensors_io.write(f, buf)
             written.append((f, list(buf)))
         buf, size = {}, 0
 
@@ -597,8 +567,8 @@ def _write_safetensors(tmp: Path, tensors: Iterator[tuple[str, np.ndarray]],
         final = f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
         f.rename(tmp / final)
         wmap.update({k: final for k in names})
-    _write_json(tmp / f"{stem}.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
+    write_json(tmp / f"{stem}.safetensors.index.json",
+               {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
 
 
 def export_hf(model: Decoder, out_dir, dtype=None, merge_lora: bool = True, *,
@@ -615,16 +585,18 @@ def export_hf(model: Decoder, out_dir, dtype=None, merge_lora: bool = True, *,
     `dtype=None` keeps the model's dtype. `tokenizer.save_pretrained` is called when given.
     """
     dt = None if dtype is None else _dtype(dtype)
-    max_bytes = _parse_size(max_shard_size)
+    max_bytes = parse_bytes(max_shard_size, "shard size")
     lora = _lora_info(model)
     hf_cfg = model.cfg.to_hf()
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(jnp.dtype(dt or model.dtype))
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    from .tokenizer import save_tokenizer_files
+
+    with _output(out_dir, "export", overwrite) as tmp:
         _write_safetensors(tmp, _hf_tensors(model, dt, merge=merge_lora), max_bytes)
         if lora is not None and not merge_lora:
             from ..peft_io import save_peft_adapter
             save_peft_adapter(model, tmp / ADAPTER_DIR)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        _write_json(tmp / "config.json", hf_cfg)
+            save_tokenizer_files(tokenizer, tmp)
+        write_json(tmp / "config.json", hf_cfg)
     return Path(out_dir).expanduser().resolve()

@@ -59,7 +59,8 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
     """
     abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     names = set(names)
-    problems: list[str] = []
+    missing: list[str] = []
+    mismatched: list[str] = []
     used: set[str] = set()
     npdt = _np_dtype(dtype)
     fills: list[tuple[tuple[str, ...], np.ndarray]] = []
@@ -68,11 +69,10 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
         want = tuple(var.shape)
         layers = range(cfg.num_layers) if per_layer else [None]
         keys = [pattern.format(l=l) for l in layers]
-        missing = [k for k in keys if k not in names]
-        if missing:
-            problems += [f"missing {k}" for k in missing[:3]]
-            if len(missing) > 3:
-                problems.append(f"missing {len(missing) - 3} more like {pattern}")
+        present = [k for k in keys if k in names]
+        used.update(present)
+        if len(present) < len(keys):
+            missing += [k for k in keys if k not in names]
             continue
         buf = np.empty(want, npdt)
         for i, k in enumerate(keys):
@@ -80,25 +80,40 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
             t = t.T if transpose else t
             slot = buf[i] if per_layer else buf
             if tuple(t.shape) != slot.shape:
-                problems.append(f"shape mismatch {k}: checkpoint {tuple(t.shape)}, "
-                                f"model expects {slot.shape}")
+                mismatched.append(f"{k}: checkpoint {tuple(t.shape)}, model expects "
+                                  f"{slot.shape}")
                 continue
             slot[...] = t.astype(npdt)
-            used.add(k)
         fills.append((path, buf))
     unexpected = sorted(n for n in names - used
                         if not n.endswith("rotary_emb.inv_freq")
                         and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
-    problems += [f"unexpected {k}" for k in unexpected[:5]]
-    if len(unexpected) > 5:
-        problems.append(f"{len(unexpected) - 5} more unexpected keys")
-    if problems:
-        raise LayerIFError(f"{source} does not fit a {cfg.model_type} model "
-                           f"({len(problems)} problems): " + "; ".join(problems))
+    if missing or mismatched or unexpected:
+        raise LayerIFError(_fit_report(cfg, source, names, missing, mismatched, unexpected))
     for path, buf in fills:
         _get_var(abstract, path).set_value(jnp.asarray(buf))
     abstract.lora_config = None
     return abstract
+
+
+def _fit_report(cfg, source, names, missing, mismatched, unexpected) -> str:
+    """One line: how many keys are missing / mismatched / unexpected, the first few of
+    each, and the layer count the weights hold when it is not the config's."""
+    import re
+
+    held = {int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    parts = []
+    if held and max(held) + 1 != cfg.num_layers:
+        parts.append(f"config.json says {cfg.num_layers} layers, the weights hold "
+                     f"{max(held) + 1}")
+    for what, keys in (("missing", missing), ("shape mismatches", mismatched),
+                       ("unexpected", unexpected)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {what} keys ({'; '.join(keys[:3])}{more})"
+                         if what != "shape mismatches" else
+                         f"{len(keys)} shape mismatches ({'; '.join(keys[:3])}{more})")
+    return f"{source} does not fit a {cfg.model_type} model: " + "; ".join(parts)
 
 
 def model_to_tensors(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
