@@ -32,7 +32,7 @@ from flax import nnx
 
 from layerif_jax.allocate import (alphalora_experts, expert_counts, mola_experts,
                                   top_k_per_layer, uniform_experts)
-from layerif_jax.cli_common import read_scores
+from layerif_jax.allocate import read_metric
 from layerif_jax.data import load_records, tokenize
 from layerif_jax.io import atomic_path, default_model_path, shared_data_dir
 from layerif_jax.model.checkpoints import load_model
@@ -46,8 +46,8 @@ METHODS = ("layerif+ve", "layerif-top25", "uniform", "mola-2468", "alphalora")
 
 def allocations(scores_path: str, alpha: np.ndarray, L: int, total: int, beta: float) -> dict:
     return {
-        "layerif+ve": expert_counts(read_scores(scores_path, "+ve"), total, beta),
-        "layerif-top25": expert_counts(read_scores(scores_path, "top25"), total, beta),
+        "layerif+ve": expert_counts(read_metric(scores_path, "layer_scores", "+ve"), total, beta),
+        "layerif-top25": expert_counts(read_metric(scores_path, "layer_scores", "top25"), total, beta),
         "uniform": uniform_experts(L, total),
         "mola-2468": mola_experts(L, total, "2-4-6-8"),
         "alphalora": alphalora_experts(alpha, total, beta),

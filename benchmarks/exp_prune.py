@@ -26,8 +26,8 @@ import jax
 import numpy as np
 
 from layerif_jax.allocate import layer_sparsities
-from layerif_jax.cli_common import read_scores
-from layerif_jax.cli_prune import DEFAULT_EPSILON
+from layerif_jax.allocate import read_metric
+from layerif_jax.prune import DEFAULT_EPSILON
 from layerif_jax.evaluate import mc_accuracy, perplexity
 from layerif_jax.io import atomic_path, default_model_path, shared_data_dir
 from layerif_jax.model.checkpoints import load_model
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
         owl = outlier_ratios(model, calib, progress=False)
         t_owl = time.perf_counter() - t0
         meta = {"model": str(model_path), "scores": a.scores, "aggregate": a.aggregate,
-                "layerif": read_scores(a.scores, a.aggregate).tolist(), "alpha": alpha.tolist(),
+                "layerif": read_metric(a.scores, "layer_scores", a.aggregate).tolist(), "alpha": alpha.tolist(),
                 "owl_outlier_ratios": owl.tolist(), "alpha_seconds": round(t_alpha, 2),
                 "owl_seconds": round(t_owl, 2), "n_calib": a.n_calib, "calib_len": a.calib_len,
                 "ppl_tokens": a.ppl_tokens, "ppl_window": a.ppl_window, "mc_tasks": a.mc_tasks,

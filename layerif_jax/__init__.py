@@ -5,22 +5,44 @@ Public API (see README):
     load_tokenizer(path)                   tokenizer with encode/decode (GGUF too)
     LoraConfig, apply_lora, merge_lora     LoRA typed nnx.LoRAParam
     layer_scores(model, train, val, ...)   per-layer influence and LayerIF scores S^(l)
+    write_scores(res, out_dir)             scores.json, per_example.npy, scores.png
     allocate                                experts per layer, sparsity per matrix
+
+Names are imported on first use, so `import layerif_jax` (and `layerif --help`) does
+not wait for jax.
 """
 
-from . import allocate, data, influence
-from .data import Example, load_records, tokenize
+from __future__ import annotations
+
+import importlib
+
 from .errors import LayerIFError
-from .influence import LayerScores, layer_scores
-from .model.checkpoints import convert, export_hf, load_model, save_checkpoint
-from .model.config import ModelConfig
-from .model.decoder import Decoder
-from .model.lora import LoraConfig, apply_lora, merge_lora
-from .model.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["allocate", "data", "influence", "Example", "load_records", "tokenize",
-           "LayerIFError", "LayerScores", "layer_scores", "convert", "export_hf", "load_model",
-           "save_checkpoint", "ModelConfig", "Decoder", "LoraConfig", "apply_lora", "merge_lora",
-           "load_tokenizer", "__version__"]
+_EXPORTS = {
+    "allocate": ".allocate", "data": ".data", "influence": ".influence",
+    "Example": ".data", "load_records": ".data", "tokenize": ".data",
+    "LayerScores": ".influence", "layer_scores": ".influence",
+    "write_scores": ".influence.output",
+    "convert": ".model.checkpoints", "export_hf": ".model.checkpoints",
+    "load_model": ".model.checkpoints", "save_checkpoint": ".model.checkpoints",
+    "ModelConfig": ".model.config", "Decoder": ".model.decoder",
+    "LoraConfig": ".model.lora", "apply_lora": ".model.lora", "merge_lora": ".model.lora",
+    "load_tokenizer": ".model.tokenizer",
+}
+
+__all__ = ["LayerIFError", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'layerif_jax' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name], __name__)
+    value = module if module.__name__.rsplit(".", 1)[-1] == name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

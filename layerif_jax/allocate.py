@@ -17,6 +17,7 @@ then block 1's, and so on (`per_block` matrices per block, 7 by default).
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 from scipy.signal import savgol_filter
@@ -49,7 +50,7 @@ def _vector(x, name: str) -> np.ndarray:
     return v
 
 
-def _check_total(num_layers: int, total: int) -> None:
+def check_total(num_layers: int, total: int) -> None:
     if num_layers < 1:
         raise LayerIFError(f"need at least one layer, got {num_layers}")
     if int(total) != total or total < num_layers:
@@ -126,7 +127,7 @@ def expert_counts(layer_scores, total: int, beta: float = 2.5) -> np.ndarray:
         raise LayerIFError(f"layer_scores must be >= 0; layer {neg[0]} has {s[neg[0]]}")
     if not beta > 0:
         raise LayerIFError(f"beta must be > 0, got {beta}")
-    _check_total(s.size, total)
+    check_total(s.size, total)
     if not s.any():
         warnings.warn("all layer scores are zero: allocating experts uniformly", stacklevel=2)
         w = np.ones_like(s)
@@ -145,7 +146,7 @@ def top_k_per_layer(counts) -> np.ndarray:
 
 def uniform_experts(num_layers: int, total: int) -> np.ndarray:
     """T // L experts per layer; the T mod L left over go one each to the first layers."""
-    _check_total(num_layers, total)
+    check_total(num_layers, total)
     counts = np.full(num_layers, total // num_layers, dtype=np.int64)
     counts[: total % num_layers] += 1
     return counts
@@ -162,7 +163,7 @@ def mola_experts(num_layers: int, total: int, preset: str) -> np.ndarray:
     """
     if preset not in MOLA_PRESETS:
         raise LayerIFError(f"unknown MoLA preset {preset!r}; choose from {', '.join(MOLA_PRESETS)}")
-    _check_total(num_layers, total)
+    check_total(num_layers, total)
     w = np.empty(num_layers)
     for group, p in zip(np.array_split(np.arange(num_layers), 4), MOLA_PRESETS[preset]):
         w[group] = p
@@ -176,13 +177,19 @@ def alphalora_experts(alpha, total: int, beta: float = 2.5, per_block: int = 7) 
     of alpha_peak.npy for Mistral-7B); pass per_block=1 for one value per block.
     Higher alpha (a less well-trained layer) gets more experts.
     """
-    return expert_counts(_block_means(_vector(alpha, "alpha"), per_block, "alpha"), total, beta)
+    a = _vector(alpha, "alpha")
+    if per_block < 1 or a.size % per_block:
+        raise LayerIFError(
+            f"AlphaLoRA needs PL_Alpha_Hill values, {per_block} per block (one per matrix; "
+            f"per_block=1 for one per block), got {a.size} values: compute them with "
+            "`layerif alpha --model M --out alpha.json` (or layerif_jax.prune.alpha_per_matrix)")
+    return expert_counts(_block_means(a, per_block, "alpha"), total, beta)
 
 
 # ------------------------------------------------------- section 5: sparsity
 
 
-def _check_sparsity_args(target: float, epsilon: float, clip: float) -> None:
+def check_sparsity_args(target: float, epsilon: float, clip: float) -> None:
     if not 0 < target < 1:
         raise LayerIFError(f"target sparsity must be in (0, 1), got {target}")
     if not 0 <= epsilon < 1:
@@ -247,7 +254,7 @@ def sparsity_ratios(layer_scores, param_counts, target: float, epsilon: float,
     reference code does. `param_counts` holds d_k for every matrix in model
     order. Constant scores give uniform sparsity = target, with a warning.
     """
-    _check_sparsity_args(target, epsilon, clip)
+    check_sparsity_args(target, epsilon, clip)
     d = _param_counts(param_counts, per_block)
     s = np.abs(_per_block(layer_scores, d, per_block, "layer_scores"))
     return _linear_map(s, d, target, epsilon, per_block, smooth=smooth, invert=False, clip=clip)
@@ -361,7 +368,7 @@ def layer_sparsities(scheme: str, *, param_counts, target: float, epsilon: float
 
     Every result is clipped at `clip`.
     """
-    _check_sparsity_args(target, epsilon, clip)
+    check_sparsity_args(target, epsilon, clip)
     d = _param_counts(param_counts, per_block)
 
     def need(value, name):
@@ -386,3 +393,75 @@ def layer_sparsities(scheme: str, *, param_counts, target: float, epsilon: float
             )
         return np.minimum(owl_sparsities(D, target, lam, per_block), clip)
     raise LayerIFError(f"unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+
+
+# ------------------------------------------------------------ reading metrics
+
+METRICS = ("layer_scores", "alpha", "outlier_ratios")
+_ALPHA_HINT = ("compute them with `layerif alpha --model M --out alpha.json` (or "
+               "layerif_jax.prune.alpha_per_matrix)")
+
+
+def read_metric(path, kind: str = "layer_scores", aggregate: str = "+ve") -> np.ndarray:
+    """A per-layer or per-matrix metric from a file, as float64.
+
+    Accepted: a `.npy`, a JSON list (or {name: value} object) of numbers, or a JSON
+    object written by this package: `layerif scores` (scores.json: the `aggregate`
+    from layer_scores_by_aggregate), `layerif run` (run.json, report/allocation.json:
+    LayerIF scores and alpha_per_matrix), `layerif alpha` (alpha) or OWL outlier
+    ratios (outlier_ratios). A file holding the wrong kind (LayerIF scores where
+    PL_Alpha_Hill is needed, say) is refused with what it holds and how to get the
+    right one.
+    """
+    if kind not in METRICS:
+        raise LayerIFError(f"unknown metric {kind!r} (choose from {', '.join(METRICS)})")
+    from .io import read_json
+
+    p = Path(path)
+    if p.suffix == ".npy":
+        try:
+            values = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise LayerIFError(f"cannot read {p}: {e}") from None
+        if values.dtype.kind not in "iuf":
+            raise LayerIFError(f"{p}: expected numbers, got an array of {values.dtype}")
+        return np.asarray(values, np.float64).reshape(-1)
+    obj = read_json(p)
+    values = obj
+    if isinstance(obj, dict):
+        values = _metric_of(obj, kind, aggregate, p)
+    if isinstance(values, dict):
+        values = list(values.values())
+    if not isinstance(values, list) or not values:
+        raise LayerIFError(f"{p}: expected a non-empty list of numbers for {kind}")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise LayerIFError(f"{p}: {kind} must be numbers; entry {i} is {v!r}")
+    return np.asarray(values, np.float64)
+
+
+def _metric_of(obj: dict, kind: str, aggregate: str, p: Path):
+    has_scores = "layer_scores" in obj or "layer_scores_by_aggregate" in obj
+    has_alpha = "alpha" in obj or "alpha_per_matrix" in obj
+    if kind == "layer_scores":
+        by = obj.get("layer_scores_by_aggregate") or {}
+        if aggregate in by:
+            return by[aggregate]
+        if "layer_scores" in obj:
+            if by:
+                raise LayerIFError(f"{p} has no {aggregate!r} aggregate (it has "
+                                   f"{', '.join(by)})")
+            return obj["layer_scores"]
+        if has_alpha:
+            raise LayerIFError(f"{p} holds PL_Alpha_Hill values, not LayerIF layer scores "
+                               "(`layerif scores` writes those)")
+    elif kind == "alpha":
+        for key in ("alpha", "alpha_per_matrix"):
+            if key in obj:
+                return obj[key]
+        if has_scores:
+            raise LayerIFError(f"{p} holds LayerIF layer scores, but PL_Alpha_Hill values "
+                               f"(one per matrix) are needed here: {_ALPHA_HINT}")
+    elif "outlier_ratios" in obj:
+        return obj["outlier_ratios"]
+    raise LayerIFError(f"{p}: no {kind} in it (keys: {', '.join(list(obj)[:8])})")

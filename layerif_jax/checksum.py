@@ -85,3 +85,34 @@ def examples_digest(examples) -> str:
         h.update(_bytes(ids))
         h.update(_bytes(np.asarray(e.targets, bool)))
     return h.hexdigest()
+
+
+def file_digests(root, skip: str = "") -> dict[str, list]:
+    """{relative path: [size, SHA-256]} of every file under `root` (but `skip`)."""
+    from pathlib import Path
+
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != skip:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            out[str(p.relative_to(root))] = [p.stat().st_size, h.hexdigest()]
+    return out
+
+
+def first_changed_file(root, digests: Mapping[str, list], skip: str = "") -> str | None:
+    """What differs between the files under `root` and `digests`, or None."""
+    got = file_digests(root, skip)
+    for k in sorted(set(got) | set(digests)):
+        if k not in got:
+            return f"file {k} is missing"
+        if k not in digests:
+            return f"file {k} was added"
+        if got[k][0] != digests[k][0]:
+            return f"file {k} has {got[k][0]} bytes, {digests[k][0]} were written"
+        if got[k][1] != digests[k][1]:
+            return f"file {k} does not match its checksum"
+    return None

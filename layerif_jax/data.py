@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import LayerIFError
+from .notes import note
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +32,10 @@ class Batch:
     index: np.ndarray      # int32 [B] position of each row in the example list, -1 = filler row
 
 
-def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """A JSON list of objects, or JSONL (one object per line). `limit` keeps the first N."""
+def load_records(path: str | Path, limit: int | None = None, *,
+                 what: str = "records") -> list[dict[str, Any]]:
+    """A JSON list of objects, or JSONL (one object per line). `limit` keeps the first N
+    (a note says so when the file holds fewer)."""
     path = Path(path)
     if limit is not None and limit < 1:
         raise LayerIFError(f"--limit must be >= 1, got {limit}")
@@ -40,15 +43,27 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, A
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LayerIFError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise LayerIFError(f"{path} is a directory, not a data file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise LayerIFError(f"cannot read data file {path}: {e}") from None
     stripped = text.lstrip()
+    records: Any = None
     if stripped.startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise LayerIFError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    else:
+    elif stripped.startswith("{"):
+        try:  # one (pretty-printed) JSON object is not a list of records
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSONL, parsed below
+        if isinstance(whole, dict):
+            keys = ", ".join(list(map(str, whole))[:5])
+            raise LayerIFError(f"{path}: expected a list of records (a JSON list of objects or "
+                               f"JSONL, one object per line), got one JSON object (keys: {keys})")
+    if records is None:
         records = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -57,42 +72,76 @@ def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, A
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise LayerIFError(f"{path}: malformed JSONL at line {n}: {e.msg}") from None
+            if not isinstance(records[-1], dict):
+                raise LayerIFError(f"{path}: line {n} is not a JSON object")
             if limit is not None and len(records) >= limit:
                 break
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise LayerIFError(f"{path}: expected a JSON list of objects or JSONL objects")
+    if not isinstance(records, list):
+        raise LayerIFError(f"{path}: expected a list of records, got {type(records).__name__}")
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise LayerIFError(f"{path}: record {bad} is a {type(records[bad]).__name__}, "
+                           "not a JSON object")
     if not records:
         raise LayerIFError(f"{path}: empty dataset")
+    if limit is not None and len(records) < limit:
+        note(f"asked for {limit} {what} but {path} holds {len(records)}; using {len(records)}")
     return records[:limit] if limit is not None else records
+
+
+def _field(rec: dict[str, Any], key: str, index: int, source: str, *,
+           optional: bool = False) -> str:
+    if key not in rec:
+        if optional:
+            return ""
+        raise LayerIFError(f"{source}: record {index} has no field '{key}'")
+    v = rec[key]
+    if not isinstance(v, str):
+        kind = "null" if v is None else f"of type {type(v).__name__}"
+        raise LayerIFError(f"{source}: record {index} field '{key}' is {kind}, expected a string")
+    return v
 
 
 def record_text(rec: dict[str, Any], *, index: int = 0, text_field: str | None = None,
                 source: str = "data") -> tuple[str, str]:
-    """(prompt, full text). The prompt is what `mask_prompt` excludes from the loss."""
-    if text_field is None and "instruction" in rec and "output" in rec:
-        prompt = str(rec["instruction"])
-        if rec.get("input"):
-            prompt = prompt + " " + str(rec["input"])
-        return prompt, prompt + " " + str(rec["output"])
+    """(prompt, full text). The prompt is what `mask_prompt` excludes from the loss.
+
+    Records with `instruction` or `output` need both as strings (`input`, if present,
+    too); otherwise the text field (default `text`) must be a string. Null, non-string
+    and missing fields are errors naming the record and the field.
+    """
+    if text_field is None and ("instruction" in rec or "output" in rec):
+        prompt = _field(rec, "instruction", index, source)
+        extra = _field(rec, "input", index, source, optional=True)
+        if extra:
+            prompt = prompt + " " + extra
+        return prompt, prompt + " " + _field(rec, "output", index, source)
     field = text_field or "text"
-    if field in rec and isinstance(rec[field], str):
-        return "", rec[field]
-    want = f"'{text_field}'" if text_field else "'instruction' and 'output', or 'text'"
-    raise LayerIFError(f"{source}: record {index} lacks the text fields ({want})")
+    if field not in rec:
+        want = f"'{text_field}'" if text_field else "'instruction' and 'output', or 'text'"
+        raise LayerIFError(f"{source}: record {index} lacks the text fields ({want})")
+    return "", _field(rec, field, index, source)
 
 
 def tokenize(tokenizer, records: Sequence[dict[str, Any]], *, max_len: int = 128,
              mask_prompt: bool = False, text_field: str | None = None,
              source: str = "data") -> list[Example]:
-    """Tokenise each record alone (the tokenizer's default special tokens), truncate to max_len."""
+    """Tokenise each record alone (the tokenizer's default special tokens), truncate to
+    max_len. Notes say how many records were truncated (and by how much) and how many
+    have an empty output under `mask_prompt`."""
     if max_len < 2:
         raise LayerIFError(f"--max-len must be >= 2, got {max_len}")
-    out = []
+    out, cut, empty = [], [], 0
     for i, rec in enumerate(records):
         prompt, text = record_text(rec, index=i, text_field=text_field, source=source)
-        ids = np.asarray(tokenizer(text)["input_ids"], np.int32)[:max_len]
+        full = np.asarray(tokenizer(text)["input_ids"], np.int32)
+        if len(full) > max_len:
+            cut.append(len(full) - max_len)
+        ids = full[:max_len]
         targets = np.arange(len(ids)) >= 1
         if mask_prompt and prompt:
+            if not text[len(prompt):].strip():
+                empty += 1
             n_prompt = len(tokenizer(prompt)["input_ids"])
             targets &= np.arange(len(ids)) >= n_prompt
         if not targets.any():
@@ -101,6 +150,12 @@ def tokenize(tokenizer, records: Sequence[dict[str, Any]], *, max_len: int = 128
         out.append(Example(ids, targets))
     if not out:
         raise LayerIFError(f"{source}: empty dataset")
+    if cut:
+        note(f"{source}: {len(cut)} of {len(out)} records truncated to --max-len {max_len} "
+             f"(by {min(cut)} to {max(cut)} tokens, {sum(cut)} in all)")
+    if empty:
+        note(f"{source}: {empty} record(s) have an empty output; with --mask-prompt only the "
+             "separator after the prompt counts in their loss")
     return out
 
 

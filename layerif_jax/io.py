@@ -141,7 +141,8 @@ def read_json(path: str | Path) -> Any:
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]I?B|B)?\s*", re.I)
+_SIZE = re.compile(r"\s*([+-]?(?:[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?|inf|nan))\s*([KMGT]I?B|B)?\s*",
+                   re.I)
 
 
 def parse_bytes(x, what: str = "size") -> int:
@@ -156,10 +157,10 @@ def parse_bytes(x, what: str = "size") -> int:
         if not m:
             raise LayerIFError(f"cannot read {what} {x!r} (e.g. 8GB, 512MiB, 1e9)")
         value, mult = float(m.group(1)), _UNITS[(m.group(2) or "").upper()]
-    if not math.isfinite(value) or not math.isfinite(value * mult):
-        raise LayerIFError(f"{what} must be finite, got {x!r}")
     if value < 0:
         raise LayerIFError(f"{what} must be >= 0, got {x!r}")
+    if not math.isfinite(value) or not math.isfinite(value * mult):
+        raise LayerIFError(f"{what} must be finite, got {x!r}")
     return int(value * mult)
 
 
@@ -301,6 +302,7 @@ class OutputDir:
         self.flag = flag
         self.lock = Lock(self.path, command)
         self.owned: list[str] = []
+        self._depth = 0
 
     # -- checking and locking ---------------------------------------------------------
     def open(self) -> "OutputDir":
@@ -330,11 +332,16 @@ class OutputDir:
     def close(self) -> None:
         self.lock.release()
 
-    def __enter__(self):
-        return self if self.lock.held else self.open()
+    def __enter__(self):  # nested `with` blocks on an open OutputDir keep its lock
+        if not self.lock.held:
+            self.open()
+        self._depth += 1
+        return self
 
     def __exit__(self, *exc):
-        self.close()
+        self._depth -= 1
+        if self._depth == 0:
+            self.close()
 
     def foreign(self) -> list[str]:
         if not self.path.is_dir():
@@ -449,6 +456,7 @@ class OutputFile:
         self.command = command
         self.lock = Lock(self.path, command)
         self.overwrite, self.flag = overwrite, flag
+        self._depth = 0
 
     def open(self) -> "OutputFile":
         if self.path.is_dir():
@@ -467,10 +475,15 @@ class OutputFile:
         self.lock.release()
 
     def __enter__(self):
-        return self if self.lock.held else self.open()
+        if not self.lock.held:
+            self.open()
+        self._depth += 1
+        return self
 
     def __exit__(self, *exc):
-        self.close()
+        self._depth -= 1
+        if self._depth == 0:
+            self.close()
 
 
 def written_by_us(path: Path) -> bool:

@@ -105,6 +105,39 @@ def check_experts(experts, num_layers: int) -> list[int]:
     return counts
 
 
+def read_allocation(path, num_layers: int, top_k=None, method: str | None = None):
+    """(experts, top_k) from an allocation JSON: `layerif allocate experts --out` (key
+    'experts', optional 'total' and 'top_k'), `layerif run`'s report/allocation.json
+    ('experts' per method: pick one with `method`), or a plain JSON list. Wrong layer
+    count, sum != total, counts < 1, or top-k > a layer's experts -> LayerIFError."""
+    from .io import read_json
+
+    obj = read_json(path)
+    saved_k = None
+    if isinstance(obj, dict):
+        if "experts" not in obj:
+            raise LayerIFError(f"{path}: no 'experts' key (expected `layerif allocate experts` "
+                               "or `layerif run` output)")
+        experts, total, saved_k = obj["experts"], obj.get("total"), obj.get("top_k")
+        if isinstance(experts, dict):  # `layerif run`: one allocation per method
+            if method is None or method not in experts:
+                raise LayerIFError(f"{path} holds the allocations {', '.join(experts)}: pick "
+                                   "one with --allocation"
+                                   + (f" ({method!r} is not one of them)" if method else ""))
+            experts = experts[method]
+            saved_k = (saved_k or {}).get(method) if isinstance(saved_k, dict) else None
+    elif isinstance(obj, list):
+        experts, total = obj, None
+    else:
+        raise LayerIFError(f"{path}: expected a JSON object with 'experts' or a JSON list")
+    if not isinstance(experts, list):
+        raise LayerIFError(f"{path}: 'experts' must be a list of integers")
+    counts = check_experts(experts, num_layers)
+    if total is not None and sum(counts) != int(total):
+        raise LayerIFError(f"{path}: expert counts sum to {sum(counts)} but 'total' is {total}")
+    return counts, resolve_top_k(counts, top_k if top_k is not None else saved_k)
+
+
 # -- the MoE linear map -----------------------------------------------------------------------
 
 def moe_delta(x: jax.Array, a: jax.Array, b: jax.Array, router: jax.Array, *, top_k: int,

@@ -33,6 +33,7 @@ from .model.config import LINEARS
 from .model.decoder import INPUT_OF, attention_bias, block_apply, rope_inv_freq
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+DEFAULT_EPSILON = {"magnitude": 0.3, "wanda": 0.1, "sparsegpt": 0.1}  # METHOD.md section 5
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -407,11 +408,6 @@ def _apply_wanda(W, sq, k, *, nm):
 # ---------------------------------------------------------------------------------
 # prune_model
 # ---------------------------------------------------------------------------------
-def matrix_names(num_layers: int) -> list[str]:
-    """Report keys in model order: layers.{l}.{q_proj..down_proj}."""
-    return [f"layers.{l}.{n}" for l in range(num_layers) for n in LINEARS]
-
-
 def prune_model(model, sparsities: Sequence[float] | None, method: str, calib_ids=None, *,
                 nm=None, batch_size: int = 8, blocksize: int = 128, percdamp: float = 0.01,
                 progress: bool = False):
@@ -449,7 +445,7 @@ def prune_model(model, sparsities: Sequence[float] | None, method: str, calib_id
             raise LayerIFError(f"{nmt[0]}:{nmt[1]} pruning fixes every sparsity at "
                                f"{nmt[0] / nmt[1]:g}: use the uniform allocation")
 
-    names = matrix_names(L)
+    names = model.cfg.matrix_names()
     report: dict[str, float] = {}
     new_kernels: dict[str, list] = {n: [] for n in LINEARS}
 

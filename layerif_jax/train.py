@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ from .stop import check as check_stop, checking
 _DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 CHECKPOINT_DIR = "checkpoints"
+FILE_SUMS = "layerif_files.sha256.json"  # in each checkpoint folder, beside orbax's files
 ADAPTER_DIR = "adapter"
 STATE_FILE = "train_state.json"
 HISTORY_FILE = "history.json"
@@ -295,10 +297,10 @@ def run_fingerprint(cfg: TrainConfig, train: Sequence[Example], total_steps: int
             "init": checksum.identity_digest(jax.tree.leaves(init))}
 
 
-_WHAT = {"data": "the training data (a different file, --limit, --max-len or "
+_WHAT = {"data": "the training data differs (another file, --limit, --max-len or "
                  "--mask-prompt)",
-         "base_model": "the base model (a different checkpoint or --dtype)",
-         "init": "the initial adapter (a different --seed)"}
+         "base_model": "the base model differs (another checkpoint or --dtype)",
+         "init": "the initial adapter differs (another --seed or initialisation)"}
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -329,7 +331,7 @@ def _describe_diff(a: dict, b: dict, prefix="") -> str:
                 return d
         elif va != vb:
             if k in _WHAT and not prefix:
-                return f"{_WHAT[k]} differs"
+                return _WHAT[k]
             return f"{prefix}{k}: checkpoint {va!r}, now {vb!r}"
     return ""
 
@@ -359,6 +361,16 @@ def _restore(mngr, params, opt_state, fingerprint: dict, state_key: str, where: 
 
     damaged: list[tuple[int, str]] = []
     for s in sorted(mngr.all_steps(), reverse=True):
+        sums = Path(mngr.directory) / str(s) / FILE_SUMS
+        if sums.is_file():  # verified before orbax reads a byte (it cannot fail noisily then)
+            try:
+                bad = checksum.first_changed_file(sums.parent, json.loads(sums.read_text()),
+                                                  skip=FILE_SUMS)
+            except (OSError, ValueError) as e:
+                bad = f"unreadable {FILE_SUMS}: {e}"
+            if bad is not None:
+                damaged.append((s, bad))
+                continue
         try:
             meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             if not isinstance(meta, dict) or "step" not in meta:
@@ -386,9 +398,10 @@ def _restore(mngr, params, opt_state, fingerprint: dict, state_key: str, where: 
         if bad is not None:
             damaged.append((s, f"non-finite values in {bad}"))
             continue
-        for d, why in damaged:
-            note(f"checkpoint {d} in {where / CHECKPOINT_DIR} is damaged ({why}); "
-                 f"resuming from checkpoint {s} instead")
+        for d, why in damaged:  # newer than `s`: the resumed run writes that step again
+            mngr.delete(d)
+            note(f"checkpoint {d} in {where / CHECKPOINT_DIR} is damaged ({why}); resuming "
+                 f"from checkpoint {s} instead (the damaged one is removed)")
         return (_unflat(params, host[state_key]), _unflat(opt_state, host["opt"]), meta)
     if damaged:
         raise LayerIFError(f"no intact checkpoint in {where / CHECKPOINT_DIR} ("
@@ -478,6 +491,9 @@ def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
                 "digests": checksum.tree_digests(host), "history": history}
         mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
+        mngr.wait_until_finished()
+        folder = Path(mngr.directory) / str(step)
+        write_json(folder / FILE_SUMS, checksum.file_digests(folder, skip=FILE_SUMS))
         last_saved = step
 
     stop = step >= total or (max_steps is not None and step >= max_steps)
@@ -557,12 +573,9 @@ def finish_run(out: OutputDir, history: dict[str, Any], state: dict[str, Any],
 @contextlib.contextmanager
 def run_dir(out_dir, command: str, overwrite: bool = False) -> Iterator[OutputDir]:
     """The locked output directory of a training run (an `OutputDir`, or a path to open)."""
-    if isinstance(out_dir, OutputDir):
-        with out_dir as out:
-            out.claim([CHECKPOINT_DIR])
-            yield out
-        return
-    with OutputDir(Path(out_dir).resolve(), command, overwrite=overwrite) as out:
+    out = (out_dir if isinstance(out_dir, OutputDir)
+           else OutputDir(Path(out_dir).resolve(), command, overwrite=overwrite))
+    with out:
         out.claim([CHECKPOINT_DIR])
         yield out
 

@@ -1,11 +1,69 @@
-"""Shared fixtures: tiny random transformers models and the SmolLM2 GGUF path."""
+"""Shared fixtures: tiny random models (with and without torch), a tiny BPE tokenizer
+trained here, and the SmolLM2 GGUF path."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import pytest
+
+# CLI runs in the tests do not write the user's compilation cache (a test of the cache
+# points it at a folder of its own).
+os.environ.setdefault("LAYERIF_COMPILE_CACHE", "off")
+
+# A small task in the paper's record format, and text in its vocabulary.
+TASK = [{"instruction": f"Is {i} even? Answer:", "input": "",
+         "output": "yes." if i % 2 == 0 else "no.", "answer": "yes" if i % 2 == 0 else "no"}
+        for i in range(24)]
+
+
+def bpe_tokenizer(texts, vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on `texts` (no download, no torch)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def task_texts():
+    return ([f"{r['instruction']} {r['output']}" for r in TASK]
+            + ["The quick brown fox jumps over the lazy dog. Question: Answer: the answer is"])
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 32) with a BPE tokenizer, as a Hugging Face
+    directory written by this package (no torch needed)."""
+    from flax import nnx
+
+    from layerif_jax.model.checkpoints import export_hf
+    from layerif_jax.model.config import ModelConfig
+    from layerif_jax.model.decoder import Decoder
+
+    tok = bpe_tokenizer(task_texts())
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32,
+                      intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, max_position_embeddings=512)
+    return export_hf(Decoder(cfg, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("tiny") / "llama",
+                     tokenizer=tok)
+
+
+@pytest.fixture()
+def task_file(tmp_path) -> Path:
+    p = tmp_path / "task.json"
+    p.write_text(json.dumps(TASK))
+    return p
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

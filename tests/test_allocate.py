@@ -125,7 +125,7 @@ def test_alphalora_golden_mistral():
         (lambda: expert_counts([1, np.inf, 3], 10), "index 1"),
         (lambda: mola_experts(32, 160, "1-2-3-4"), "preset"),
         (lambda: uniform_experts(32, 31), "T=31"),
-        (lambda: alphalora_experts(np.ones(22), 40), "per_block=7"),
+        (lambda: alphalora_experts(np.ones(22), 40), "PL_Alpha_Hill values, 7 per block"),
     ],
 )
 def test_expert_errors(call, match):

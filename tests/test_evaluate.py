@@ -182,27 +182,27 @@ def test_shared_task_records_parse(name):
 
 
 def test_cli_eval(model, tok, tmp_path, capsys):
-    import argparse
-
-    from layerif_jax.cli_prune import register
+    from layerif_jax.cli import main
     from layerif_jax.model.checkpoints import export_hf
     d = export_hf(model, tmp_path / "tiny", tokenizer=tok)
-    parser = argparse.ArgumentParser(prog="layerif")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    register(parser.add_subparsers(dest="cmd", required=True))
 
     def run(argv):
-        a = parser.parse_args(argv)
-        a.fn(a)
+        assert main(argv) == 0
         return json.loads(capsys.readouterr().out)
 
     text = tmp_path / "t.raw"
     text.write_text(" ".join(f"w{i % 57}" for i in range(40)))
     res = run(["-q", "eval", "ppl", "--model", str(d), "--data", str(text), "--window", "16",
                "--out", str(tmp_path / "ppl.json")])
-    assert res["n_windows"] == 2 and res["perplexity"] > 1
-    assert json.loads((tmp_path / "ppl.json").read_text()) == res
+    want = perplexity(model, tok, text, window=16, progress=False)
+    assert res["n_windows"] == want["n_windows"] == 2
+    assert res["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    saved = json.loads((tmp_path / "ppl.json").read_text())
+    assert saved.pop("written_by") == "layerif eval ppl" and saved == res
     task = _task(tmp_path)
     res = run(["-q", "eval", "mc", "--model", str(d), "--task", str(task), str(task),
                "--limit", "2"])
-    assert [t["n"] for t in res["tasks"]] == [2, 2] and 0 <= res["mean_accuracy"] <= 1
+    want = mc_accuracy(model, tok, task, 2, progress=False)
+    assert [t["n"] for t in res["tasks"]] == [2, 2]
+    assert res["tasks"][0]["accuracy"] == want["accuracy"]
+    assert res["mean_accuracy"] == want["accuracy"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -319,8 +318,8 @@ def test_generate_and_accuracy_smoke(trained, tmp_path):
 
 # -- CLI input checks ------------------------------------------------------------------------
 
-def test_cli_allocation_checks(tmp_path):
-    from layerif_jax.cli_moe import read_allocation, register
+def test_allocation_file_checks(tmp_path):
+    from layerif_jax.moe import read_allocation
 
     p = tmp_path / "alloc.json"
     p.write_text(json.dumps({"experts": [1, 3, 2], "total": 6, "top_k": [1, 2, 2]}))
@@ -335,11 +334,12 @@ def test_cli_allocation_checks(tmp_path):
     p.write_text(json.dumps({"counts": [1]}))
     with pytest.raises(LayerIFError, match="'experts'"):
         read_allocation(p, 1)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="cmd"))
-    a = parser.parse_args(["moe", "train", "--model", "m", "--data", "d", "--experts", "e",
-                           "--out", "o"])
-    assert a.fn.__name__ == "cmd_moe_train" and a.epochs == 3
-    a = parser.parse_args(["moe", "eval", "--model", "m", "--adapter", "a", "--data", "d",
-                           "--mode", "loglik"])
-    assert a.fn.__name__ == "cmd_moe_eval" and a.mode == "loglik"
+    # `layerif run`'s allocation.json: one allocation per method
+    p.write_text(json.dumps({"experts": {"layerif": [1, 4, 1], "uniform": [2, 2, 2]},
+                             "top_k": {"layerif": [1, 2, 1], "uniform": [2, 2, 2]},
+                             "total": 6}))
+    assert read_allocation(p, 3, method="layerif") == ([1, 4, 1], [1, 2, 1])
+    with pytest.raises(LayerIFError, match="layerif, uniform: pick one with --allocation"):
+        read_allocation(p, 3)
+    with pytest.raises(LayerIFError, match="'mola' is not one of them"):
+        read_allocation(p, 3, method="mola")

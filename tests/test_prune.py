@@ -218,7 +218,8 @@ def test_prune_model_hits_per_matrix_sparsities(method):
     s = np.random.default_rng(2).uniform(0.1, 0.8, size=14)
     s[3] = 0.0  # a matrix left dense
     _, report = prune_model(model, s, method, calib(), batch_size=4)
-    assert list(report) == [f"layers.{l}.{n}" for l in range(2) for n in LINEARS]
+    sub = {n: "self_attn" if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp" for n in LINEARS}
+    assert list(report) == [f"layers.{l}.{sub[n]}.{n}" for l in range(2) for n in LINEARS]
     for k, (name, got) in enumerate(report.items()):
         lin = name.split(".")[-1]
         want = _expected(method, s[k], CFG.linear_shape(lin)) if s[k] else 0.0
@@ -354,14 +355,20 @@ def test_calibration_ids_text_and_task(tmp_path):
 
 # ------------------------------------------------------------------ CLI
 def _cli(argv):
-    import argparse
+    """`layerif ARGV` in this process: the exit code, and the one error line (if any)."""
+    import contextlib
+    import io
 
-    from layerif_jax.cli_prune import register
-    parser = argparse.ArgumentParser(prog="layerif")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    register(parser.add_subparsers(dest="cmd", required=True))
-    a = parser.parse_args(argv)
-    a.fn(a)
+    from layerif_jax.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    if code != 0:
+        raise LayerIFError(err.getvalue().strip().splitlines()[-1])
+    return code
 
 
 @pytest.fixture(scope="module")
@@ -387,8 +394,9 @@ def test_cli_prune(hf_dir, tmp_path, capsys):
     m = load_model(out)
     k = np.asarray(m.layers.q_proj.kernel[...])
     assert [(k[l] == 0).mean() for l in range(2)] == pytest.approx(
-        [rep["achieved"]["layers.0.q_proj"], rep["achieved"]["layers.1.q_proj"]])
-    assert rep["requested"]["layers.1.q_proj"] > rep["requested"]["layers.0.q_proj"]  # high S
+        [rep["achieved"]["layers.0.self_attn.q_proj"], rep["achieved"]["layers.1.self_attn.q_proj"]])
+    assert (rep["requested"]["layers.1.self_attn.q_proj"]
+            > rep["requested"]["layers.0.self_attn.q_proj"])  # high S
     assert "global sparsity" in capsys.readouterr().out
     _cli(["-q", "prune", "--model", str(hf_dir), "--nm", "2:4", "--method", "wanda",
           "--allocation", "uniform", "--calib", str(text), "--n-calib", "2", "--calib-len", "8",

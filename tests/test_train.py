@@ -19,7 +19,7 @@ from layerif_jax.model.lora import LoraConfig, apply_lora
 from layerif_jax.model.params import model_from_tensors
 from layerif_jax.train import (
     TrainConfig, batch_loss, finetune, lr_at, make_optimizer, make_schedule, split_model,
-    train_step)
+    train_loop, train_step)
 
 VOCAB = 97
 CFG = ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
@@ -251,3 +251,73 @@ def test_bf16_compute(tmp_path):
     ex = make_examples(3, seed=8)
     b = pack(ex, [0, 1, 2], 4, 16)  # the validation batch shape
     assert batch_loss(model, b, "bfloat16") == pytest.approx(batch_loss(model, b), rel=0.05)
+
+
+def _fake_loop(tmp_path, monkeypatch, step_fn, n=12):
+    """train_loop over 6 steps of a fake step function, with a recording progress bar."""
+    events = []
+
+    class Bar:
+        def __init__(self, *a, **k):
+            self.n = k.get("initial", 0)
+
+        def update(self, k):
+            self.n += k
+            events.append(("bar", self.n))
+
+        def set_postfix(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    import tqdm.auto
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    cfg = TrainConfig(epochs=1, lr=1e-2, warmup_steps=0, batch_size=2, max_len=16,
+                      checkpoint_every=1000)
+    params, opt = {"w": jnp.zeros(3)}, {"m": jnp.ones(3)}
+    return events, lambda: train_loop(
+        params, opt, lambda *a: step_fn(events, *a), cfg=cfg, train=make_examples(n),
+        out_dir=tmp_path, fingerprint={"x": 1}, state_key="p",
+        stats_keys={"train_loss": "loss"}, progress=True)
+
+
+def test_loop_counts_finished_steps_and_runs_at_most_one_ahead(tmp_path, monkeypatch):
+    class Lazy:  # a step result whose value is known only when it is read
+        def __init__(self, events, k):
+            self.events, self.k, self.read = events, k, False
+
+        def __float__(self):
+            if not self.read:
+                self.events.append(("finished", self.k))
+                self.read = True
+            return 1.0
+
+    def step(events, params, opt, ids, mask, tgt, idx, k):
+        events.append(("dispatched", k))
+        return params, opt, {"loss": Lazy(events, k)}
+
+    events, go = _fake_loop(tmp_path, monkeypatch, step)
+    res = go()
+    assert res.step == 6 and res.history["completed"]
+    finished = dispatched = 0
+    for kind, k in events:
+        if kind == "dispatched":
+            dispatched += 1
+            assert dispatched - finished <= 2, events  # one in flight beyond the awaited one
+        elif kind == "finished":
+            finished += 1
+        else:
+            assert k <= finished, events              # the bar never counts unfinished steps
+    assert [e for e in events if e[0] == "bar"][-1] == ("bar", 6)
+
+
+def test_diverged_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    def step(events, params, opt, ids, mask, tgt, idx, k):
+        loss = jnp.float32(np.nan if k == 3 else 1.0)
+        return jax.tree.map(lambda x: x + 1, params), opt, {"loss": loss}
+
+    events, go = _fake_loop(tmp_path, monkeypatch, step)
+    with pytest.raises(LayerIFError, match="not finite at step 4 of 6"):
+        go()
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

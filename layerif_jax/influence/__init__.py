@@ -3,8 +3,7 @@
 from . import core
 from .estimators import ESTIMATORS, Context, DataInf, Exact, Identity, get_estimator
 from .partition import UNITS, Partition, make_partition
-from .scores import AGGREGATES, LayerScores, layer_scores, parse_bytes
+from .scores import AGGREGATES, LayerScores, layer_scores
 
 __all__ = ["core", "ESTIMATORS", "Context", "DataInf", "Exact", "Identity", "get_estimator",
-           "UNITS", "Partition", "make_partition", "AGGREGATES", "LayerScores", "layer_scores",
-           "parse_bytes"]
+           "UNITS", "Partition", "make_partition", "AGGREGATES", "LayerScores", "layer_scores"]

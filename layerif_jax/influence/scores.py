@@ -32,6 +32,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..data import Example, bucketed_batches
 from ..errors import LayerIFError
+from ..io import parse_bytes
+from ..notes import info, note
+from ..stop import check as check_stop, checking
 from . import core, packed
 from .distributed import put, to_host
 from .estimators import Context, get_estimator
@@ -63,24 +66,6 @@ class LayerScores:
 
     def aggregated(self, how: str) -> np.ndarray:
         return np.asarray(core.aggregate(self.per_example, how))
-
-
-def parse_bytes(x) -> int | None:
-    """'2GB', '512MB', '1e9', 1000000 -> bytes."""
-    if x is None or isinstance(x, (int, float)):
-        return None if x is None else int(x)
-    s = str(x).strip().upper().replace(" ", "")
-    units = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1}
-    for u, f in units.items():
-        if s.endswith(u):
-            try:
-                return int(float(s[:-len(u)]) * f)
-            except ValueError:
-                break
-    try:
-        return int(float(s))
-    except ValueError:
-        raise LayerIFError(f"cannot read memory budget {x!r} (e.g. 8GB, 512MB, 1e9)") from None
 
 
 def _check_adapter(lora_state):
@@ -241,10 +226,22 @@ _mean = jax.jit(core.mean_leaves, static_argnums=1)
 
 
 def _progress(it, total, desc, enabled):
-    if not enabled or jax.process_index() != 0:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, total=total, desc=desc, unit="chunk", leave=False)
+    """The items of `it`, with a progress bar (process 0) and a stop check before each:
+    a Ctrl-C or SIGTERM (`layerif_jax.stop`) ends the run between two calls."""
+    bar = None
+    if enabled and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=desc, unit="chunk", leave=False)
+    with checking():
+        try:
+            for x in it:
+                check_stop()
+                yield x
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 def _raise_nonfinite(finite_chunks, batches, what):
@@ -277,6 +274,27 @@ def _keep_plan(calls, bytes_per_row: int, budget: int | None) -> np.ndarray:
 
 def _chunk_shape(b) -> tuple:
     return b.chunk_shape if isinstance(b, _Group) else tuple(b.ids.shape)
+
+
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
+def _say_memory_plan(calls, keep_call, need: int, budget: int | None, n: int) -> None:
+    """Before the passes: the gradients' memory against the budget, and what is kept."""
+    kept = int(sum((b.index >= 0).sum() for b, k in zip(calls, keep_call) if k))
+    what = f"per-example gradients of {n} training examples need {_gb(need)}"
+    if keep_call.all():
+        info(f"{what}" + ("" if budget is None else f" of the {_gb(budget)} memory budget")
+             + ": all kept")
+    elif not keep_call.any():
+        note(f"{what}, more than the whole {_gb(budget or 0)} memory budget allows for even one "
+             f"call: every training gradient is recomputed twice more (about 3x the time of "
+             f"the training pass); raise the memory budget to {_gb(need)} to keep them all")
+    else:
+        note(f"{what}, more than the {_gb(budget or 0)} memory budget: {kept} of {n} kept, "
+             f"{int((~keep_call).sum())} of {len(calls)} calls recomputed twice more; raise the "
+             f"memory budget to {_gb(need)} to keep them all")
 
 
 def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
@@ -316,7 +334,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     ndev = 1 if mesh is None else mesh.devices.size
     if chunk_size < 1:
         raise LayerIFError(f"chunk size must be >= 1, got {chunk_size}")
-    budget = parse_bytes(memory_budget)
+    budget = None if memory_budget is None else parse_bytes(memory_budget, "memory budget")
 
     runner = _Runner(model, dtype=dtype, mesh=mesh, engine=engine, chunk_size=chunk_size,
                      bucket_multiple=bucket_multiple, row_len=row_len,
@@ -334,6 +352,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
     need = 4 * d_total * n_pad
     keep_call = _keep_plan(tb, 4 * d_total, budget)
     keep = bool(keep_call.all())
+    _say_memory_plan(tb, keep_call, need, budget, n)
 
     phases = {}
     tick = time.perf_counter()
@@ -387,7 +406,7 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
         lam = jnp.where(sq_sum == 0, 1.0, lam)
 
     def chunks():
-        for k, b in enumerate(tb):
+        for k, b in enumerate(_progress(tb, len(tb), "influence pass", False)):
             rows = slice(int(offsets[k]), int(offsets[k + 1]))
             yield rows, (kept[k] if kept[k] is not None else jax.tree.leaves(runner.grads(b)[0]))
 
@@ -420,6 +439,8 @@ def layer_scores(model, train: Sequence[Example], val: Sequence[Example], *,
 
     phase("score", layer_nML)
     seconds = time.perf_counter() - t0
+    if (per_example > 0).all():
+        note("every per-example score is positive: the '+ve' and 'all' layer scores are equal")
     return LayerScores(
         layer_scores=np.asarray(core.aggregate(per_example, aggregate)),
         per_example=per_example, aggregate=aggregate, estimator=est.name, unit=unit,

@@ -16,7 +16,6 @@ into place only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -75,14 +74,12 @@ def _oneline(e: BaseException) -> str:
     return msg[0][:200] if msg else type(e).__name__
 
 
-@contextlib.contextmanager
-def _output(out_dir, command: str, overwrite: bool) -> Iterator[Path]:
-    """A staging folder committed into `out_dir` (see `io.OutputDir`): files of others
-    in it are refused unless `overwrite`, and are never removed."""
-    out = out_dir if isinstance(out_dir, OutputDir) else OutputDir(
-        Path(out_dir).expanduser().resolve(), command, overwrite=overwrite)
-    with out, out.staging() as tmp:
-        yield tmp
+def _output_dir(out_dir, command: str, overwrite: bool) -> OutputDir:
+    """`out_dir` as an `io.OutputDir` (an open one is used as it is): files of others in
+    it are refused unless `overwrite`, and are never removed."""
+    if isinstance(out_dir, OutputDir):
+        return out_dir
+    return OutputDir(Path(out_dir).expanduser().resolve(), command, overwrite=overwrite)
 
 
 def _get_var(obj, path):
@@ -372,7 +369,8 @@ def save_checkpoint(model: Decoder, out_dir, *, tokenizer=None, overwrite: bool 
     meta["layerif_jax_digests"] = checksum.tree_digests(host)
     del host
     state = nnx.state(model)
-    with _output(out_dir, "convert", overwrite) as tmp:
+    out = _output_dir(out_dir, "convert", overwrite)
+    with out, out.staging() as tmp:
         try:
             with ocp.StandardCheckpointer() as ck:
                 ck.save(tmp / STATE_DIR, state)
@@ -383,7 +381,7 @@ def save_checkpoint(model: Decoder, out_dir, *, tokenizer=None, overwrite: bool 
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)
         write_json(tmp / "config.json", meta)
-    return Path(out_dir).expanduser().resolve()
+    return out.path
 
 
 def _load_own(path: Path, meta: dict[str, Any], dtype) -> Decoder:
@@ -500,7 +498,7 @@ def convert(src, out_dir, dtype="float32", *, overwrite: bool = False) -> Path:
     if _has_tokenizer_files(Path(src).expanduser()):
         tok = load_tokenizer(src)
     else:
-        warnings.warn(f"{src} has no tokenizer files; {out_dir} will hold the model only",
+        warnings.warn(f"{src} has no tokenizer files; the output will hold the model only",
                       stacklevel=2)
     return save_checkpoint(model, out_dir, tokenizer=tok, overwrite=overwrite)
 
@@ -573,7 +571,7 @@ def _write_safetensors(tmp: Path, tensors: Iterator[tuple[str, np.ndarray]],
 
 def export_hf(model: Decoder, out_dir, dtype=None, merge_lora: bool = True, *,
               tokenizer=None, max_shard_size=DEFAULT_SHARD_BYTES,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, extra_json: dict[str, Any] | None = None) -> Path:
     """Write a Hugging Face checkpoint directory transformers can load.
 
     `config.json` + `model.safetensors` (sharded with an index above `max_shard_size`).
@@ -582,7 +580,8 @@ def export_hf(model: Decoder, out_dir, dtype=None, merge_lora: bool = True, *,
     `out_dir/adapter/` (`adapter_config.json` + `adapter_model.safetensors`, PEFT's
     layout: `PeftModel.from_pretrained(base, out_dir / "adapter")`). A subdirectory,
     because transformers silently applies an adapter found next to the base weights.
-    `dtype=None` keeps the model's dtype. `tokenizer.save_pretrained` is called when given.
+    `dtype=None` keeps the model's dtype. The tokenizer's files are written when given.
+    `extra_json`: more files ({name: object}) committed with the checkpoint.
     """
     dt = None if dtype is None else _dtype(dtype)
     max_bytes = parse_bytes(max_shard_size, "shard size")
@@ -591,12 +590,15 @@ def export_hf(model: Decoder, out_dir, dtype=None, merge_lora: bool = True, *,
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(jnp.dtype(dt or model.dtype))
     from .tokenizer import save_tokenizer_files
 
-    with _output(out_dir, "export", overwrite) as tmp:
+    out = _output_dir(out_dir, "export", overwrite)
+    with out, out.staging() as tmp:
         _write_safetensors(tmp, _hf_tensors(model, dt, merge=merge_lora), max_bytes)
         if lora is not None and not merge_lora:
             from ..peft_io import save_peft_adapter
             save_peft_adapter(model, tmp / ADAPTER_DIR)
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)
+        for name, obj in (extra_json or {}).items():
+            write_json(tmp / name, obj)
         write_json(tmp / "config.json", hf_cfg)
-    return Path(out_dir).expanduser().resolve()
+    return out.path

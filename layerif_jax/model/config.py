@@ -71,6 +71,12 @@ class ModelConfig:
             return self.o_bias
         return self.mlp_bias
 
+    def matrix_names(self) -> list[str]:
+        """The prunable matrices in model order: layers.{l}.self_attn.q_proj ...
+        layers.{l}.mlp.down_proj (the names of every per-matrix output)."""
+        return [f"layers.{l}.{'self_attn' if n in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{n}"
+                for l in range(self.num_layers) for n in LINEARS]
+
     def param_counts(self) -> list[int]:
         """Weight-matrix sizes in model order (block 0 q..down, block 1, ...)."""
         one = [math.prod(self.linear_shape(n)) for n in LINEARS]

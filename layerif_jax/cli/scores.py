@@ -1,0 +1,86 @@
+"""`layerif scores`: per-layer influence and the LayerIF layer scores (METHOD.md 2-3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .common import (AGGREGATES, Command, ModelArgs, OverwriteArgs, examples,
+                     load_model_checked, load_tokenizer_of, out_dir)
+from .options import (REQUIRED, byte_size, data_file, input_path, opt, output_path,
+                      positive_float, positive_int)
+
+ESTIMATORS = ("datainf", "identity", "exact")
+UNITS = ("tensor", "module", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresConfig(OverwriteArgs, ModelArgs):
+    lora: str = opt(REQUIRED, "PEFT adapter dir or `layerif finetune` output dir",
+                    type=input_path("adapter"))
+    train: str = opt(REQUIRED, "training records (JSON list or JSONL)", type=data_file)
+    val: str = opt(REQUIRED, "validation records (JSON list or JSONL)", type=data_file)
+    out: str = opt(REQUIRED, "output dir: scores.json, per_example.npy, scores.png "
+                             "(+ per_val*.npy)", type=output_path)
+    n_train: int = opt(300, "first n training records", type=positive_int)
+    n_val: int = opt(50, "first m validation records", type=positive_int)
+    estimator: str = opt("datainf", "inverse-Hessian estimator", choices=ESTIMATORS)
+    aggregate: str = opt("+ve", "layer score S reported first", choices=AGGREGATES)
+    unit: str = opt("tensor", "unit of inversion: each LoRA tensor, module (A and B) or block",
+                    choices=UNITS)
+    damping: float | None = opt(None, "fixed lambda for every unit", type=positive_float,
+                                shown="adaptive, 0.1 x mean ||g||^2 / d per unit")
+    per_val: bool = opt(False, "also write n x m (and n x m x L) scores")
+    max_len: int = opt(128, "tokens per example (longer records are truncated, with a note)",
+                       type=positive_int)
+    mask_prompt: bool = opt(False, "only the output tokens count in the loss")
+    chunk_size: int = opt(8, "examples per packed chunk", type=positive_int)
+    chunks_per_call: int = opt(4, "chunks run by one compiled call", type=positive_int)
+    memory_budget: str = opt("8GB", "keep per-example gradients up to this size (8GB, "
+                                    "512MiB, 1e9); recompute the rest", type=byte_size)
+    bf16: bool = opt(False, "bfloat16 forward/backward, float32 sums")
+    skip_zero_units: bool = opt(False, "skip units whose gradient is zero on every example")
+
+
+def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = None):
+    """(LayerScores, scores.json settings). `model` (with its LoRA) and `tok` may be given;
+    otherwise they are loaded from --model and --lora."""
+    import jax.numpy as jnp
+
+    from ..influence import layer_scores
+
+    source = source or cfg.model_source()
+    tok = tok or load_tokenizer_of(source)
+    train = examples(tok, cfg.train, cfg.n_train, cfg.max_len, cfg.mask_prompt,
+                     "training records")
+    val = examples(tok, cfg.val, cfg.n_val, cfg.max_len, cfg.mask_prompt, "validation records")
+    if model is None:
+        from ..peft_io import load_adapter
+        model = load_model_checked(source, cfg.dtype, tok)
+        load_adapter(model, cfg.lora)
+    res = layer_scores(model, train, val, estimator=cfg.estimator, aggregate=cfg.aggregate,
+                       unit=cfg.unit, damping=cfg.damping, per_val=cfg.per_val,
+                       chunk_size=cfg.chunk_size, chunks_per_call=cfg.chunks_per_call,
+                       memory_budget=cfg.memory_budget,
+                       dtype=jnp.bfloat16 if cfg.bf16 else None, progress=rt.progress,
+                       skip_zero_units=cfg.skip_zero_units)
+    info = {"model": source, "adapter": str(cfg.lora), "train": str(cfg.train),
+            "val": str(cfg.val), "max_len": cfg.max_len, "mask_prompt": cfg.mask_prompt}
+    return res, info
+
+
+def write(res, out, cfg: ScoresConfig, info: dict) -> None:
+    from ..influence.output import write_scores
+    write_scores(res, out, title=f"LayerIF ({res.estimator}, {res.aggregate}) — "
+                                 f"{Path(str(cfg.train)).name}", **info)
+
+
+def run(cfg: ScoresConfig, rt) -> None:
+    with out_dir(cfg.out, "scores", cfg.overwrite) as out:
+        res, info = compute(cfg, rt)
+        write(res, out, cfg, info)
+    print(f"layer scores ({res.estimator}, {res.aggregate}) for {res.n_train} x {res.n_val} "
+          f"examples in {res.seconds:.1f} s -> {Path(cfg.out) / 'scores.json'}")
+
+
+COMMAND = Command("scores", "per-layer influence and LayerIF layer scores", ScoresConfig, run)
