@@ -282,9 +282,30 @@ def _entries(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
 
-# -- output directories ------------------------------------------------------------------
+# -- outputs ----------------------------------------------------------------------------
 
-class OutputDir:
+class _Locked:
+    """`with` support for an output that `open()`s by taking `self.lock`: nested blocks
+    on an open output keep its lock until the outermost one ends."""
+    lock: Lock
+    _depth = 0
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self):
+        if not self.lock.held:
+            self.open()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            self.close()
+
+
+class OutputDir(_Locked):
     """A directory one command writes (see the module docstring).
 
     `open()` (also `with OutputDir(...) as out:`) checks the path and takes the lock;
@@ -302,7 +323,6 @@ class OutputDir:
         self.flag = flag
         self.lock = Lock(self.path, command)
         self.owned: list[str] = []
-        self._depth = 0
 
     # -- checking and locking ---------------------------------------------------------
     def open(self) -> "OutputDir":
@@ -328,20 +348,6 @@ class OutputDir:
             self.lock.release()
             raise
         return self
-
-    def close(self) -> None:
-        self.lock.release()
-
-    def __enter__(self):  # nested `with` blocks on an open OutputDir keep its lock
-        if not self.lock.held:
-            self.open()
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            self.close()
 
     def foreign(self) -> list[str]:
         if not self.path.is_dir():
@@ -445,7 +451,7 @@ class OutputDir:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-class OutputFile:
+class OutputFile(_Locked):
     """A single output file (`--out result.json`): locked while written, checked before
     any work. An existing file is replaced only when this package wrote it (its JSON
     has a `written_by` starting with "layerif") or with `overwrite`."""
@@ -456,7 +462,6 @@ class OutputFile:
         self.command = command
         self.lock = Lock(self.path, command)
         self.overwrite, self.flag = overwrite, flag
-        self._depth = 0
 
     def open(self) -> "OutputFile":
         if self.path.is_dir():
@@ -470,20 +475,6 @@ class OutputFile:
 
     def write_json(self, obj: dict) -> None:
         write_json(self.path, {**obj, "written_by": f"layerif {self.command}"})
-
-    def close(self) -> None:
-        self.lock.release()
-
-    def __enter__(self):
-        if not self.lock.held:
-            self.open()
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            self.close()
 
 
 def written_by_us(path: Path) -> bool:

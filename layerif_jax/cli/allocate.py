@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 from ..errors import LayerIFError
 from .common import AGGREGATES, Command, Group, OverwriteArgs, out_file
-from .options import (REQUIRED, fraction, input_file, input_path, model_path, opt,
+from .options import (REQUIRED, fraction, input_file, model_path, opt,
                       output_path, positive_float, positive_int, unit_interval)
 
 EXPERT_METHODS = ("layerif", "uniform", "alphalora", "mola:2-4-6-8", "mola:8-6-4-2",
@@ -15,10 +14,6 @@ EXPERT_METHODS = ("layerif", "uniform", "alphalora", "mola:2-4-6-8", "mola:8-6-4
 SPARSITY_SCHEMES = ("layerif", "reversed", "uniform", "alphapruning", "owl")
 SCORES_HELP = ("scores.json (`layerif scores`), run.json or report/allocation.json (`layerif "
                "run`), alpha.json (`layerif alpha`), a .npy or a JSON list")
-
-
-def _maybe(out):
-    return out if out is not None else contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +45,7 @@ def run_experts(cfg: ExpertsConfig, rt) -> None:
 
     from .. import allocate as al
 
-    with _maybe(cfg.out and out_file(cfg.out, "allocate experts", cfg.overwrite)) as out:
+    with out_file(cfg.out, "allocate experts", cfg.overwrite) as out:
         if cfg.method == "layerif":
             counts = al.expert_counts(al.read_metric(cfg.scores, "layer_scores", cfg.aggregate),
                                       cfg.total, cfg.beta)
@@ -118,7 +113,7 @@ def run_sparsity(cfg: SparsityConfig, rt) -> None:
     from .. import allocate as al
     from .common import ModelArgs
 
-    with _maybe(cfg.out and out_file(cfg.out, "allocate sparsity", cfg.overwrite)) as out:
+    with out_file(cfg.out, "allocate sparsity", cfg.overwrite) as out:
         source = cfg.config or ModelArgs(model=cfg.model).model_source()
         mcfg = model_config(source)
         kw = dict(param_counts=mcfg.param_counts(), target=cfg.sparsity, epsilon=cfg.epsilon,

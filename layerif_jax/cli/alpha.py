@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 from .common import Command, ModelArgs, OverwriteArgs, load_model_checked, out_file
@@ -22,8 +21,7 @@ class AlphaConfig(OverwriteArgs, ModelArgs):
 def run(cfg: AlphaConfig, rt) -> None:
     from ..prune import alpha_per_matrix
 
-    out = cfg.out and out_file(cfg.out, "alpha", cfg.overwrite)
-    with out if out else contextlib.nullcontext():
+    with out_file(cfg.out, "alpha", cfg.overwrite) as out:
         source = cfg.model_source()
         model = load_model_checked(source, cfg.dtype)
         alpha = alpha_per_matrix(model, xmin=cfg.xmin)

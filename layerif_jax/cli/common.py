@@ -156,8 +156,21 @@ def out_dir(path, command: str, overwrite: bool):
 
 
 def out_file(path, command: str, overwrite: bool):
+    """The locked `--out FILE` (an `io.OutputFile`), or a no-op context when `path` is None
+    (the result is only printed): `with out_file(...) as out: ... if out: out.write_json`."""
+    import contextlib
+
     from ..io import OutputFile
+    if path is None:
+        return contextlib.nullcontext()
     return OutputFile(Path(path), command, overwrite=overwrite, flag="--overwrite")
+
+
+def tokenizer_and_model(cfg: ModelArgs):
+    """(source, tokenizer, model) of a config's --model / --dtype, checked together."""
+    source = cfg.model_source()
+    tok = load_tokenizer_of(source)
+    return source, tok, load_model_checked(source, cfg.dtype, tok)
 
 
 __all__ = ["Command", "Group", "ModelArgs", "OverwriteArgs", "LoraArgs", "TrainArgs",

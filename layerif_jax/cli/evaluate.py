@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 
-from .common import (Command, Group, ModelArgs, OverwriteArgs, load_model_checked,
-                     load_tokenizer_of, out_file)
+from .common import Command, Group, ModelArgs, OverwriteArgs, out_file, tokenizer_and_model
 from .options import REQUIRED, data_file, input_file, opt, output_path, positive_int
 
 
@@ -32,11 +30,8 @@ class PplConfig(OverwriteArgs, ModelArgs):
 def run_ppl(cfg: PplConfig, rt) -> None:
     from ..evaluate import perplexity
 
-    out = cfg.out and out_file(cfg.out, "eval ppl", cfg.overwrite)
-    with out if out else contextlib.nullcontext():
-        source = cfg.model_source()
-        tok = load_tokenizer_of(source)
-        model = load_model_checked(source, cfg.dtype, tok)
+    with out_file(cfg.out, "eval ppl", cfg.overwrite) as out:
+        source, tok, model = tokenizer_and_model(cfg)
         res = perplexity(model, tok, cfg.data, window=cfg.window, max_tokens=cfg.max_tokens,
                          batch_size=cfg.batch_size, progress=rt.progress)
         _emit({"model": source, "data": str(cfg.data), **res}, out)
@@ -59,11 +54,8 @@ class McConfig(OverwriteArgs, ModelArgs):
 def run_mc(cfg: McConfig, rt) -> None:
     from ..evaluate import mc_accuracy
 
-    out = cfg.out and out_file(cfg.out, "eval mc", cfg.overwrite)
-    with out if out else contextlib.nullcontext():
-        source = cfg.model_source()
-        tok = load_tokenizer_of(source)
-        model = load_model_checked(source, cfg.dtype, tok)
+    with out_file(cfg.out, "eval mc", cfg.overwrite) as out:
+        source, tok, model = tokenizer_and_model(cfg)
         results = [mc_accuracy(model, tok, t, cfg.limit, style=cfg.style,
                                batch_size=cfg.batch_size, max_len=cfg.max_len,
                                progress=rt.progress) for t in cfg.task]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
 from .common import (Command, Group, ModelArgs, OverwriteArgs, TrainArgs, examples,
-                     load_model_checked, load_tokenizer_of, out_dir, out_file, pad_id)
+                     load_model_checked, load_tokenizer_of, out_dir, out_file, pad_id,
+                     tokenizer_and_model)
 from .options import (REQUIRED, data_file, input_file, input_path, nonneg_float, opt,
                       output_path, positive_float, positive_int)
 
@@ -86,11 +86,8 @@ class MoeEvalConfig(OverwriteArgs, ModelArgs):
 def run_eval(cfg: MoeEvalConfig, rt) -> None:
     from ..moe import accuracy, load_moe_adapter
 
-    out = cfg.out and out_file(cfg.out, "moe eval", cfg.overwrite)
-    with out if out else contextlib.nullcontext():
-        source = cfg.model_source()
-        tok = load_tokenizer_of(source)
-        model = load_model_checked(source, cfg.dtype, tok)
+    with out_file(cfg.out, "moe eval", cfg.overwrite) as out:
+        source, tok, model = tokenizer_and_model(cfg)
         if cfg.adapter:
             model = load_moe_adapter(model, cfg.adapter, top_k=cfg.top_k)
         res = accuracy(model, tok, cfg.data, cfg.limit, cfg.mode, batch_size=cfg.batch_size,
