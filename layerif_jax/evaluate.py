@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from .errors import LayerIFError
+from .stop import check as check_stop
 from .prune import _encode
 
 STYLES = ("text", "letter")
@@ -102,6 +103,7 @@ def perplexity(model, tokenizer, text_path, window: int = 1024, max_tokens: int 
     count = 0
     bar = _bar(-(-n_win // batch_size), "perplexity", progress)
     for s in range(0, n_win, batch_size):
+        check_stop()
         chunk = wins[s:s + batch_size]
         b = chunk.shape[0]
         batch = np.zeros((batch_size, window), np.int32)
@@ -231,6 +233,7 @@ def mc_accuracy(model, tokenizer, task_path, limit: int | None = None, *, style:
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
     bar = _bar(-(-len(order) // batch_size), f"mc {Path(src).name}", progress)
     for s in range(0, len(order), batch_size):
+        check_stop()
         chunk = [seqs[k] for k in order[s:s + batch_size]]
         longest = max(len(c[2]) for c in chunk)
         T = min(max(16, -(-longest // 16) * 16), max(max_len, longest))

@@ -49,6 +49,7 @@ from flax import nnx
 
 from .data import Example, epoch_batches, load_records, pack, record_text
 from .errors import LayerIFError
+from .stop import check as check_stop
 from .loss import example_losses
 from .model.config import LINEARS
 from .model.decoder import attention_bias, block_body, linear_apply, mm, rope_inv_freq
@@ -527,8 +528,8 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
     graphdef, train, rest = split_moe(moe_model)
     train, orig_dtypes = float32_master(train)
     opt_spec = _opt_spec(cfg, total)
-    fp = run_fingerprint(cfg, tr, total, base=rest, init=train, moe=moe_model.spec(),
-                         aux_coef=aux_coef)
+    fp = run_fingerprint(cfg, tr, total, model_config=moe_model.cfg, base=rest, init=train,
+                         moe=moe_model.spec(), aux_coef=aux_coef)
 
     def step_fn(train, opt_state, ids, mask, tgt, idx, step):
         return moe_train_step(train, opt_state, rest, ids, mask, tgt, idx, graphdef=graphdef,
@@ -624,6 +625,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     pad = pad_id if pad_id is not None else (getattr(tokenizer, "pad_token_id", None) or 0)
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):
+        check_stop()
         chunk = [_prompt_ids(tokenizer, p) for p in prompts[s:s + batch_size]]
         n = len(chunk)
         longest = max(len(c) for c in chunk) + max_new_tokens
@@ -730,6 +732,7 @@ def accuracy(model, tokenizer, task_path: str | Path, limit: int | None = None,
         scores = np.empty(len(items))
         L = -(-max(len(e.ids) for e in items) // 16) * 16
         for s in range(0, len(items), batch_size):
+            check_stop()
             idx = list(range(s, min(s + batch_size, len(items))))
             b = pack(items, idx, batch_size, L, pad)
             lp = np.asarray(_seq_logprob(graphdef, state, b.ids, b.mask, b.targets))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import LayerIFError
+from .stop import check as check_stop
 from .model.config import LINEARS
 from .model.decoder import INPUT_OF, attention_bias, block_apply, rope_inv_freq
 
@@ -367,6 +368,7 @@ def _walk_blocks(model, calib_ids, visit: Callable[[int, dict, dict, int], dict]
     from tqdm.auto import tqdm
     for l in tqdm(range(cfg.num_layers), desc=desc, unit="block", disable=not progress,
                   leave=False):
+        check_stop()
         p = _block_arrays(model, l)
         total = None
         for x in xs:
@@ -541,8 +543,11 @@ def alpha_per_matrix(model, xmin: str = "peak") -> np.ndarray:
     from .allocate import pl_alpha_hill
     kernels = {n: np.asarray(jax.device_get(lin.kernel[...]), np.float64)
                for n, lin in model.layers.linears().items()}
-    return np.array([pl_alpha_hill(kernels[n][l], xmin=xmin)
-                     for l in range(model.cfg.num_layers) for n in LINEARS])
+    out = []
+    for l in range(model.cfg.num_layers):
+        check_stop()
+        out += [pl_alpha_hill(kernels[n][l], xmin=xmin) for n in LINEARS]
+    return np.array(out)
 
 
 # ---------------------------------------------------------------------------------

@@ -282,24 +282,29 @@ def _micro(batch, cfg: TrainConfig):
 
 
 def run_fingerprint(cfg: TrainConfig, train: Sequence[Example], total_steps: int, *,
-                    base, init, **settings) -> dict[str, Any]:
+                    model_config, base, init, **settings) -> dict[str, Any]:
     """Everything a checkpoint must share with the run that resumes it: the training
     settings (not checkpoint_every / keep, which do not change the trajectory), the
-    tokenised data (exact digest), the base weights and the initial trainable state
-    (identity digests: shapes, dtypes and a strided sample of the values), and the
-    caller's `settings` (LoRA or MoE configuration)."""
+    tokenised data (exact digest), the base model (its config, and an identity digest
+    of its weights: shapes, dtypes and a strided sample of the values), the initial
+    trainable state (the same kind of digest), and the caller's `settings` (LoRA or
+    MoE configuration)."""
+    import hashlib
+
     c = dataclasses.asdict(cfg)
     for k in ("checkpoint_every", "keep"):
         c.pop(k)
+    config = json.dumps(dataclasses.asdict(model_config), sort_keys=True, default=str)
+    base_id = hashlib.sha256((config + checksum.identity_digest(jax.tree.leaves(base)))
+                             .encode()).hexdigest()
     return {"train": c, **settings, "n_train": len(train), "total_steps": total_steps,
-            "data": checksum.examples_digest(train),
-            "base_model": checksum.identity_digest(jax.tree.leaves(base)),
+            "data": checksum.examples_digest(train), "base_model": base_id,
             "init": checksum.identity_digest(jax.tree.leaves(init))}
 
 
 _WHAT = {"data": "the training data differs (another file, --limit, --max-len or "
                  "--mask-prompt)",
-         "base_model": "the base model differs (another checkpoint or --dtype)",
+         "base_model": "the base model differs (another checkpoint, config or --dtype)",
          "init": "the initial adapter differs (another --seed or initialisation)"}
 
 
@@ -641,7 +646,8 @@ def finetune(model, train_examples: Sequence[Example], out_dir, cfg: TrainConfig
     base_key = jax.random.key(cfg.seed)  # dropout key of step s: fold_in(base_key, s)
     lora_fp = {"rank": lcfg.rank, "alpha": lcfg.alpha, "dropout": lcfg.dropout,
                "targets": list(lcfg.targets)}
-    fp = run_fingerprint(cfg, train, total, base=rest, init=lora, lora=lora_fp)
+    fp = run_fingerprint(cfg, train, total, model_config=model.cfg, base=rest, init=lora,
+                         lora=lora_fp)
 
     def step_fn(lora, opt_state, ids, mask, tgt, idx, step):
         return train_step(lora, opt_state, rest, ids, mask, tgt, idx, base_key, np.int32(step),

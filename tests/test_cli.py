@@ -280,6 +280,13 @@ def test_resume_with_other_data_or_model_is_refused(tiny_dir, ft_dir, tmp_path, 
     other.write_text(json.dumps([dict(r, output="maybe.") for r in TASK]))  # same length
     one_line_error(run(capsys, *args, "--data", other), "different run", "training data differs")
     one_line_error(run(capsys, *args, "--data", data, "--dtype", "bfloat16"), "base model differs")
+    theta = tmp_path / "theta"                     # the same weights, another config
+    shutil.copytree(tiny_dir, theta)
+    cfg = json.loads((theta / "config.json").read_text())
+    cfg["rope_theta"] = 500000.0
+    (theta / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run(capsys, "finetune", "--model", theta, "--out", mine, *FT, "--data", data),
+                   "base model differs")
     one_line_error(run(capsys, *args, "--data", data, "--seed", "3"), "different run")
     one_line_error(run(capsys, *args, "--data", data, "--mask-prompt"), "training data differs")
     # `layerif run --train other` into an existing run folder
@@ -618,3 +625,24 @@ def test_persistent_compilation_cache(tiny_dir, ft_dir, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in cache.iterdir()) == entries
+
+
+def test_sigterm_stops_a_long_evaluation(tiny_dir, tmp_path):
+    import signal
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(r["instruction"] + " " + r["output"] for r in TASK * 2000))
+    p = subprocess.Popen([sys.executable, "-m", "layerif_jax.cli", "-q", "eval", "ppl",
+                          "--model", str(tiny_dir), "--data", str(text), "--window", "16",
+                          "--batch-size", "1", "--out", str(tmp_path / "ppl.json")],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(12)     # model loaded, the windows being scored
+        assert p.poll() is None, p.stderr.read()
+        t0 = time.perf_counter()
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=60)[1]
+        assert time.perf_counter() - t0 < 5
+    finally:
+        p.kill()
+    assert p.returncode == 143 and "stopped by SIGTERM: nothing was written" in err, err
+    assert not (tmp_path / "ppl.json").exists()

@@ -113,6 +113,7 @@ def main(argv=None) -> int:
                 raise LayerIFError(f"cannot use the compilation cache {cache}: {e.strerror} "
                                    "(--no-compile-cache turns it off)") from None
             cmd.run(cfg, Runtime(progress=not ns.quiet))
+            stop.check()  # a signal whose exception some library swallowed still counts
     except LayerIFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
