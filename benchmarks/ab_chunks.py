@@ -17,7 +17,7 @@ import jax
 
 import layerif_jax as lj
 from bench_influence import fwd_bwd_fn, random_lora
-from layerif_jax.influence.scores import _Runner
+from layerif_jax.influence.engines.packed import PackedEngine
 from layerif_jax.io import default_model_path, shared_data_dir
 
 
@@ -34,14 +34,14 @@ def main(argv=None):
     tok = lj.load_tokenizer(path)
     recs = lj.load_records(shared_data_dir() / "layerif-tasks" / "glue_mrpc_train.json", args.n)
     train = lj.tokenize(tok, recs, max_len=args.max_len)
-    r = _Runner(model, dtype=None, mesh=None, engine="packed", chunk_size=8,
-                bucket_multiple=32, row_len=None, chunks_per_call=1)
+    r = PackedEngine(model, dtype=None, mesh=None, chunk_size=8, row_len=None,
+                     chunks_per_call=1)
     r.plan([train])
     chunks = r.chunks(train)[:args.chunks]   # groups of one chunk
     fwd_bwd = fwd_bwd_fn(r.graphdef)
 
     sides = {"per-example grads": lambda: [r.grads(c) for c in chunks],
-             "plain fwd+bwd": lambda: [fwd_bwd(r.lora, r.rest, *c.arrays[:4]) for c in chunks]}
+             "plain fwd+bwd": lambda: [fwd_bwd(r.params, r.rest, *c.arrays[:4]) for c in chunks]}
     for f in sides.values():  # compile
         jax.block_until_ready(f())
     times = {k: [] for k in sides}

@@ -41,7 +41,8 @@ from flax import nnx
 from scipy.stats import spearmanr
 
 import layerif_jax as lj
-from layerif_jax.influence.scores import _Runner
+from layerif_jax.influence import clear_caches
+from layerif_jax.influence.engines.packed import PackedEngine
 from layerif_jax.io import default_model_path, shared_data_dir
 from layerif_jax.loss import example_losses
 from layerif_jax.peft_io import load_adapter, save_peft_adapter
@@ -84,12 +85,12 @@ def fwd_bwd_seconds(model, train, val, chunk_size: int, reps: int = 1,
     """Warm time of ONE jitted forward+backward (gradient of the summed example losses
     w.r.t. LoRA, ordinary unmerged LoRA path) over every packed chunk of train + val,
     grouped into calls as layer_scores groups them."""
-    runner = _Runner(model, dtype=None, mesh=None, engine="packed", chunk_size=chunk_size,
-                     bucket_multiple=32, row_len=None, chunks_per_call=chunks_per_call)
+    runner = PackedEngine(model, dtype=None, mesh=None, chunk_size=chunk_size, row_len=None,
+                          chunks_per_call=chunks_per_call)
     runner.plan([train, val])
     groups = runner.chunks(train) + runner.chunks(val)
     grad = fwd_bwd_fn(runner.graphdef)
-    args = lambda c: (runner.lora, runner.rest, *c.arrays[:4])
+    args = lambda c: (runner.params, runner.rest, *c.arrays[:4])
     for shape in {c.num_chunks: c for c in groups}.values():  # compile every group size
         jax.block_until_ready(grad(*args(shape)))
     best = float("inf")
@@ -104,10 +105,7 @@ def fwd_bwd_seconds(model, train, val, chunk_size: int, reps: int = 1,
 
 def clear_compilation_caches():
     """Forget every compiled program, so that the next layer_scores call compiles again."""
-    from layerif_jax.influence import scores as sc
-    jax.clear_caches()
-    for f in (sc._compiled_packed_fn, sc._compiled_vmap_fn):
-        f.cache_clear()
+    clear_caches()
 
 
 def timed_scores(model, train, val, **kw):

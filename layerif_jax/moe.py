@@ -52,7 +52,8 @@ from .errors import LayerIFError
 from .stop import check as check_stop
 from .loss import example_losses
 from .model.config import LINEARS
-from .model.decoder import attention_bias, block_body, linear_apply, mm, rope_inv_freq
+from .model.decoder import attention_bias, block_body, linear_apply, rope_inv_freq
+from .ops import mm
 from .model.lora import normalize_targets
 
 ADAPTER_CONFIG = "moe_config.json"
@@ -234,7 +235,8 @@ def moe_block_apply(cfg, p, block: MoEBlock, x_BTD, bias, pos_BT, inv_freq, *, d
             aux.append(a)
         return y + d
 
-    return block_body(cfg, p, x_BTD, bias, pos_BT, inv_freq, lin, dtype), aux
+    return block_body(cfg, p, x_BTD, bias, pos_BT, inv_freq,
+                      lambda names, h: tuple(lin(n, h) for n in names), dtype), aux
 
 
 class MoELoraModel(nnx.Module):

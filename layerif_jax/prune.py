@@ -31,7 +31,7 @@ import numpy as np
 from .errors import LayerIFError
 from .stop import check as check_stop
 from .model.config import LINEARS
-from .model.decoder import INPUT_OF, attention_bias, block_apply, rope_inv_freq
+from .model.decoder import INPUT_OF, attention_bias, block_body, recording_lins, rope_inv_freq
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_EPSILON = {"magnitude": 0.3, "wanda": 0.1, "sparsegpt": 0.1}  # METHOD.md section 5
@@ -321,9 +321,9 @@ def _block_step(cfg, need_h: bool):
         B, T, _ = x.shape
         pos = jnp.broadcast_to(jnp.arange(T), (B, T))
         bias = attention_bias(jnp.ones((B, T), bool), pos, cfg.sliding_window)
-        taps = {n: jnp.zeros((B, T, cfg.linear_shape(n)[1]), x.dtype) for n in LINEARS}
-        y, rec = block_apply(cfg, p, x, bias, pos, rope_inv_freq(cfg), lora={}, key=None,
-                             dtype=x.dtype, taps=taps)
+        rec: dict[str, jax.Array] = {}
+        y = block_body(cfg, p, x, bias, pos, rope_inv_freq(cfg),
+                       recording_lins(p, rec, x.dtype), x.dtype)
         stats = {}
         for kind, h in rec.items():
             hf = h.reshape(-1, h.shape[-1]).astype(jnp.float32)

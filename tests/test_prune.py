@@ -241,8 +241,24 @@ def test_prune_model_nm(method):
 
 
 def _taps(model, ids):
-    taps = {n: jnp.zeros((CFG.num_layers, *ids.shape, CFG.linear_shape(n)[1])) for n in LINEARS}
-    return model.hidden_states(jnp.asarray(ids), taps=taps)[1]
+    """Every block's linear-map inputs {kind: [L, B, T, d]}, from a plain eager
+    layer-by-layer forward (not prune's block walker)."""
+    import jax
+
+    from layerif_jax.model.decoder import (attention_bias, block_body, recording_lins,
+                                           rope_inv_freq)
+    ids = jnp.asarray(ids)
+    B, T = ids.shape
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    bias = attention_bias(jnp.ones((B, T), bool), pos, None)
+    x, stacked, out = model.embed(ids), model.layers.layer_arrays(), {}
+    for l in range(model.cfg.num_layers):
+        p, rec = jax.tree.map(lambda a: a[l], stacked), {}
+        x = block_body(model.cfg, p, x, bias, pos, rope_inv_freq(model.cfg),
+                       recording_lins(p, rec, x.dtype), x.dtype)
+        for k, v in rec.items():
+            out.setdefault(k, []).append(v)
+    return {k: jnp.stack(v) for k, v in out.items()}
 
 
 def test_calibration_flows_through_pruned_blocks():

@@ -1,9 +1,31 @@
-"""Layer-wise influence: the performance core (pure functions) and the LayerIF scores."""
+"""Layer-wise influence: the performance core (pure functions), the engines, the
+estimators and the two entry points.
+
+    influence_scores(loss_fn, params, train, val, *, layer_of, ...)  any JAX model
+    layer_scores(model, train, val, ...)                             an NNX model
+"""
 
 from . import core
-from .estimators import ESTIMATORS, Context, DataInf, Exact, Identity, get_estimator
+from .aggregate import AGGREGATES, aggregate
+from .api import influence_scores, layer_scores
+from .driver import LayerScores
+from .estimators import ESTIMATORS, Context, DataInf, Estimator, Exact, Identity, get_estimator, register
 from .partition import UNITS, Partition, make_partition
-from .scores import AGGREGATES, LayerScores, layer_scores
 
-__all__ = ["core", "ESTIMATORS", "Context", "DataInf", "Exact", "Identity", "get_estimator",
-           "UNITS", "Partition", "make_partition", "AGGREGATES", "LayerScores", "layer_scores"]
+
+def clear_caches() -> None:
+    """Forget every compiled influence program (and jax's caches): the next call compiles."""
+    import jax
+
+    from .engines import general, packed
+    jax.clear_caches()
+    packed.compiled_fn.cache_clear()
+    general.clear_cache()
+    api._nnx_loss.cache_clear()
+
+
+from . import api  # noqa: E402
+
+__all__ = ["core", "AGGREGATES", "aggregate", "influence_scores", "layer_scores", "LayerScores",
+           "ESTIMATORS", "Context", "DataInf", "Estimator", "Exact", "Identity", "get_estimator",
+           "register", "UNITS", "Partition", "make_partition", "clear_caches"]

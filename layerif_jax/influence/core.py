@@ -1,89 +1,67 @@
 """Pure, jit- and vmap-able building blocks of layer-wise influence.
 
-Shapes: B examples in a chunk, L layers, M validation vectors (1 = the mean
-validation gradient, m = one per validation example), K LoRA leaves, U units.
-A "leaf list" is the flattened LoRA pytree; each leaf has shape [..., L, *shape].
+Shapes: B examples in a chunk, M validation vectors (1 = the mean validation gradient,
+m = one per validation example), P pieces, L layers, U units (see `partition`).
+Gradients are lists of leaves in *piece form*: leaf k has shape [B, P_k, ...], where
+P_k is its number of pieces (L for a leaf with a leading layer axis, else 1).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
 
-from ..loss import example_losses
-
-from ..model.decoder import precision  # noqa: F401  (re-exported: the influence sums use it)
-
-
-def per_example_grad_fn(graphdef, dtype=None) -> Callable:
-    """(lora, rest, ids_BT, mask_BT, targets_BT) -> (grads: lora-shaped, leaves [B, L, ...], finite_B).
-
-    One `vmap(grad)` over the chunk: per-example gradients of the example's mean
-    token loss, restricted to the LoRA parameters, all layers at once.
-    """
-
-    def loss_one(lora, rest, ids_T, mask_T, tgt_T):
-        model = nnx.merge(graphdef, lora, rest)
-        logits = model(ids_T[None], mask_T[None], dtype=dtype)
-        return example_losses(logits, ids_T[None], tgt_T[None])[0]
-
-    per_ex = jax.vmap(jax.grad(loss_one), in_axes=(None, None, 0, 0, 0))
-
-    def fn(lora, rest, ids_BT, mask_BT, targets_BT):
-        grads = per_ex(lora, rest, ids_BT, mask_BT, targets_BT)
-        leaves = jax.tree.leaves(grads)
-        B = ids_BT.shape[0]
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(B, -1)), axis=1)
-                                    for g in leaves]), axis=0)
-        return grads, finite
-
-    return fn
+from ..ops import precision
 
 
 def _flat(x: jax.Array, lead: int) -> jax.Array:
-    """[*lead_dims, L, *shape] -> [*lead_dims, L, D]."""
+    """[*lead_dims, P_k, *shape] -> [*lead_dims, P_k, D]."""
     return x.reshape(*x.shape[:lead + 1], -1)
 
 
+def _offsets(leaves) -> np.ndarray:
+    """Where each leaf's pieces start along P (static: from the shapes)."""
+    return np.cumsum([0] + [g.shape[1] for g in leaves])
+
+
 def sq_norms(g_leaves) -> jax.Array:
-    """||g_i,leaf,l||^2 -> [B, L, K]."""
-    return jnp.stack([jnp.sum(jnp.square(_flat(g, 1).astype(jnp.float32)), -1)
-                      for g in g_leaves], -1)
+    """||g_i,piece||^2 -> [B, P]."""
+    return jnp.concatenate([jnp.sum(jnp.square(_flat(g, 1).astype(jnp.float32)), -1)
+                            for g in g_leaves], -1)
 
 
 def dots(g_leaves, h_leaves) -> jax.Array:
-    """g_i . h_j per leaf and layer: g [B, L, ...], h [M, L, ...] -> [B, M, L, K]."""
-    return jnp.stack([jnp.einsum("bld,mld->bml", _flat(g, 1).astype(jnp.float32),
-                                 _flat(h, 1).astype(jnp.float32), precision=precision())
-                      for g, h in zip(g_leaves, h_leaves)], -1)
+    """g_i . h_j per piece: g [B, P_k, ...], h [M, P_k, ...] -> [B, M, P]."""
+    return jnp.concatenate([jnp.einsum("bpd,mpd->bmp", _flat(g, 1).astype(jnp.float32),
+                                       _flat(h, 1).astype(jnp.float32), precision=precision())
+                            for g, h in zip(g_leaves, h_leaves)], -1)
 
 
-def weighted_sum(coef_BMLK: jax.Array, g_leaves) -> list[jax.Array]:
-    """sum_i coef[i, m, l, k] g_i,k,l -> leaves [M, L, ...]."""
+def weighted_sum(coef_BMP: jax.Array, g_leaves) -> list[jax.Array]:
+    """sum_i coef[i, m, piece] g_i,piece -> leaves [M, P_k, ...]."""
+    off = _offsets(g_leaves)
     out = []
     for k, g in enumerate(g_leaves):
-        w = jnp.einsum("bml,bld->mld", coef_BMLK[..., k], _flat(g, 1).astype(jnp.float32),
-                       precision=precision())
+        w = jnp.einsum("bmp,bpd->mpd", coef_BMP[..., off[k]:off[k + 1]],
+                       _flat(g, 1).astype(jnp.float32), precision=precision())
         out.append(w.reshape(w.shape[:2] + g.shape[2:]))
     return out
 
 
 def mean_leaves(g_leaves, n: int) -> list[jax.Array]:
-    """Sum over the chunk, divided by n: leaves [1, L, ...] (filler rows are exactly zero)."""
+    """Sum over the chunk, divided by n: leaves [1, P_k, ...] (filler rows are exactly zero)."""
     return [jnp.sum(g.astype(jnp.float32), axis=0, keepdims=True) / n for g in g_leaves]
 
 
-def to_units(x_K: jax.Array, onehot_KU: jax.Array) -> jax.Array:
-    """Sum the trailing leaf axis into units: [..., K] -> [..., U]."""
-    return jnp.einsum("...k,ku->...u", x_K, onehot_KU, precision=precision())
+def to_units(x_P: jax.Array, onehot_PLU: jax.Array) -> jax.Array:
+    """Sum the trailing piece axis into (layer, unit): [..., P] -> [..., L, U]."""
+    return jnp.einsum("...p,plu->...lu", x_P, onehot_PLU, precision=precision())
 
 
-def datainf_lambda(sq_nLU: jax.Array, sizes_U: jax.Array, scale: float = 0.1) -> jax.Array:
+def datainf_lambda(sq_nLU: jax.Array, sizes_LU: jax.Array, scale: float = 0.1) -> jax.Array:
     """Adaptive damping per unit: lambda = scale * mean_i ||g_i||^2 / d. -> [L, U]."""
-    return scale * jnp.mean(sq_nLU, axis=0) / sizes_U
+    return scale * jnp.mean(sq_nLU, axis=0) / jnp.maximum(sizes_LU, 1)
 
 
 def datainf_coef(vg_nMLU, sq_nLU, lam_LU) -> jax.Array:
@@ -91,32 +69,17 @@ def datainf_coef(vg_nMLU, sq_nLU, lam_LU) -> jax.Array:
     return vg_nMLU / (lam_LU + sq_nLU)[:, None]
 
 
-def datainf_h(v_leaves, w_leaves, lam_LK: jax.Array, n: int) -> list[jax.Array]:
-    """h = (1 / (n lambda)) (n v - sum_i c_i g_i), leaf by leaf: leaves [M, L, ...]."""
+def datainf_h(v_leaves, w_leaves, lam_P: jax.Array, n: int) -> list[jax.Array]:
+    """h = (1 / (n lambda)) (n v - sum_i c_i g_i), leaf by leaf: leaves [M, P_k, ...]."""
+    off = _offsets(v_leaves)
     out = []
     for k, (v, w) in enumerate(zip(v_leaves, w_leaves)):
-        lam = lam_LK[:, k].reshape((1, -1) + (1,) * (v.ndim - 2))
+        lam = lam_P[off[k]:off[k + 1]].reshape((1, -1) + (1,) * (v.ndim - 2))
         out.append((n * v - w) / (n * lam))
     return out
 
 
-def aggregate(per_example_nL, how: str):
-    """Layer score S^(l) from per-example layer scores (METHOD.md section 3).
-
-    +ve: sum of positive scores; top25: sum of the largest ceil(n_pos/4) positive
-    scores; all: signed sum. Works on numpy or jax arrays of shape [n, L].
-    """
-    xp = jnp if isinstance(per_example_nL, jax.Array) else __import__("numpy")
-    x = per_example_nL
-    pos = xp.where(x > 0, x, 0)
-    if how == "+ve":
-        return pos.sum(0)
-    if how == "all":
-        return x.sum(0)
-    if how == "top25":
-        n_pos = (x > 0).sum(0)
-        k = -(-n_pos // 4)
-        srt = -xp.sort(-pos, axis=0)  # descending
-        rank = xp.arange(x.shape[0])[:, None]
-        return xp.where(rank < k[None, :], srt, 0).sum(0)
-    raise ValueError(how)
+def to_pieces(leaves, stacked) -> list[jax.Array]:
+    """Per-example gradient leaves [B, ...] -> piece form: a leaf without a layer axis
+    gets one of size 1."""
+    return [g if s else g[:, None] for g, s in zip(leaves, stacked)]

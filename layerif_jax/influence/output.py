@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..io import OutputDir, write_json, write_npy
-from .scores import AGGREGATES, LayerScores
+from .aggregate import AGGREGATES
+from .driver import LayerScores
 
 MEANING = {
     "per_example": (

@@ -16,21 +16,21 @@ from the frozen base.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..ops import mm
 from .config import LINEARS, ModelConfig
 
-NEG_INF = -1e30
-# which activation feeds each linear map (q, k, v share the attention input)
-INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-            "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}  # finite: a fully masked (padding) query row must not give NaN
+NEG_INF = -1e30  # finite: a fully masked (padding) query row must not give NaN
+# the linear maps of a block, grouped by the activation that feeds them
+GROUPS = (("attn_in", ("q_proj", "k_proj", "v_proj")), ("o_in", ("o_proj",)),
+          ("mlp_in", ("gate_proj", "up_proj")), ("down_in", ("down_proj",)))
+INPUT_OF = {n: g for g, names in GROUPS for n in names}
 
 
 class StackedLinear(nnx.Module):
@@ -57,128 +57,9 @@ class StackedLinear(nnx.Module):
         return out
 
 
-def precision():
-    """Full float32 for the influence sums: HIGHEST on GPU/TPU (no TF32 or bf16 passes);
-    on CPU float32 dots are exact already and HIGHEST only selects a slower kernel."""
-    return None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
-
-
-def mm(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x[..., I] @ w[I, O] as one 2-D GEMM, accumulated in float32, cast back to x's dtype.
-
-    2-D: XLA:CPU runs [B, T, I] @ [I, O] about 40% slower. float32 accumulation: a
-    bfloat16 GEMM with a float32 result runs at twice the speed of a bfloat16 one
-    there (AVX512-BF16), and is more accurate.
-    """
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
-
-
-def _fold(kernel, a, b, scale: float, dtype) -> jax.Array:
-    w = kernel.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
-    # materialise W + sAB once: fused into the GEMM it would be recomputed per tile
-    return jax.lax.optimization_barrier(w).astype(dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def folded_linear(x, kernel, a, b, scale: float, dtype) -> jax.Array:
-    """x (W + s A B): one GEMM. Differentiable with respect to x ONLY (the influence
-    taps path never needs the weights' gradient; their cotangents are zero).
-
-    The custom VJP keeps (W, A, B) -- slices of the stacked parameters, which the
-    layer scan forwards without a copy -- and recomputes W + sAB in the backward,
-    instead of saving the folded matrix as a residual that the scan would stack
-    (zero-filled, copied and read back: 14 MB per SmolLM2 block per chunk).
-    """
-    return mm(x, _fold(kernel, a, b, scale, dtype))
-
-
-def _folded_fwd(x, kernel, a, b, scale, dtype):
-    return folded_linear(x, kernel, a, b, scale, dtype), (kernel, a, b)
-
-
-def _folded_bwd(scale, dtype, res, dy):
-    kernel, a, b = res
-    dx = mm(dy, _fold(kernel, a, b, scale, dtype).T)
-    return dx, jnp.zeros_like(kernel), jnp.zeros_like(a), jnp.zeros_like(b)
-
-
-folded_linear.defvjp(_folded_fwd, _folded_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def probed_linears(x, params, probes, onehot_RJT, scales: tuple, dtype) -> tuple:
-    """The LoRA maps that share the input x [R, T, I] (q, k, v or gate, up), as ONE
-    GEMM against the concatenated folded kernels [W_m + s_m A_m B_m]: a tuple of y_m.
-
-    params: ((W, A, B), ...) per map; probes: ((pA [R*J, I, r], pB [R*J, r, O]), ...),
-    ZEROS. The probes stand for per-example offsets of each map's LoRA factors
-    (A + pA_e, B + pB_e for the tokens of example e = (row, j); onehot_RJT says
-    which tokens those are), so the gradient with respect to them at zero is the
-    per-example LoRA gradient, and the backward computes it right there, per layer,
-    from x and dy = dL/dy:
-
-        dL_e/dB = s * sum_{t in e} (x_t A)^T dy_t,    dL_e/dA = s * sum_{t in e} x_t^T (dy_t B^T)
-
-    The forward ignores the probes' values (it is only differentiated at zero), and
-    the cotangents of W, A and B are zeros: the path is differentiable with respect
-    to x and the probes only. Saved for the backward: x and the parameter slices
-    (which the layer scan forwards without a copy), never dy or a folded matrix.
-    """
-    return _probed_fwd(x, params, probes, onehot_RJT, scales, dtype)[0]
-
-
-def _folded_cat(params, scales, dtype):
-    return jnp.concatenate([_fold(k, a, b, s, dtype) for (k, a, b), s in zip(params, scales)], 1)
-
-
-def _probed_fwd(x, params, probes, onehot_RJT, scales, dtype):
-    y = mm(x, _folded_cat(params, scales, dtype))
-    sizes = [k.shape[-1] for k, _, _ in params]
-    ys = tuple(jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1))
-    return ys, (x, params, onehot_RJT)
-
-
-def _probed_bwd(scales, dtype, res, dys):
-    x, params, oh = res
-    dx = mm(jnp.concatenate([dy.astype(dtype) for dy in dys], -1),
-            _folded_cat(params, scales, dtype).T)
-    prec = precision()
-    R, J, T = oh.shape
-    xf = x.astype(jnp.float32)
-    g_probes = []
-    for (_, a, b), s, dy in zip(params, scales, dys):
-        dyf = dy.astype(jnp.float32)
-        u = jnp.einsum("rti,ik->rtk", xf, a.astype(jnp.float32), precision=prec)
-        du = s * jnp.einsum("rto,ko->rtk", dyf, b.astype(jnp.float32), precision=prec)
-        # masks on the skinny (rank-r) side, then one contraction over the row's tokens
-        gA = jnp.einsum("rjtk,rti->rjik", oh[..., None] * du[:, None], xf, precision=prec)
-        gB = s * jnp.einsum("rjtk,rto->rjko", oh[..., None] * u[:, None], dyf, precision=prec)
-        g_probes.append((gA.reshape(R * J, *gA.shape[2:]), gB.reshape(R * J, *gB.shape[2:])))
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return dx, zeros, tuple(g_probes), jnp.zeros_like(oh)
-
-
-probed_linears.defvjp(_probed_fwd, _probed_bwd)
-
-
 def linear_apply(p: dict[str, jax.Array], x: jax.Array, *, scale: float, dropout: float,
-                 key: jax.Array | None, dtype, tap: jax.Array | None = None) -> jax.Array:
-    """One layer's slice of a StackedLinear: x[..., I] -> y[..., O].
-
-    With `tap` (zeros shaped like y) the LoRA is folded into the kernel,
-    y = x (W + s A B) + tap: the same function, one GEMM instead of two skinny
-    ones, and the gradient with respect to the tap is dL/dy, from which the
-    per-example LoRA gradients follow (influence/packed.py). Dropout is off there.
-    """
-    if tap is not None:
-        if "lora_a" in p:
-            y = folded_linear(x, p["kernel"], p["lora_a"], p["lora_b"], scale, dtype)
-        else:
-            y = mm(x, p["kernel"].astype(dtype))
-        if "bias" in p:
-            y = y + p["bias"].astype(dtype)
-        return y + tap.astype(y.dtype)
+                 key: jax.Array | None, dtype) -> jax.Array:
+    """One layer's slice of a StackedLinear: x[..., I] -> y[..., O] = x W (+ b) + s (x A) B."""
     y = mm(x, p["kernel"].astype(dtype))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
@@ -323,62 +204,57 @@ def glu(name: str, g: jax.Array, u: jax.Array) -> jax.Array:
     return swiglu(g, u) if name == "silu" else activation(name, g) * u
 
 
-def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
-                *, lora: dict[str, tuple[float, float]], key: jax.Array | None, dtype,
-                taps: dict[str, jax.Array] | None = None,
-                probes: dict[str, tuple[jax.Array, jax.Array]] | None = None,
-                probe_onehot: jax.Array | None = None):
-    """One decoder block. `p` holds this layer's slice of every stacked parameter.
+Lins = Callable[[tuple[str, ...], jax.Array], tuple[jax.Array, ...]]
 
-    With `taps` ({module: zeros [B, T, d_out]}) it returns (x, {input: x_in}), the
-    inputs of the linear maps keyed by INPUT_OF (q, k and v share one input).
-    With `probes` ({LoRA module: zero (pA, pB)}, see `probed_linears`) the LoRA maps
-    that share an input run as one folded GEMM whose backward yields per-example
-    LoRA gradients as the probes' cotangents.
-    """
+
+def plain_lins(p: dict[str, Any], *, lora: dict[str, tuple[float, float]],
+               key: jax.Array | None, dtype) -> Lins:
+    """The plain path: each linear map of a group on its own (LoRA and dropout included)."""
     keys = dict(zip(LINEARS, jax.random.split(key, len(LINEARS)))) if key is not None else {}
-    recorded = {}
-    groups: dict[str, dict[str, jax.Array]] = {}
 
-    def lin(name, h):
-        if probes is not None and name in probes:
-            group = INPUT_OF[name]
-            if group not in groups:  # q asks first: compute q, k and v together
-                members = [n for n in LINEARS if INPUT_OF[n] == group and n in probes]
-                ys = probed_linears(
-                    h, tuple((p[n]["kernel"], p[n]["lora_a"], p[n]["lora_b"]) for n in members),
-                    tuple(probes[n] for n in members), probe_onehot,
-                    tuple(lora[n][0] for n in members), dtype)
-                groups[group] = dict(zip(members, ys))
-            y = groups[group][name]
-            return y + p[name]["bias"].astype(y.dtype) if "bias" in p[name] else y
-        scale, drop = lora.get(name, (0.0, 0.0))
-        tap = None if taps is None else taps.get(name)
-        out = linear_apply(p[name], h, scale=scale, dropout=drop, key=keys.get(name),
-                           dtype=dtype, tap=tap)
-        if tap is not None:
-            recorded[INPUT_OF[name]] = h
-        return out
-
-    x_BTD = block_body(cfg, p, x_BTD, bias, pos_BT, inv_freq, lin, dtype)
-    return x_BTD if taps is None else (x_BTD, recorded)
+    def lins(names, h):
+        return tuple(linear_apply(p[n], h, scale=lora.get(n, (0.0, 0.0))[0],
+                                  dropout=lora.get(n, (0.0, 0.0))[1], key=keys.get(n),
+                                  dtype=dtype) for n in names)
+    return lins
 
 
 def block_body(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
-               lin, dtype) -> jax.Array:
-    """Attention + MLP of one block; `lin(name, h)` applies linear map `name` to h
-    (plain/LoRA here, MoE-LoRA in moe.py)."""
+               lins: Lins, dtype) -> jax.Array:
+    """Attention + MLP of one block. `lins(names, h)` applies the linear maps `names`,
+    which share the input h (a group of GROUPS), and returns their outputs: the plain
+    path (`plain_lins`), MoE-LoRA (moe.py), an influence engine's instrumented maps, or
+    a recorder of the inputs (pruning calibration)."""
     B, T, _ = x_BTD.shape
     H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x_BTD, p["input_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
-    q = apply_rope(lin("q_proj", h).reshape(B, T, H, hd), pos_BT, inv_freq)
-    k = apply_rope(lin("k_proj", h).reshape(B, T, K, hd), pos_BT, inv_freq)
-    v = lin("v_proj", h).reshape(B, T, K, hd)
-    o = attention(q, k, v, bias, dtype)
-    x_BTD = x_BTD + lin("o_proj", o)
+    q, k, v = lins(("q_proj", "k_proj", "v_proj"), h)
+    q = apply_rope(q.reshape(B, T, H, hd), pos_BT, inv_freq)
+    k = apply_rope(k.reshape(B, T, K, hd), pos_BT, inv_freq)
+    o = attention(q, k, v.reshape(B, T, K, hd), bias, dtype)
+    x_BTD = x_BTD + lins(("o_proj",), o)[0]
     h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
-    m = glu(cfg.hidden_act, lin("gate_proj", h), lin("up_proj", h))
-    return x_BTD + lin("down_proj", m)
+    g, u = lins(("gate_proj", "up_proj"), h)
+    return x_BTD + lins(("down_proj",), glu(cfg.hidden_act, g, u))[0]
+
+
+def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
+                *, lora: dict[str, tuple[float, float]], key: jax.Array | None, dtype):
+    """One decoder block on the plain path. `p` holds this layer's slice of every
+    stacked parameter."""
+    return block_body(cfg, p, x_BTD, bias, pos_BT, inv_freq,
+                      plain_lins(p, lora=lora, key=key, dtype=dtype), dtype)
+
+
+def recording_lins(p: dict[str, Any], recorded: dict[str, jax.Array], dtype) -> Lins:
+    """The plain path (LoRA ignored) that records each group's input h, keyed as in
+    INPUT_OF: what pruning calibrates on."""
+    def lins(names, h):
+        recorded[INPUT_OF[names[0]]] = h
+        return tuple(linear_apply({k: v for k, v in p[n].items() if k in ("kernel", "bias")},
+                                  h, scale=0.0, dropout=0.0, key=None, dtype=dtype)
+                     for n in names)
+    return lins
 
 
 class Blocks(nnx.Module):
@@ -442,18 +318,14 @@ class Decoder(nnx.Module):
         return out.reshape(B, T, -1)
 
     def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
-                      dropout_key=None, dtype=None, taps=None, probes=None, probe_onehot=None):
+                      dropout_key=None, dtype=None, group_fn=None, layer_data=None):
         """Final hidden states (before the last norm).
 
         segments_BT: packed rows (attention stays inside a segment; pass positions
-        that restart per segment). taps: {module: zeros [L, B, T, d_out]}; then LoRA
-        is folded into the kernels and the result is (x, {input: x_in [L, B, T, d_in]})
-        with inputs keyed by INPUT_OF. That path is differentiable with respect to the
-        taps (and activations) only, not the weights (see `folded_linear`).
-        probes: {LoRA module: zero (pA [L, R*J, I, r], pB [L, R*J, r, O])} with
-        probe_onehot [R, J, T] (token t of row r belongs to example j of the row): the
-        gradient with respect to the probes is the per-example LoRA gradient (see
-        `probed_linears`); differentiable with respect to the probes only.
+        that restart per segment). group_fn(p, data, names, h): replaces the plain
+        linear maps of every group (an influence engine's hook, see
+        `influence.engines.packed.PackedModel`); `data` is the layer's slice of
+        `layer_data`, a pytree whose leaves have a leading layer axis.
         """
         cfg = self.cfg
         dtype = dtype or self.dtype
@@ -463,18 +335,41 @@ class Decoder(nnx.Module):
         bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT)
         inv_freq = rope_inv_freq(cfg)
         lora = self.layers.lora_settings()
-        stacked = self.layers.layer_arrays()
         keys = (jax.random.split(dropout_key, cfg.num_layers) if dropout_key is not None
                 else None)
 
         def body(x, xs):
-            p, key, tap, probe = xs
-            out = block_apply(cfg, p, x, bias, pos_BT, inv_freq, lora=lora, key=key,
-                              dtype=dtype, taps=tap, probes=probe, probe_onehot=probe_onehot)
-            return (out, None) if tap is None else out
+            p, key, data = xs
+            lins = (plain_lins(p, lora=lora, key=key, dtype=dtype) if group_fn is None
+                    else (lambda names, h: group_fn(p, data, names, h)))
+            return block_body(cfg, p, x, bias, pos_BT, inv_freq, lins, dtype), None
 
-        x, recorded = jax.lax.scan(body, self.embed(ids_BT, dtype), (stacked, keys, taps, probes))
-        return x if taps is None else (x, recorded)
+        x, _ = jax.lax.scan(body, self.embed(ids_BT, dtype),
+                            (self.layers.layer_arrays(), keys, layer_data))
+        return x
+
+    # -- what the packed influence engine needs (influence.engines.packed) --------------
+    def packed_lora(self) -> dict[str, tuple[int, int, int, float]]:
+        """{linear map: (d_in, rank, d_out, scale)} of the maps that carry LoRA."""
+        return {n: (lin.lora_a.shape[1], lin.lora_a.shape[2], lin.lora_b.shape[2],
+                    float(lin.lora_scale))
+                for n, lin in self.layers.linears().items() if lin.lora_a is not None}
+
+    def next_token_nll(self, x_BTD: jax.Array, ids_BT: jax.Array) -> jax.Array:
+        """-log p(ids[t+1] | ids[<=t]) at every position t -> [B, T] (float32; the last
+        position has no next token and gets a dummy target: weight it 0).
+
+        logsumexp minus the target logit; the target logit is a row gather of the output
+        matrix (its backward is a dense product, not a scatter into [B, T, V]), and the
+        logits are never sliced (a copy of [B, T, V]).
+        """
+        nxt = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, :1]], axis=1)
+        lse = jax.nn.logsumexp(self.head(x_BTD).astype(jnp.float32), axis=-1)
+        h = rms_norm(x_BTD, self.norm[...], self.cfg.rms_norm_eps, self.cfg.norm_offset)
+        w = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...].T
+        tgt = jnp.einsum("btd,btd->bt", h.astype(jnp.float32),
+                         jnp.take(w, nxt, axis=0).astype(jnp.float32))
+        return lse - tgt
 
     def __call__(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
                  dropout_key=None, dtype=None) -> jax.Array:

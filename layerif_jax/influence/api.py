@@ -1,0 +1,219 @@
+"""The two entry points: `influence_scores` (any loss, any pytree of parameters) and
+`layer_scores` (an NNX model; the project's decoders take the packed fast path)."""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ..data import Example
+from ..errors import LayerIFError
+from ..io import parse_bytes
+from ..loss import example_losses
+from . import driver
+from .driver import LayerScores, Settings
+from .engines.general import GeneralEngine, num_examples
+from .engines.packed import PackedEngine, supports as packed_supports
+from .estimators import get_estimator
+from .partition import make_partition, path_str
+
+ENGINES = ("auto", "packed", "vmap")
+
+
+def resolve_mesh(mesh):
+    """'auto': a 1-D mesh over every device (None with one device); a Mesh as given."""
+    if isinstance(mesh, Mesh) and mesh.devices.ndim != 1:
+        raise LayerIFError(f"influence shards examples over a 1-D mesh, got axes {mesh.axis_names}")
+    if mesh is None or isinstance(mesh, Mesh):
+        return mesh
+    if mesh == "auto":
+        devs = jax.devices()
+        return Mesh(np.array(devs), ("data",)) if len(devs) > 1 else None
+    raise LayerIFError(f"mesh must be a jax.sharding.Mesh, 'auto' or None, got {mesh!r}")
+
+
+def _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
+              skip_zero_units, progress, estimator_options) -> Settings:
+    return Settings(get_estimator(estimator, **(estimator_options or {})), aggregate, damping,
+                    damping_scale, per_val,
+                    None if memory_budget is None else parse_bytes(memory_budget, "memory budget"),
+                    skip_zero_units, progress)
+
+
+def _check_chunk(chunk_size: int) -> None:
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise LayerIFError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
+
+
+def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: str = "tensor",
+                     estimator: str = "datainf", aggregate: str = "+ve", per_val: bool = False,
+                     memory_budget=None, mesh="auto", chunk_size: int = 8,
+                     damping: float | None = None, damping_scale: float = 0.1,
+                     skip_zero_units: bool = False, progress: bool = False,
+                     estimator_options: dict | None = None) -> LayerScores:
+    """Per-example, per-layer influence of `train` on `val` for any JAX model.
+
+    loss_fn(params, example) -> scalar: the loss of ONE example, an example being one
+    slice of the `train` / `val` pytrees along their leading axis. params: the pytree of
+    parameters to attribute over (LoRA factors, a small model's weights, a classifier
+    head...). layer_of: which layer each parameter belongs to: a regex with one integer
+    group on the dotted path (r"layers\\.(\\d+)\\."), a callable path -> int | None (None:
+    not attributed), or "stacked" (leaves with a leading layer axis); see `partition`.
+    unit: "tensor" | "module" | "block", the units of inversion. estimator: a name in
+    `estimators.ESTIMATORS` ("datainf", "identity", "exact"). Per-example gradients are
+    `vmap(grad)` over chunks of `chunk_size` examples; `memory_budget` (bytes or "8GB")
+    bounds the kept gradients (the rest is recomputed); `mesh` shards the examples.
+    Returns a `LayerScores`: score[i, l] = v_l . (H_l + lambda I)^-1 g_i,l, positive =
+    beneficial, and the layer scores S_l of `aggregate`.
+    """
+    _check_chunk(chunk_size)
+    s = _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
+                  skip_zero_units, progress, estimator_options)
+    part = make_partition(params, unit, layer_of)
+    m = resolve_mesh(mesh)
+    engine = GeneralEngine(loss_fn, params, part, mesh=m, chunk_size=chunk_size)
+    n, nv = num_examples(train), num_examples(val)
+    if not n or not nv:
+        raise LayerIFError("influence needs at least one training and one validation example")
+    return driver.run(engine, part, train, val, n, nv, s,
+                      {"devices": 1 if m is None else m.devices.size})
+
+
+# -- NNX models ----------------------------------------------------------------------------
+
+_FIRST_INDEX = r"(?:^|\.)(\d+)(?:\.|$)"
+
+
+def _auto_layer_of(params, filt) -> str:
+    """An integer path component (an nnx.List index) names the layer; otherwise every
+    leaf must share a leading layer axis ("stacked")."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not flat:
+        raise LayerIFError(f"the model has no parameters matching {filt} (for LoRA: attach "
+                           "or load an adapter first)")
+    paths = [path_str(p) for p, _ in flat]
+    if all(re.search(_FIRST_INDEX, p) for p in paths):
+        return _FIRST_INDEX
+    lead = {np.shape(x)[0] if np.ndim(x) else None for _, x in flat}
+    if len(lead) == 1 and None not in lead and not any(re.search(_FIRST_INDEX, p) for p in paths):
+        return "stacked"
+    odd = next(p for p in paths if not re.search(_FIRST_INDEX, p))
+    raise LayerIFError(f"cannot tell the layer of {odd}: pass layer_of (a regex with one "
+                       "integer group, a callable path -> layer, or 'stacked')")
+
+
+def _check_adapter(params) -> None:
+    bs = [x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+          if "lora_b" in path_str(p)]
+    if bs and all(not bool(jnp.any(b != 0)) for b in bs):
+        raise LayerIFError(
+            "the LoRA adapter is freshly initialised (every B is zero, so every A-gradient is "
+            "zero and influence is degenerate): fine-tune it first or load a trained adapter")
+
+
+@functools.lru_cache(maxsize=16)
+def _nnx_loss(graphdef, example_loss: Callable | None, dtype):
+    """loss(params, rest, example) of a split NNX model: `example_loss(model, example)`,
+    or the mean token cross-entropy of an LM example {"ids", "targets"} (cached, so that
+    repeated calls reuse one compiled function)."""
+    def loss(params, rest, example):
+        model = nnx.merge(graphdef, params, rest)
+        if example_loss is not None:
+            return example_loss(model, example)
+        ids = example["ids"][None]
+        logits = model(ids) if dtype is None else model(ids, dtype=dtype)
+        return example_losses(logits, ids, example["targets"][None])[0]
+    return loss
+
+
+def lm_buckets(examples: Sequence[Example], multiple: int):
+    """[(dataset {"ids", "targets"} [n_b, T_b], input indices)] by length buckets of
+    `multiple` tokens, right-padded (exact for causal models)."""
+    lengths = np.array([len(e.ids) for e in examples])
+    bucket = -(-lengths // multiple) * multiple
+    out = []
+    for T in sorted(set(bucket.tolist())):
+        idx = np.flatnonzero(bucket == T)
+        ids = np.zeros((len(idx), T), np.int32)
+        tgt = np.zeros((len(idx), T), bool)
+        for r, i in enumerate(idx):
+            t = len(examples[i].ids)
+            ids[r, :t], tgt[r, :t] = examples[i].ids, examples[i].targets
+        out.append(({"ids": ids, "targets": tgt}, idx))
+    return out
+
+
+def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable | None = None,
+                 layer_of="auto", engine: str = "auto", estimator: str = "datainf",
+                 aggregate: str = "+ve", unit: str = "tensor", damping: float | None = None,
+                 damping_scale: float = 0.1, per_val: bool = False, chunk_size: int = 8,
+                 memory_budget="8GB", dtype=None, mesh="auto", row_len: int | None = None,
+                 bucket_multiple: int = 32, skip_zero_units: bool = False,
+                 chunks_per_call: int = 4, progress: bool = False,
+                 estimator_options: dict | None = None) -> LayerScores:
+    """Per-example, per-layer influence scores and the LayerIF layer scores S^(l) of an
+    NNX model.
+
+    model: any `nnx.Module`; the attributed parameters are those matching the `params`
+    filter (default `nnx.LoRAParam`). Layers: `layer_of` ("auto": an integer in the
+    path, as for layers in an `nnx.List`, or a leading layer axis; else see
+    `influence_scores`). train / val: tokenised LM examples (`data.tokenize`; default
+    loss: the mean token cross-entropy of `model(ids_1T)` on right-padded ids), or any
+    pytrees with a leading example axis when `loss_fn(model, example)` is given.
+    engine: "packed" (the project's decoders: several examples per row, one backward per
+    chunk, LoRA only), "vmap" (the general path: vmap(grad) over chunks; for LM examples,
+    length buckets of `bucket_multiple`), or "auto" (packed where it applies).
+    dtype: compute dtype of the forward/backward of the project's decoders (influence sums
+    stay float32). damping: a fixed lambda (default: adaptive per unit, damping_scale x
+    mean ||g||^2 / d). chunks_per_call: packed chunks per compiled call. mesh: 'auto'
+    shards the examples over all devices (parameters replicated), None: one device.
+    """
+    _check_chunk(chunk_size)
+    if engine not in ENGINES:
+        raise LayerIFError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+    if not len(jax.tree.leaves(train)) or not len(jax.tree.leaves(val)):
+        raise LayerIFError("influence needs at least one training and one validation example")
+    s = _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
+                  skip_zero_units, progress, estimator_options)
+    lm = isinstance(train, (list, tuple)) and train and isinstance(train[0], Example)
+    packed_ok = (lm and loss_fn is None and params is nnx.LoRAParam and layer_of in ("auto", "stacked")
+                 and packed_supports(model))
+    if engine == "packed" and not packed_ok:
+        raise LayerIFError("engine='packed' needs one of the project's decoders, tokenised "
+                           "examples, LoRA parameters and the default loss: use engine='vmap'")
+    m = resolve_mesh(mesh)
+    dt = jnp.dtype(dtype) if dtype is not None else None
+    meta = {"devices": 1 if m is None else m.devices.size,
+            "dtype": str(dt or getattr(model, "dtype", "float32"))}
+    if engine != "vmap" and packed_ok:
+        eng = PackedEngine(model, dtype=dt, mesh=m, chunk_size=chunk_size, row_len=row_len,
+                           chunks_per_call=chunks_per_call)
+        _check_adapter(eng.params)
+        part = make_partition(eng.params, unit, "stacked")
+        return driver.run(eng, part, list(train), list(val), len(train), len(val), s, meta)
+    graphdef, p, rest = nnx.split(model, params, ...)
+    if params is nnx.LoRAParam:
+        _check_adapter(p)
+    part = make_partition(p, unit, _auto_layer_of(p, params) if layer_of == "auto" else layer_of)
+    if loss_fn is None and not lm:
+        raise LayerIFError("train/val are not tokenised LM examples: pass loss_fn(model, example)")
+    eng = GeneralEngine(_nnx_loss(graphdef, loss_fn, dt), p, part, mesh=m,
+                        chunk_size=chunk_size, const=rest)
+    if lm and loss_fn is None:
+        return driver.run(eng, part, lm_buckets(train, bucket_multiple),
+                          lm_buckets(val, bucket_multiple), len(train), len(val), s, meta)
+    if lm:
+        train, val = _as_dataset(train), _as_dataset(val)
+    return driver.run(eng, part, train, val, num_examples(train), num_examples(val), s, meta)
+
+
+def _as_dataset(examples: Sequence[Example]) -> dict[str, Any]:
+    """Tokenised examples as one right-padded dataset {"ids", "targets"} [n, T_max]."""
+    return lm_buckets(examples, max(len(e.ids) for e in examples))[0][0]

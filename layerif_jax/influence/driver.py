@@ -1,0 +1,280 @@
+"""The passes of a layer-wise influence run, shared by every engine.
+
+1. validation: per-example gradients, averaged into v (or kept, one v per
+   validation example, with `per_val`);
+2. training: per-example gradients -> ||g_i,b||^2 and v . g_i,b per unit; the
+   gradients themselves are kept when n x d fits the memory budget, and when it does
+   not, as many calls' gradients as fit are kept (`keep_plan`);
+3. the estimator's preconditioning (DataInf: one weighted gradient sum per unit);
+4. scores h . g_i per unit, summed into layers.
+
+Passes 3 and 4 stream the kept gradients and recompute the others call by call;
+results do not depend on which (beyond float rounding), nor on the chunking. An
+engine turns examples into fixed-shape calls (`chunks`) and a call into per-example
+gradients in piece form with a finite flag per row (`grads`); `call.index` maps rows
+to input positions (-1 = filler).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import LayerIFError
+from ..notes import info, note
+from ..stop import check as check_stop, checking
+from . import core
+from .aggregate import AGGREGATES, aggregate
+from .distributed import to_host
+from .estimators import Context, Estimator
+from .partition import Partition
+
+
+@dataclasses.dataclass
+class LayerScores:
+    """The result of a run. Positive per-example scores are beneficial (METHOD.md 2)."""
+    layer_scores: np.ndarray            # [L], the chosen aggregate
+    per_example: np.ndarray             # [n, L]
+    aggregate: str
+    estimator: str
+    unit: str
+    n_train: int
+    n_val: int
+    lambdas: np.ndarray                 # [L, U]
+    unit_names: tuple[str, ...]
+    seconds: float
+    gradients_kept: bool                # every training gradient kept (meta: kept_examples)
+    per_val_layers: np.ndarray | None = None   # [n, m, L]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layer_ids: tuple = ()               # the model's layer numbers of the L columns
+
+    @property
+    def per_val(self) -> np.ndarray | None:
+        """[n, m], summed over layers."""
+        return None if self.per_val_layers is None else self.per_val_layers.sum(-1)
+
+    def aggregated(self, how: str) -> np.ndarray:
+        return np.asarray(aggregate(self.per_example, how))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What every run shares, whichever engine."""
+    estimator: Estimator
+    aggregate: str = "+ve"
+    damping: float | None = None
+    damping_scale: float = 0.1
+    per_val: bool = False
+    budget: int | None = None
+    skip_zero_units: bool = False
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.aggregate not in AGGREGATES:
+            raise LayerIFError(f"unknown aggregate {self.aggregate!r} (choose from "
+                               f"{', '.join(AGGREGATES)})")
+        if self.damping is not None and not self.damping > 0:
+            raise LayerIFError(f"damping must be > 0, got {self.damping}")
+        if not self.damping_scale > 0:
+            raise LayerIFError(f"damping scale must be > 0, got {self.damping_scale}")
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def progress(it, total, desc, enabled):
+    """The items of `it`, with a progress bar (process 0) and a stop check before each:
+    a Ctrl-C or SIGTERM (`layerif_jax.stop`) ends the run between two calls."""
+    bar = None
+    if enabled and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=desc, unit="call", leave=False)
+    with checking():
+        try:
+            for x in it:
+                check_stop()
+                yield x
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def raise_nonfinite(finite_calls, calls, what):
+    bad = sorted(int(i) for f, b in zip(finite_calls, calls)
+                 for i, ok in zip(b.index, to_host(f)) if i >= 0 and not ok)
+    if bad:
+        raise LayerIFError(f"NaN or inf in the gradient of {what} example(s) {bad[:10]}"
+                           f"{' ...' if len(bad) > 10 else ''} (index in the input order)")
+
+
+def keep_plan(calls, bytes_per_row: int, budget: int | None) -> np.ndarray:
+    """Which training calls keep their gradients under `budget` (bytes).
+
+    All of them when n x d fits. Otherwise a greedy knapsack: calls with the most
+    tokens of work per kept byte first (a recomputation costs the call's tokens,
+    keeping costs its rows), each taken while it still fits. So a budget a little
+    below n x d costs a few recomputed calls, not two more passes over the training set.
+    """
+    rows = np.array([len(b.index) for b in calls])
+    if budget is None or bytes_per_row * rows.sum() <= budget:
+        return np.ones(len(calls), bool)
+    tokens = np.array([b.tokens for b in calls], float)
+    keep, used = np.zeros(len(calls), bool), 0
+    for k in np.argsort(-tokens / rows, kind="stable"):
+        if used + bytes_per_row * rows[k] <= budget:
+            keep[k], used = True, used + bytes_per_row * rows[k]
+    return keep
+
+
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
+def say_memory_plan(calls, keep_call, need: int, budget: int | None, n: int) -> None:
+    """Before the passes: the gradients' memory against the budget, and what is kept."""
+    kept = int(sum((b.index >= 0).sum() for b, k in zip(calls, keep_call) if k))
+    what = f"per-example gradients of {n} training examples need {_gb(need)}"
+    if keep_call.all():
+        info(f"{what}" + ("" if budget is None else f" of the {_gb(budget)} memory budget")
+             + ": all kept")
+    elif not keep_call.any():
+        note(f"{what}, more than the whole {_gb(budget or 0)} memory budget allows for even one "
+             f"call: every training gradient is recomputed twice more (about 3x the time of "
+             f"the training pass); raise the memory budget to {_gb(need)} to keep them all")
+    else:
+        note(f"{what}, more than the {_gb(budget or 0)} memory budget: {kept} of {n} kept, "
+             f"{int((~keep_call).sum())} of {len(calls)} calls recomputed twice more; raise the "
+             f"memory budget to {_gb(need)} to keep them all")
+
+
+def input_order(calls, count: int) -> np.ndarray:
+    """Rows of the concatenated calls in input order (fillers dropped)."""
+    idx = np.concatenate([b.index for b in calls])
+    return np.argsort(np.where(idx < 0, np.iinfo(np.int32).max, idx))[:count]
+
+
+_sq_norms = jax.jit(core.sq_norms)
+_dots = jax.jit(core.dots)
+_mean = jax.jit(core.mean_leaves, static_argnums=1)
+
+
+# -- the passes -----------------------------------------------------------------------------
+
+def validation_pass(engine, calls, m: int, per_val: bool, show: bool) -> list[jax.Array]:
+    """v: the mean validation gradient (leaves [1, P_k, ...]) or, with per_val, every
+    validation example's gradient (leaves [m_pad, P_k, ...])."""
+    parts, fins = [], []
+    for b in progress(calls, len(calls), "validation grads", show):
+        g, fin = engine.grads(b)
+        parts.append([x.astype(jnp.float32) for x in g] if per_val else _mean(g, m))
+        fins.append(fin)
+    raise_nonfinite(fins, calls, "validation")
+    if per_val:
+        return [jnp.concatenate(xs) for xs in zip(*parts)]
+    return [sum(xs) for xs in zip(*parts)]
+
+
+def training_pass(engine, calls, v, keep_call, show: bool):
+    """(kept gradients per call or None, ||g||^2 [n_pad, P], v . g [n_pad, M, P])."""
+    kept, sq, vg, fins = [], [], [], []
+    for k, b in enumerate(progress(calls, len(calls), "train grads", show)):
+        g, fin = engine.grads(b)
+        sq.append(_sq_norms(g))
+        vg.append(_dots(g, v))
+        fins.append(fin)
+        kept.append(g if keep_call[k] else None)
+    raise_nonfinite(fins, calls, "training")
+    return kept, jnp.concatenate(sq), jnp.concatenate(vg)
+
+
+def damping(part: Partition, s: Settings, sq_u, n: int, estimator_name: str):
+    """lambda [L, U]: fixed, or adaptive (damping_scale x mean ||g||^2 / d per unit);
+    units whose gradient is zero on every example are refused or (skip_zero_units)
+    given lambda 1 so they contribute exactly 0."""
+    present = part.sizes() > 0
+    sizes = jnp.asarray(np.maximum(part.sizes(), 1), jnp.float32)
+    sq_sum = jnp.sum(sq_u, 0)                                   # [L, U]
+    lam = (jnp.full(sizes.shape, s.damping, jnp.float32) if s.damping
+           else s.damping_scale * sq_sum / n / sizes)
+    zero = np.argwhere((to_host(sq_sum) == 0) & present)
+    if len(zero) and estimator_name != "identity":
+        if not s.skip_zero_units:
+            l, u = zero[0]
+            raise LayerIFError(
+                f"{part.describe(int(l), int(u))} has an all-zero gradient over the training set "
+                f"({len(zero)} such units; skip them with skip_zero_units / --skip-zero-units)")
+    return jnp.where((sq_sum == 0) | ~jnp.asarray(present), 1.0, lam)
+
+
+def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
+        meta: dict[str, Any]) -> LayerScores:
+    """All four passes (see the module docstring). `train`/`val`: what `engine.chunks`
+    takes; n and m count the real examples."""
+    t0 = tick = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(name, *arrays):  # one sync per phase (not per call) for the timing breakdown
+        nonlocal tick
+        jax.block_until_ready(arrays)
+        now = time.perf_counter()
+        phases[name] = round(now - tick, 3)
+        tick = now
+
+    engine.plan([train, val])
+    tb, vb = engine.chunks(train), engine.chunks(val)
+    onehot = jnp.asarray(part.onehot())
+    d_total = int(part.sizes().sum())
+    offsets = np.cumsum([0] + [len(b.index) for b in tb])
+    need = 4 * d_total * int(offsets[-1])
+    keep_call = keep_plan(tb, 4 * d_total, s.budget)
+    say_memory_plan(tb, keep_call, need, s.budget, n)
+
+    v = validation_pass(engine, vb, m, s.per_val, s.progress)
+    phase("validation", v)
+    kept, sq, vg = training_pass(engine, tb, v, keep_call, s.progress)
+    sq_u, vg_u = core.to_units(sq, onehot), core.to_units(vg, onehot)  # [n_pad, (M,) L, U]
+    lam = damping(part, s, sq_u, n, s.estimator.name)
+
+    def chunks():
+        for k, b in enumerate(progress(tb, len(tb), "influence pass", False)):
+            yield (slice(int(offsets[k]), int(offsets[k + 1])),
+                   kept[k] if kept[k] is not None else engine.grads(b)[0])
+
+    ctx = Context(part=part, n=n, v=v, sq_u=sq_u, vg_u=vg_u, lam=lam, chunks=chunks,
+                  kept=bool(keep_call.all()))
+    phase("train", sq_u, vg_u)
+    h = s.estimator.precondition(ctx)
+    phase("precondition", h)
+    unit_scores = (vg_u if h is None else
+                   core.to_units(jnp.concatenate([_dots(g, h) for _, g in chunks()]), onehot))
+    layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)[input_order(tb, n)]
+    per_val_layers = None
+    if s.per_val:
+        per_val_layers = layer_nML[:, input_order(vb, m)]
+        per_example = per_val_layers.mean(1)
+    else:
+        per_example = layer_nML[:, 0]
+    phase("score", layer_nML)
+    if (per_example > 0).all():
+        note("every per-example score is positive: the '+ve' and 'all' layer scores are equal")
+    return LayerScores(
+        layer_scores=np.asarray(aggregate(per_example, s.aggregate)), per_example=per_example,
+        aggregate=s.aggregate, estimator=s.estimator.name, unit=part.unit, n_train=n, n_val=m,
+        lambdas=to_host(lam), unit_names=part.unit_names, seconds=time.perf_counter() - t0,
+        gradients_kept=bool(keep_call.all()), per_val_layers=per_val_layers,
+        layer_ids=part.layer_ids,
+        meta={**meta, "engine": engine.name, **engine.describe(tb + vb),
+              "calls": len(tb) + len(vb),
+              "materialised_bytes": int(4 * d_total * np.diff(offsets)[keep_call].sum()),
+              "needed_bytes": need,
+              "kept_examples": int(sum((b.index >= 0).sum()
+                                       for b, k in zip(tb, keep_call) if k)),
+              "recomputed_calls": int((~keep_call).sum()),
+              "damping": "adaptive" if s.damping is None else s.damping,
+              "damping_scale": s.damping_scale, "phase_seconds": phases})

@@ -1,0 +1,146 @@
+"""Per-example gradients of ANY loss: `vmap(grad)` over fixed-shape chunks of a dataset.
+
+The dataset is a pytree of arrays with a leading example axis; an example is one
+slice of it along that axis. A chunk holds `chunk_size` examples (a multiple of the
+devices): the last one is filled with copies of its first example, weighted 0 in the
+loss, so their gradients are exactly zero and every chunk has one shape (one
+compilation). Several datasets (e.g. one per length bucket) give one shape each.
+
+Only the attributed leaves of `params` (see `partition`) are differentiated; the
+others enter the loss as constants. Gradients come back in piece form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ...errors import LayerIFError
+from .. import core
+from ..distributed import put
+from ..partition import Partition
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    arrays: Any          # pytree of host arrays, leaves [B, ...]
+    weight: np.ndarray   # float32 [B]: 1 for a real example, 0 for a filler copy
+    index: np.ndarray    # int32 [B]: position in the input, -1 for a filler
+
+    @property
+    def tokens(self) -> int:  # the cost of recomputing it, for the memory plan
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.arrays)))
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(tuple(x.shape) for x in jax.tree.leaves(self.arrays))
+
+
+def num_examples(data) -> int:
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise LayerIFError("the dataset has no arrays")
+    ns = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in leaves}
+    if len(ns) != 1 or -1 in ns:
+        raise LayerIFError(f"every array of a dataset needs the same leading example axis, "
+                           f"got leading sizes {sorted(ns)}")
+    return ns.pop()
+
+
+def chunk_dataset(data, size: int, offset: int = 0) -> list[Chunk]:
+    """Fixed-shape chunks of `size` examples (indices `offset` + position)."""
+    n = num_examples(data)
+    host = jax.tree.map(np.asarray, data)
+    out = []
+    for s in range(0, n, size):
+        idx = np.arange(s, min(s + size, n))
+        take = np.concatenate([idx, np.full(size - len(idx), idx[0])])
+        out.append(Chunk(jax.tree.map(lambda x: x[take], host),
+                         (np.arange(size) < len(idx)).astype(np.float32),
+                         np.where(np.arange(size) < len(idx), take + offset, -1).astype(np.int32)))
+    return out
+
+
+class GeneralEngine:
+    """`vmap(grad(loss_fn))` over the chunks: `loss_fn(params, example) -> scalar`, or
+    `loss_fn(params, const, example)` when `const` (e.g. the frozen rest of an NNX
+    model) is given; only the attributed leaves of `params` are differentiated."""
+
+    name = "vmap"
+
+    def __init__(self, loss_fn: Callable, params, part: Partition, *, mesh: Mesh | None,
+                 chunk_size: int, const=None):
+        leaves, treedef = jax.tree.flatten(params)
+        attr = set(part.leaf_index)
+        self.params = [leaves[i] for i in part.leaf_index]
+        self.frozen = [x for i, x in enumerate(leaves) if i not in attr]
+        self.const = const
+        self.mesh = mesh
+        self.ndev = 1 if mesh is None else mesh.devices.size
+        self.slots = -(-chunk_size // self.ndev) * self.ndev
+        self.fn = _compiled(loss_fn, treedef, tuple(part.leaf_index), len(leaves),
+                            tuple(part.leaf_stacked), const is not None)
+        if mesh is not None:
+            rep = NamedSharding(mesh, P())
+            self.params, self.frozen = put(self.params, rep), put(self.frozen, rep)
+            self.const = put(const, rep) if const is not None else None
+            self._shard = NamedSharding(mesh, P(mesh.axis_names[0]))
+
+    def plan(self, example_sets) -> None:
+        pass  # every chunk has the shape of its dataset
+
+    def chunks(self, data) -> list[Chunk]:
+        """`data`: a dataset, or a list of (dataset, input indices) pairs (buckets)."""
+        if isinstance(data, list):
+            out = []
+            for ds, idx in data:
+                for c in chunk_dataset(ds, self.slots):
+                    out.append(dataclasses.replace(
+                        c, index=np.where(c.index >= 0, np.asarray(idx)[np.maximum(c.index, 0)],
+                                          -1).astype(np.int32)))
+            return out
+        return chunk_dataset(data, self.slots)
+
+    def grads(self, c: Chunk):
+        arrays, weight = c.arrays, c.weight
+        if self.mesh is not None:
+            arrays, weight = put(arrays, self._shard), put(weight, self._shard)
+        return self.fn(self.params, self.frozen, self.const, arrays, weight)
+
+    def describe(self, calls: Sequence[Chunk]) -> dict[str, Any]:
+        return {"chunk_slots": self.slots, "chunk_shapes": sorted({c.shape for c in calls}),
+                "chunks": len(calls)}
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: tuple, with_const: bool):
+    """One jitted per-example gradient function per loss and parameter structure."""
+    pos = {i: k for k, i in enumerate(attr)}
+
+    def one(attr_leaves, frozen_leaves, const, example, w):
+        it = iter(frozen_leaves)
+        leaves = [attr_leaves[pos[i]] if i in pos else next(it) for i in range(n_leaves)]
+        p = jax.tree.unflatten(treedef, leaves)
+        return w * (loss_fn(p, const, example) if with_const else loss_fn(p, example))
+
+    per_example = jax.vmap(jax.grad(one), in_axes=(None, None, None, 0, 0))
+
+    def fn(attr_leaves, frozen_leaves, const, arrays, weight):
+        g = core.to_pieces(per_example(attr_leaves, frozen_leaves, const, arrays, weight),
+                           stacked)
+        B = weight.shape[0]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x.reshape(B, -1)), axis=1)
+                                    for x in g]), axis=0)
+        return g, finite
+
+    return jax.jit(fn)
+
+
+def clear_cache() -> None:
+    _compiled.cache_clear()

@@ -1,0 +1,408 @@
+"""Per-example LoRA gradients from ONE batched backward over packed rows.
+
+Why: `vmap(grad)` needs every example of a chunk padded to one length, and every
+distinct length is another compilation. Here several examples share a row
+(attention stays inside an example, positions restart), so rows are nearly full,
+there is a single compiled shape, and the backward is an ordinary batched one.
+
+How: a LoRA map y = x W + s (x A) B has, for example e with tokens t in e,
+
+    dL_e/dB = s * sum_{t in e} u_t^T dy_t          u = x A
+    dL_e/dA = s * sum_{t in e} x_t^T (dy_t B^T)
+
+so per-example gradients need only the inputs x_t and dy_t = dL/dy_t. Examples in
+a row do not interact, so the backward of the sum of per-example losses gives each
+token exactly its own example's dy_t. The sums run inside the backward of each
+layer, as the cotangent of zero "probes" that stand for per-example offsets of the
+LoRA factors (`probed_linears`): x and dy are used while they are in cache and never
+stacked over layers, and the LoRA maps sharing an input (q, k, v; gate, up) run as
+one GEMM with the LoRA folded into the kernel.
+
+What a model provides to use this engine (`PackedModel`; the project's decoders do):
+stacked LoRA on named linear maps (state paths `...<name>.lora_a` / `.lora_b`), a
+forward over packed rows that calls a hook for every group of linear maps sharing
+an input, and the next-token loss of its hidden states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Any, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ...data import Example
+from ...errors import LayerIFError
+from ...ops import mm, precision
+from ..distributed import put
+
+
+class PackedModel(Protocol):
+    """The interface of a model the packed engine runs on."""
+
+    def packed_lora(self) -> dict[str, tuple[int, int, int, float]]:
+        """{linear map: (d_in, rank, d_out, scale)} of its LoRA maps (stacked on L)."""
+
+    def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
+                      dtype=None, group_fn=None, layer_data=None):
+        """Hidden states; for every layer and every group of linear maps that share an
+        input h, `group_fn(p, data, names, h) -> tuple of outputs`, where p holds the
+        layer's slice of each map's arrays ({"kernel", "lora_a", "lora_b", "bias"?})
+        and data the layer's slice of `layer_data` (leaves with a leading layer axis)."""
+
+    def next_token_nll(self, x_BTD, ids_BT) -> jax.Array:
+        """-log p(ids[t+1] | ids[<=t]) at every position -> [B, T] float32."""
+
+
+def supports(model) -> bool:
+    return all(hasattr(model, a) for a in ("packed_lora", "hidden_states", "next_token_nll"))
+
+
+# -- the probed linear maps -------------------------------------------------------------
+
+def _fold(kernel, a, b, scale: float, dtype) -> jax.Array:
+    w = kernel.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    # materialise W + sAB once: fused into the GEMM it would be recomputed per tile
+    return jax.lax.optimization_barrier(w).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def probed_linears(x, params, probes, onehot_RJT, scales: tuple, dtype) -> tuple:
+    """The LoRA maps that share the input x [R, T, I] (q, k, v or gate, up), as ONE
+    GEMM against the concatenated folded kernels [W_m + s_m A_m B_m]: a tuple of y_m.
+
+    params: ((W, A, B), ...) per map; probes: ((pA [R*J, I, r], pB [R*J, r, O]), ...),
+    ZEROS. The probes stand for per-example offsets of each map's LoRA factors
+    (A + pA_e, B + pB_e for the tokens of example e = (row, j); onehot_RJT says
+    which tokens those are), so the gradient with respect to them at zero is the
+    per-example LoRA gradient, and the backward computes it right there, per layer,
+    from x and dy = dL/dy:
+
+        dL_e/dB = s * sum_{t in e} (x_t A)^T dy_t,    dL_e/dA = s * sum_{t in e} x_t^T (dy_t B^T)
+
+    The forward ignores the probes' values (it is only differentiated at zero), and
+    the cotangents of W, A and B are zeros: the path is differentiable with respect
+    to x and the probes only. Saved for the backward: x and the parameter slices
+    (which the layer scan forwards without a copy), never dy or a folded matrix.
+    """
+    return _probed_fwd(x, params, probes, onehot_RJT, scales, dtype)[0]
+
+
+def _folded_cat(params, scales, dtype):
+    return jnp.concatenate([_fold(k, a, b, s, dtype) for (k, a, b), s in zip(params, scales)], 1)
+
+
+def _probed_fwd(x, params, probes, onehot_RJT, scales, dtype):
+    y = mm(x, _folded_cat(params, scales, dtype))
+    sizes = [k.shape[-1] for k, _, _ in params]
+    ys = tuple(jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1))
+    return ys, (x, params, onehot_RJT)
+
+
+def _probed_bwd(scales, dtype, res, dys):
+    x, params, oh = res
+    dx = mm(jnp.concatenate([dy.astype(dtype) for dy in dys], -1),
+            _folded_cat(params, scales, dtype).T)
+    prec = precision()
+    R, J, T = oh.shape
+    xf = x.astype(jnp.float32)
+    g_probes = []
+    for (_, a, b), s, dy in zip(params, scales, dys):
+        dyf = dy.astype(jnp.float32)
+        u = jnp.einsum("rti,ik->rtk", xf, a.astype(jnp.float32), precision=prec)
+        du = s * jnp.einsum("rto,ko->rtk", dyf, b.astype(jnp.float32), precision=prec)
+        # masks on the skinny (rank-r) side, then one contraction over the row's tokens
+        gA = jnp.einsum("rjtk,rti->rjik", oh[..., None] * du[:, None], xf, precision=prec)
+        gB = s * jnp.einsum("rjtk,rto->rjko", oh[..., None] * u[:, None], dyf, precision=prec)
+        g_probes.append((gA.reshape(R * J, *gA.shape[2:]), gB.reshape(R * J, *gB.shape[2:])))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return dx, zeros, tuple(g_probes), jnp.zeros_like(oh)
+
+
+probed_linears.defvjp(_probed_fwd, _probed_bwd)
+
+
+def probe_group_fn(scales: dict[str, float], onehot_RJT, dtype):
+    """The `group_fn` hook: the LoRA maps of a group as one probed GEMM; maps without
+    LoRA as plain GEMMs. `data` is the layer's probes {name: (pA, pB)}."""
+    def fn(p, probes, names, h):
+        lora = [n for n in names if n in probes]
+        ys = dict(zip(lora, probed_linears(
+            h, tuple((p[n]["kernel"], p[n]["lora_a"], p[n]["lora_b"]) for n in lora),
+            tuple(probes[n] for n in lora), onehot_RJT, tuple(scales[n] for n in lora),
+            dtype))) if lora else {}
+        out = []
+        for n in names:
+            y = ys[n] if n in ys else mm(h, p[n]["kernel"].astype(dtype))
+            out.append(y + p[n]["bias"].astype(y.dtype) if "bias" in p[n] else y)
+        return tuple(out)
+    return fn
+
+
+# -- packing -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PackedChunk:
+    ids: np.ndarray        # int32 [R, T]
+    segments: np.ndarray   # int32 [R, T]: example number within its row (0..J-1), -1 = padding
+    positions: np.ndarray  # int32 [R, T]: restart at 0 for every example
+    targets: np.ndarray    # bool  [R, T]
+    slot_pos: np.ndarray   # int32 [E]: r * J + j of each slot, R * J for an empty slot
+    index: np.ndarray      # int32 [E]: input index of each slot, -1 = empty slot
+
+
+def pack_chunks(examples: Sequence[Example], *, rows: int, row_len: int, slots: int,
+                per_row: int) -> list[PackedChunk]:
+    """First-fit-decreasing packing into chunks of `rows` rows of `row_len` tokens, at
+    most `slots` examples per chunk and `per_row` per row. Every chunk has the same shapes."""
+    lengths = np.array([len(e.ids) for e in examples])
+    if lengths.max() > row_len:
+        raise LayerIFError(f"an example has {lengths.max()} tokens, more than the packed row "
+                           f"length {row_len}")
+    order = np.argsort(-lengths, kind="stable")
+    chunks: list[list[list[int]]] = []   # chunk -> row -> example indices
+    free: list[list[int]] = []           # chunk -> free tokens per row
+    count: list[int] = []
+    for i in order:
+        t = lengths[i]
+        placed = False
+        for c in range(len(chunks)):
+            if count[c] >= slots:
+                continue
+            for r in range(rows):
+                if free[c][r] >= t and len(chunks[c][r]) < per_row:
+                    chunks[c][r].append(int(i))
+                    free[c][r] -= t
+                    count[c] += 1
+                    placed = True
+                    break
+            if placed:
+                break
+        if not placed:
+            chunks.append([[int(i)]] + [[] for _ in range(rows - 1)])
+            free.append([row_len - t] + [row_len] * (rows - 1))
+            count.append(1)
+    return [_fill(examples, rows_, rows, row_len, slots, per_row) for rows_ in chunks]
+
+
+def _fill(examples, members_of_rows, rows, row_len, slots, per_row) -> PackedChunk:
+    c = empty_chunk(rows, row_len, slots, per_row)
+    slot = 0
+    for r, members in enumerate(members_of_rows):
+        off = 0
+        for j, i in enumerate(members):
+            ex = examples[i]
+            t = len(ex.ids)
+            c.ids[r, off:off + t] = ex.ids
+            c.segments[r, off:off + t] = j
+            c.positions[r, off:off + t] = np.arange(t)
+            c.targets[r, off:off + t] = ex.targets
+            c.slot_pos[slot] = r * per_row + j
+            c.index[slot] = i
+            slot += 1
+            off += t
+    return c
+
+
+def empty_chunk(rows: int, row_len: int, slots: int, per_row: int) -> PackedChunk:
+    """A chunk with no example (also pads the chunk count to a multiple of the devices)."""
+    return PackedChunk(np.zeros((rows, row_len), np.int32), np.full((rows, row_len), -1, np.int32),
+                       np.zeros((rows, row_len), np.int32), np.zeros((rows, row_len), bool),
+                       np.full((slots,), rows * per_row, np.int32), np.full((slots,), -1, np.int32))
+
+
+def plan(lengths: Sequence[int], *, chunk_size: int, row_len: int | None = None):
+    """(rows, row_len, slots, per_row) for about `chunk_size` examples a chunk.
+
+    Rows are twice the longest example by default (room for ~2-3 typical ones);
+    slots leave 25% headroom over the mean fill, so rows, not slots, run out first;
+    per_row bounds the examples one row may hold.
+    """
+    lengths = np.asarray(lengths)
+    max_len = int(lengths.max())
+    mean = float(lengths.mean())
+    row_len = int(row_len or max(max_len, 2 * max_len if max_len <= 256 else max_len))
+    if row_len < max_len:
+        raise LayerIFError(f"row length {row_len} is shorter than the longest example ({max_len})")
+    fill = row_len / mean
+    rows = max(1, int(np.ceil(chunk_size / fill)))
+    slots = max(1, int(np.ceil(rows * fill * 1.25)))
+    per_row = int(min(slots, row_len // max(1, int(np.percentile(lengths, 10)))))
+    return rows, row_len, slots, max(1, per_row)
+
+
+# -- the gradient function ----------------------------------------------------------------
+
+def zero_probes(model, rows: int, per_row: int, dtype=jnp.float32) -> dict[str, tuple]:
+    """The zero probes {LoRA map: (pA [L, R*J, I, r], pB [L, R*J, r, O])}, one pair per
+    example position (row, j) of a chunk: made once and passed in, since a broadcast of
+    zeros inside the jitted function costs a full write every call."""
+    L = model.cfg.num_layers
+    return {name: (jnp.zeros((L, rows * per_row, d_in, r), dtype),
+                   jnp.zeros((L, rows * per_row, r, d_out), dtype))
+            for name, (d_in, r, d_out, _) in model.packed_lora().items()}
+
+
+def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None):
+    """(lora, rest, ids, segments, positions, targets, slot_pos, probes)
+    -> (grads [E, L, ...] like lora, finite_E).
+
+    Pure and jit-able; one forward and one batched backward per chunk. `probes` are
+    zeros from `zero_probes`; their gradient is the per-example LoRA gradient of
+    every example position (row, j), computed inside the backward of each layer
+    (`probed_linears`), so no [L, tokens, d] cotangent is ever stacked. A gather then
+    puts the R*J positions into the E slots.
+    """
+
+    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E, probes):
+        model = nnx.merge(graphdef, lora, rest)
+        oh_RJT = (seg_RT[:, None, :] == jnp.arange(per_row)[None, :, None]).astype(jnp.float32)
+        # position t predicts token t+1: weight it by targets[t+1] / (targets of its example)
+        tgt = jnp.concatenate([tgt_RT[:, 1:], jnp.zeros_like(tgt_RT[:, :1])], 1).astype(jnp.float32)
+        n_tok_RJ = jnp.einsum("rjt,rt->rj", oh_RJT, tgt)
+        w_RT = jnp.einsum("rjt,rj->rt", oh_RJT, 1.0 / jnp.maximum(n_tok_RJ, 1.0)) * tgt
+        scales = {n: s for n, (*_, s) in model.packed_lora().items()}
+        cdt = dtype or model.dtype
+
+        def loss(probes):
+            x = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT,
+                                    segments_BT=seg_RT, dtype=dtype,
+                                    group_fn=probe_group_fn(scales, oh_RJT, cdt),
+                                    layer_data=probes)
+            return jnp.sum(model.next_token_nll(x, ids_RT) * w_RT)
+
+        g = jax.grad(loss)(probes)
+
+        def to_slots(g_LP):  # [L, R*J, ...] -> [E, L, ...] (empty slots: zeros)
+            g_LP = jnp.concatenate([g_LP, jnp.zeros_like(g_LP[:, :1])], 1)
+            return jnp.moveaxis(jnp.take(g_LP, slot_pos_E, axis=1), 1, 0)
+
+        def pick(path, leaf):
+            keys = [str(getattr(k, "key", k)) for k in path]
+            name = next(k for k in keys if k in g)
+            return to_slots(g[name][0 if "lora_a" in keys else 1]).astype(leaf.dtype)
+
+        out = jax.tree_util.tree_map_with_path(pick, lora)
+        leaves = jax.tree.leaves(out)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(slots, -1)), axis=1)
+                                    for g in leaves]), axis=0)
+        return leaves, finite
+
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """k packed chunks run by ONE call (`lax.map` inside the jit): XLA:CPU maps a fresh
+    temp buffer per call, so one call per chunk pays the page faults k times.
+
+    arrays: (ids, segments, positions, targets, slot_pos), each stacked [k, ...].
+    index: input index of every output row; the call returns, per device, its slots
+    slot-major and chunk-minor (so that the output stays sharded by device).
+    """
+    arrays: tuple
+    index: np.ndarray
+    num_chunks: int
+    chunk_shape: tuple
+
+    @property
+    def tokens(self) -> int:
+        return self.num_chunks * int(np.prod(self.chunk_shape))
+
+    @staticmethod
+    def of(chunks: Sequence[PackedChunk], ndev: int) -> "Group":
+        arrays = tuple(np.stack(x) for x in zip(*[(c.ids, c.segments, c.positions, c.targets,
+                                                   c.slot_pos) for c in chunks]))
+        idx = np.stack([c.index for c in chunks])                       # [k, ndev * E]
+        k, e = idx.shape
+        index = idx.reshape(k, ndev, e // ndev).transpose(1, 2, 0).reshape(-1)
+        return Group(arrays, index, k, tuple(chunks[0].ids.shape))
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_fn(graphdef, dtype, slots, per_row, mesh):
+    """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...], probes)
+    -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`."""
+    fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype)
+
+    def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
+        g, fin = jax.lax.map(lambda a: fn(lora, rest, *a, probes), (ids, seg, pos, tgt, slot_pos))
+        slot_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+        return [slot_major(x) for x in g], slot_major(fin)
+
+    if mesh is not None:  # each device packs and differentiates its own rows and slots
+        ax = mesh.axis_names[0]
+        group_fn = jax.shard_map(
+            group_fn, mesh=mesh, in_specs=(P(), P(), *(P(None, ax),) * 6),
+            out_specs=(P(ax), P(ax)), check_vma=False)
+    return jax.jit(group_fn)
+
+
+class PackedEngine:
+    """Packed chunks of tokenised examples -> per-example LoRA gradients (piece form:
+    every leaf [rows, L, ...]); `chunks_per_call` chunks per compiled call."""
+
+    name = "packed"
+
+    def __init__(self, model, *, dtype, mesh: Mesh | None, chunk_size: int,
+                 row_len: int | None, chunks_per_call: int = 1):
+        if not supports(model):
+            raise LayerIFError(f"{type(model).__name__} does not implement the packed engine's "
+                               "interface (packed_lora, hidden_states(group_fn=...), "
+                               "next_token_nll): use engine='vmap'")
+        if chunks_per_call < 1:
+            raise LayerIFError(f"chunks per call must be >= 1, got {chunks_per_call}")
+        self.model, self.chunks_per_call = model, chunks_per_call
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.LoRAParam, ...)
+        self.dtype, self.mesh = dtype, mesh
+        self.ndev = 1 if mesh is None else mesh.devices.size
+        self.chunk_size, self.row_len = chunk_size, row_len
+        if mesh is not None:
+            rep = NamedSharding(mesh, P())
+            self.params = put(self.params, rep)
+            self.rest = put(self.rest, rep)
+            self._group_shard = NamedSharding(mesh, P(None, mesh.axis_names[0]))
+
+    def plan(self, example_sets: Sequence[Sequence[Example]]) -> None:
+        """Fix the chunk shapes once for all example sets (one compilation)."""
+        lengths = [len(e.ids) for ex in example_sets for e in ex]
+        per_dev = max(1, -(-self.chunk_size // self.ndev))
+        self.rows, self.row_len_, self.slots_local, self.per_row = plan(
+            lengths, chunk_size=per_dev, row_len=self.row_len)
+        self.slots = self.slots_local * self.ndev
+        self.fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
+                              self.mesh)
+        self.probes = zero_probes(self.model, self.rows * self.ndev, self.per_row)
+        if self.mesh is not None:
+            self.probes = put(self.probes, self._group_shard)
+
+    def chunks(self, examples: Sequence[Example]) -> list[Group]:
+        chunks = self.packed_chunks(examples)
+        k = self.chunks_per_call
+        return [Group.of(chunks[i:i + k], self.ndev) for i in range(0, len(chunks), k)]
+
+    def packed_chunks(self, examples: Sequence[Example]) -> list[PackedChunk]:
+        """The packed chunks (each with the rows of every device), before grouping."""
+        local = pack_chunks(examples, rows=self.rows, row_len=self.row_len_,
+                            slots=self.slots_local, per_row=self.per_row)
+        while len(local) % self.ndev:
+            local.append(empty_chunk(self.rows, self.row_len_, self.slots_local, self.per_row))
+        return [PackedChunk(*(np.concatenate(parts) for parts in zip(
+                    *(dataclasses.astuple(c) for c in local[k:k + self.ndev]))))
+                for k in range(0, len(local), self.ndev)]
+
+    def grads(self, c: Group) -> tuple[list[jax.Array], jax.Array]:
+        arrs = c.arrays
+        if self.mesh is not None:
+            arrs = tuple(put(a, self._group_shard) for a in arrs)
+        return self.fn(self.params, self.rest, *arrs, self.probes)
+
+    def describe(self, calls: Sequence[Group]) -> dict[str, Any]:
+        return {"chunk_slots": self.slots, "chunk_shapes": sorted({c.chunk_shape for c in calls}),
+                "chunks": sum(c.num_chunks for c in calls)}

@@ -1,0 +1,95 @@
+"""Influence estimators behind one interface (METHOD.md section 2.2), one file each.
+
+Every estimator turns the validation vectors v (leaves [M, P_k, ...]) into the
+preconditioned vectors h ~ v^T (H_b + lambda_b I)^-1, unit by unit; the driver then
+scores every training example as score_i = sum over a layer's units of h_b . g_i,b.
+An estimator is a class with a `name`, what it needs from the passes over the
+training gradients (`extra_passes`, `needs_all_gradients`) and `precondition(ctx)`;
+`@register` adds it to `ESTIMATORS`. Adding one touches one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from ...errors import LayerIFError
+from .. import core
+from ..partition import Partition
+
+
+@dataclasses.dataclass
+class Context:
+    """What the first pass over the training set produced, and a way to stream gradients."""
+    part: Partition
+    n: int                          # real training examples
+    v: list[jax.Array]              # validation vectors, leaves [M, P_k, ...]
+    sq_u: jax.Array                 # ||g_i,b||^2, [n_pad, L, U] (filler rows are zero)
+    vg_u: jax.Array                 # v_m . g_i,b, [n_pad, M, L, U]
+    lam: jax.Array                  # damping per unit [L, U]
+    chunks: Callable[[], Iterator[tuple[slice, list[jax.Array]]]]  # (rows, leaves [B, P_k, ...])
+    kept: bool                      # every gradient is materialised (no recomputation)
+
+    def leaf_view(self, x_LU: jax.Array) -> jax.Array:
+        """[..., L, U] -> [..., P]: each piece takes its (layer, unit)'s value."""
+        _, layer, unit = self.part.pieces()
+        return x_LU[..., layer, unit]
+
+    def weighted_sum(self, coef_nMLU: jax.Array) -> list[jax.Array]:
+        """sum_i coef[i, m, l, unit] g_i, one more pass over the gradients."""
+        coef_P = self.leaf_view(coef_nMLU)
+        acc = None
+        for rows, g in self.chunks():
+            w = _weighted_sum(coef_P[rows], g)
+            acc = w if acc is None else [a + b for a, b in zip(acc, w)]
+        return acc
+
+
+_weighted_sum = jax.jit(core.weighted_sum)
+
+
+class Estimator(Protocol):
+    name: str
+    extra_passes: int            # passes over the training gradients after the first
+    needs_all_gradients: bool    # holds every training gradient of a unit at once
+
+    def precondition(self, ctx: Context) -> list[jax.Array] | None:
+        """h leaves [M, P_k, ...], or None for h = v (scores are then v . g, already known)."""
+
+
+ESTIMATORS: dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: make an estimator available by its `name`."""
+    ESTIMATORS[cls.name] = cls
+    return cls
+
+
+def get_estimator(name: str, **options) -> Estimator:
+    """An estimator by name; options it does not take are refused, naming those it does."""
+    if name not in ESTIMATORS:
+        raise LayerIFError(f"unknown estimator {name!r} (choose from {', '.join(ESTIMATORS)})")
+    cls = ESTIMATORS[name]
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    bad = sorted(set(options) - fields)
+    if bad:
+        raise LayerIFError(f"estimator {name!r} has no option {', '.join(bad)} (its options: "
+                           f"{', '.join(sorted(fields)) or 'none'})")
+    return cls(**options)
+
+
+def to_jnp(xs) -> list[jax.Array]:
+    return [jnp.asarray(x, jnp.float32) for x in xs]
+
+
+from . import datainf, exact, identity  # noqa: E402,F401  (register the built-in ones)
+from .datainf import DataInf  # noqa: E402
+from .exact import Exact  # noqa: E402
+from .identity import Identity  # noqa: E402
+
+__all__ = ["Context", "Estimator", "ESTIMATORS", "register", "get_estimator", "DataInf",
+           "Exact", "Identity"]
