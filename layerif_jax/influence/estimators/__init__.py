@@ -77,8 +77,8 @@ def get_estimator(name: str, **options) -> Estimator:
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     bad = sorted(set(options) - fields)
     if bad:
-        raise LayerIFError(f"estimator {name!r} has no option {', '.join(bad)} (its options: "
-                           f"{', '.join(sorted(fields)) or 'none'})")
+        raise LayerIFError(f"estimator {name!r} has no option {', '.join(map(repr, bad))} (its "
+                           f"options: {', '.join(sorted(fields)) or 'none'})")
     return cls(**options)
 
 
