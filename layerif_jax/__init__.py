@@ -4,6 +4,7 @@ Public API (see README):
     load_model(path, dtype="float32")      HF dir / .gguf / converted checkpoint -> NNX Decoder
     load_tokenizer(path)                   tokenizer with encode/decode (GGUF too)
     LoraConfig, apply_lora, merge_lora     LoRA typed nnx.LoRAParam
+    influence_scores(loss_fn, params, train, val, layer_of=...)   influence on any JAX model
     layer_scores(model, train, val, ...)   per-layer influence and LayerIF scores S^(l)
     write_scores(res, out_dir)             scores.json, per_example.npy, scores.png
     allocate                                experts per layer, sparsity per matrix
@@ -24,6 +25,7 @@ _EXPORTS = {
     "allocate": ".allocate", "data": ".data", "influence": ".influence",
     "Example": ".data", "load_records": ".data", "tokenize": ".data",
     "LayerScores": ".influence", "layer_scores": ".influence",
+    "influence_scores": ".influence",
     "write_scores": ".influence.output",
     "convert": ".model.checkpoints", "export_hf": ".model.checkpoints",
     "load_model": ".model.checkpoints", "save_checkpoint": ".model.checkpoints",

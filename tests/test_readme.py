@@ -1,6 +1,6 @@
-"""The README's Python API block runs as written (on SmolLM2, in a scratch folder)."""
+"""The README's Python API blocks run as written, in order, in one namespace (in a scratch
+folder); the last one needs SmolLM2."""
 
-import os
 import re
 from pathlib import Path
 
@@ -9,20 +9,35 @@ import numpy as np
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _block(heading: str) -> str:
+def _blocks() -> list[str]:
     text = README.read_text()
-    section = text[text.index(heading):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = text[text.index("## Python API"):text.index("### Several devices and several hosts")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
-def test_api_block_runs(smollm2_gguf, tmp_path, monkeypatch):
+def _run(blocks, tmp_path, monkeypatch) -> dict:
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(compile(_block("## Python API"), "README.md", "exec"), ns)
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {i + 1}", "exec"), ns)
+    return ns
+
+
+def test_api_blocks_run(tmp_path, monkeypatch):
+    blocks = _blocks()
+    assert len(blocks) == 6
+    ns = _run(blocks[:5], tmp_path, monkeypatch)
+    assert ns["res"].meta["engine"] == "vmap" and ns["res"].per_example.shape == (20, 4)
+    assert np.allclose(ns["mine"].per_example, ns["dot"].per_example / 2.0)
+    assert ns["sq"].shape == (50, 3, 2) and ns["c"].shape == (50, 1, 3, 2)
+    assert (tmp_path / "runs" / "tiny_scores" / "scores.json").is_file()
+
+
+def test_smollm2_block_runs(smollm2_gguf, tmp_path, monkeypatch):
+    ns = _run(_blocks(), tmp_path, monkeypatch)
     L = ns["model"].cfg.num_layers
     assert ns["logits_BTV"].shape[:2] == ns["ids_BT"].shape and ns["logits_BTV"].shape[2] == 49152
     assert ns["res"].layer_scores.shape == (L,) and ns["res"].per_example.shape == (16, L)
     assert int(np.sum(ns["experts"])) == 5 * L
     assert (tmp_path / "runs" / "api_scores" / "scores.json").is_file()
     assert (tmp_path / "runs" / "api_ft" / "adapter" / "adapter_config.json").is_file()
-    assert os.getcwd() == str(tmp_path)
