@@ -45,7 +45,7 @@ from layerif_jax.influence import clear_caches
 from layerif_jax.influence.engines.packed import PackedEngine
 from layerif_jax.io import default_model_path, shared_data_dir
 from layerif_jax.loss import example_losses
-from layerif_jax.peft_io import load_adapter, save_peft_adapter
+from layerif_jax.formats.peft import load_adapter, save_peft_adapter
 
 HERE = Path(__file__).resolve().parent
 

@@ -30,16 +30,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from layerif_jax.allocate import (alphalora_experts, expert_counts, mola_experts,
+from layerif_jax.applications.allocation import (alphalora_experts, expert_counts, mola_experts,
                                   top_k_per_layer, uniform_experts)
-from layerif_jax.allocate import read_metric
+from layerif_jax.applications.allocation import read_metric
 from layerif_jax.data import load_records, tokenize
 from layerif_jax.io import atomic_path, default_model_path, shared_data_dir
-from layerif_jax.model.checkpoints import load_model
-from layerif_jax.model.tokenizer import load_tokenizer
-from layerif_jax.moe import MoELoraModel, accuracy, train_moe
-from layerif_jax.prune import alpha_per_matrix
-from layerif_jax.train import TrainConfig
+from layerif_jax.formats import load_model
+from layerif_jax.models.tokenizer import load_tokenizer
+from layerif_jax.applications.moe import MoELoraModel, accuracy, train_moe
+from layerif_jax.applications.prune import alpha_per_matrix
+from layerif_jax.training import TrainConfig
 
 METHODS = ("layerif+ve", "layerif-top25", "uniform", "mola-2468", "alphalora")
 

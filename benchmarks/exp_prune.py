@@ -25,14 +25,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from layerif_jax.allocate import layer_sparsities
-from layerif_jax.allocate import read_metric
-from layerif_jax.prune import DEFAULT_EPSILON
-from layerif_jax.evaluate import mc_accuracy, perplexity
+from layerif_jax.applications.allocation import layer_sparsities
+from layerif_jax.applications.allocation import read_metric
+from layerif_jax.applications.prune import DEFAULT_EPSILON
+from layerif_jax.evaluation import mc_accuracy, perplexity
 from layerif_jax.io import atomic_path, default_model_path, shared_data_dir
-from layerif_jax.model.checkpoints import load_model
-from layerif_jax.model.tokenizer import load_tokenizer
-from layerif_jax.prune import (alpha_per_matrix, calibration_ids, global_sparsity,
+from layerif_jax.formats import load_model
+from layerif_jax.models.tokenizer import load_tokenizer
+from layerif_jax.applications.prune import (alpha_per_matrix, calibration_ids, global_sparsity,
                                outlier_ratios, prune_model)
 
 SCHEMES = ("uniform", "alphapruning", "owl", "layerif", "reversed")

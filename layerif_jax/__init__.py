@@ -22,17 +22,19 @@ from .errors import LayerIFError
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "allocate": ".allocate", "data": ".data", "influence": ".influence",
+    "allocate": ".applications.allocation", "data": ".data", "influence": ".influence",
     "Example": ".data", "load_records": ".data", "tokenize": ".data",
     "LayerScores": ".influence", "layer_scores": ".influence",
     "influence_scores": ".influence",
     "write_scores": ".influence.output",
-    "convert": ".model.checkpoints", "export_hf": ".model.checkpoints",
-    "load_model": ".model.checkpoints", "save_checkpoint": ".model.checkpoints",
-    "ModelConfig": ".model.config", "Decoder": ".model.decoder",
-    "LoraConfig": ".model.lora", "apply_lora": ".model.lora", "merge_lora": ".model.lora",
-    "load_tokenizer": ".model.tokenizer",
+    "convert": ".formats", "export_hf": ".formats",
+    "load_model": ".formats", "save_checkpoint": ".formats",
+    "ModelConfig": ".models.config", "Decoder": ".models.decoder",
+    "LoraConfig": ".models.lora", "apply_lora": ".models.lora", "merge_lora": ".models.lora",
+    "load_tokenizer": ".models.tokenizer",
 }
+
+_MODULES = {"allocate", "data", "influence"}  # names that are modules themselves
 
 __all__ = ["LayerIFError", "__version__", *_EXPORTS]
 
@@ -41,7 +43,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'layerif_jax' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name], __name__)
-    value = module if module.__name__.rsplit(".", 1)[-1] == name else getattr(module, name)
+    value = module if name in _MODULES else getattr(module, name)
     globals()[name] = value
     return value
 

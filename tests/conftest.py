@@ -46,9 +46,9 @@ def tiny_dir(tmp_path_factory) -> Path:
     directory written by this package (no torch needed)."""
     from flax import nnx
 
-    from layerif_jax.model.checkpoints import export_hf
-    from layerif_jax.model.config import ModelConfig
-    from layerif_jax.model.decoder import Decoder
+    from layerif_jax.formats import export_hf
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.decoder import Decoder
 
     tok = bpe_tokenizer(task_texts())
     cfg = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=32,
@@ -119,8 +119,8 @@ def tiny_hf_model():
 @pytest.fixture(scope="session")
 def to_layerif():
     """Factory: the layerif_jax Decoder holding a transformers model's weights."""
-    from layerif_jax.model.config import ModelConfig
-    from layerif_jax.model.params import model_from_tensors
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.params import model_from_tensors
 
     def convert(hf_model, dtype="float32"):
         import jax.numpy as jnp
@@ -162,7 +162,7 @@ def write_gguf(path: Path, cfg: dict, tensors: dict, arch: str, quant=None) -> P
     import gguf
     import numpy as np
 
-    from layerif_jax.model.checkpoints import permute_rotary
+    from layerif_jax.formats import permute_rotary
 
     hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.signal import savgol_filter
 
-from layerif_jax.allocate import (
+from layerif_jax.applications.allocation import (
     alphalora_experts,
     expert_counts,
     layer_sparsities,

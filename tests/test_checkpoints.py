@@ -16,11 +16,11 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 
 from layerif_jax.errors import LayerIFError  # noqa: E402
-from layerif_jax.model.checkpoints import (  # noqa: E402
+from layerif_jax.formats import (  # noqa: E402
     convert, export_hf, load_model, save_checkpoint)
-from layerif_jax.model.lora import LoraConfig, apply_lora  # noqa: E402
-from layerif_jax.model.params import model_to_tensors  # noqa: E402
-from layerif_jax.model.tokenizer import check_vocab, load_tokenizer  # noqa: E402
+from layerif_jax.models.lora import LoraConfig, apply_lora  # noqa: E402
+from layerif_jax.models.params import model_to_tensors  # noqa: E402
+from layerif_jax.models.tokenizer import check_vocab, load_tokenizer  # noqa: E402
 
 TOL = 1e-4
 

@@ -100,8 +100,8 @@ def test_alpha_feeds_alphalora_and_alphapruning(tiny_dir, tmp_path, capsys):
     assert code == 0, err
     a = json.loads((tmp_path / "alpha.json").read_text())
     assert len(a["alpha"]) == 14 and "layers.1.mlp.up_proj" in a["alpha"]
-    from layerif_jax.allocate import pl_alpha_hill
-    from layerif_jax.model.checkpoints import load_model
+    from layerif_jax.applications.allocation import pl_alpha_hill
+    from layerif_jax.formats import load_model
     m = load_model(tiny_dir)
     want = pl_alpha_hill(np.asarray(m.layers.up_proj.kernel[...][1], np.float64))
     assert a["alpha"]["layers.1.mlp.up_proj"] == pytest.approx(want, rel=1e-12)
@@ -177,13 +177,13 @@ def test_run_full_then_moe_prune_eval_convert_export(tiny_dir, tmp_path, capsys)
     assert code == 0, err
     names = {p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith(".")}
     assert {"config.json", "state", "tokenizer.json"} <= names, names
-    from layerif_jax.model.tokenizer import TOKENIZER_FILES
+    from layerif_jax.models.tokenizer import TOKENIZER_FILES
     assert names <= {"config.json", "state", *TOKENIZER_FILES}, names
     code, _, err = run(capsys, "export", tmp_path / "ck", tmp_path / "hf", "--lora",
                        out / "finetune")
     assert code == 0, err
-    from layerif_jax.model.checkpoints import load_model
-    from layerif_jax.peft_io import load_adapter
+    from layerif_jax.formats import load_model
+    from layerif_jax.formats.peft import load_adapter
     ref = load_adapter(load_model(tiny_dir), out / "finetune")
     ids = np.array([[1, 5, 9, 13, 2]], np.int32)
     np.testing.assert_allclose(np.asarray(load_model(tmp_path / "hf")(ids)),
@@ -407,7 +407,7 @@ def test_nan_adapter_is_refused_everywhere(tiny_dir, ft_dir, tmp_path, capsys):
     ft, data = ft_dir
     import shutil
 
-    from layerif_jax.safetensors_io import SafetensorsFile
+    from layerif_jax.formats.safetensors import SafetensorsFile
     bad = tmp_path / "nan"
     shutil.copytree(ft / "adapter", bad)
     f = SafetensorsFile(bad / "adapter_model.safetensors")
@@ -572,8 +572,8 @@ def test_messages_point_the_right_way(tiny_dir, ft_dir, tmp_path, capsys):
     assert "unexpected" not in msg and "9 missing keys" in msg   # layer 2's 7 maps and 2 norms
     # a truncated GGUF
     from conftest import write_gguf
-    from layerif_jax.model.checkpoints import load_model
-    from layerif_jax.model.params import model_to_tensors
+    from layerif_jax.formats import load_model
+    from layerif_jax.models.params import model_to_tensors
     gg = write_gguf(tmp_path / "m.gguf", json.loads((tiny_dir / "config.json").read_text()),
                     model_to_tensors(load_model(tiny_dir)), "llama")
     gg.write_bytes(gg.read_bytes()[:-1000])

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from layerif_jax.errors import LayerIFError
-from layerif_jax.evaluate import mc_accuracy, mc_item, perplexity
-from layerif_jax.model.config import ModelConfig
-from layerif_jax.model.decoder import Decoder
+from layerif_jax.evaluation import mc_accuracy, mc_item, perplexity
+from layerif_jax.models.config import ModelConfig
+from layerif_jax.models.decoder import Decoder
 
 CFG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=64,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -183,7 +183,7 @@ def test_shared_task_records_parse(name):
 
 def test_cli_eval(model, tok, tmp_path, capsys):
     from layerif_jax.cli import main
-    from layerif_jax.model.checkpoints import export_hf
+    from layerif_jax.formats import export_hf
     d = export_hf(model, tmp_path / "tiny", tokenizer=tok)
 
     def run(argv):

@@ -11,9 +11,9 @@ pytest.importorskip("peft")
 from layerif_jax.data import Example
 from layerif_jax.errors import LayerIFError
 from layerif_jax.influence import layer_scores
-from layerif_jax.model.config import ModelConfig
-from layerif_jax.model.lora import LoraConfig, apply_lora
-from layerif_jax.model.params import model_from_tensors
+from layerif_jax.models.config import ModelConfig
+from layerif_jax.models.lora import LoraConfig, apply_lora
+from layerif_jax.models.params import model_from_tensors
 
 import influence_reference as ref
 

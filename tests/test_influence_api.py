@@ -228,9 +228,9 @@ def one_at_a_time_examples(model, examples):
 # -- (c) the general path on the project's Decoder equals the packed engine -----------------
 
 def test_general_path_on_decoder_equals_packed():
-    from layerif_jax.model.config import ModelConfig
-    from layerif_jax.model.decoder import Decoder
-    from layerif_jax.model.lora import LoraConfig, apply_lora
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.decoder import Decoder
+    from layerif_jax.models.lora import LoraConfig, apply_lora
 
     cfg = ModelConfig(model_type="llama", vocab_size=41, hidden_size=16, intermediate_size=24,
                       num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerif_jax.model import decoder as dec
+from layerif_jax.models import decoder as dec
 
 
 def _fd_vjp(f, x, dy, eps=1e-6):

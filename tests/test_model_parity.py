@@ -14,7 +14,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from layerif_jax.model import decoder as dec  # noqa: E402
+from layerif_jax.models import decoder as dec  # noqa: E402
 
 TOL = 1e-4
 FAMILIES = {

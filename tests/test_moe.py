@@ -13,13 +13,13 @@ from flax import nnx
 
 from layerif_jax.data import Example
 from layerif_jax.errors import LayerIFError
-from layerif_jax.model.config import LINEARS, ModelConfig
-from layerif_jax.model.decoder import Decoder
-from layerif_jax.model.lora import LoraConfig, apply_lora
-from layerif_jax.moe import (TRAINABLE, MoELoraModel, RouterParam, accuracy, extract_answer,
+from layerif_jax.models.config import LINEARS, ModelConfig
+from layerif_jax.models.decoder import Decoder
+from layerif_jax.models.lora import LoraConfig, apply_lora
+from layerif_jax.applications.moe import (TRAINABLE, MoELoraModel, RouterParam, accuracy, extract_answer,
                              generate_answer, load_moe_adapter, moe_delta, resolve_top_k,
                              save_moe_adapter, train_moe)
-from layerif_jax.train import TrainConfig
+from layerif_jax.training import TrainConfig
 
 CFG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=64,
                   num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -319,7 +319,7 @@ def test_generate_and_accuracy_smoke(trained, tmp_path):
 # -- CLI input checks ------------------------------------------------------------------------
 
 def test_allocation_file_checks(tmp_path):
-    from layerif_jax.moe import read_allocation
+    from layerif_jax.applications.moe import read_allocation
 
     p = tmp_path / "alloc.json"
     p.write_text(json.dumps({"experts": [1, 3, 2], "total": 6, "top_k": [1, 2, 2]}))

@@ -12,9 +12,9 @@ BUILD = textwrap.dedent("""
     from flax import nnx
     from layerif_jax.data import Example
     from layerif_jax.influence import layer_scores
-    from layerif_jax.model.config import ModelConfig
-    from layerif_jax.model.decoder import Decoder
-    from layerif_jax.model.lora import LoraConfig, apply_lora
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.decoder import Decoder
+    from layerif_jax.models.lora import LoraConfig, apply_lora
     assert jax.device_count() == 4, jax.devices()
     cfg = ModelConfig(model_type="llama", vocab_size=53, hidden_size=32, intermediate_size=48,
                       num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)

@@ -17,8 +17,8 @@ peft = pytest.importorskip("peft")
 
 from layerif_jax.io import MANIFEST  # noqa: E402
 from layerif_jax.errors import LayerIFError  # noqa: E402
-from layerif_jax.model.lora import LoraConfig, apply_lora  # noqa: E402
-from layerif_jax.peft_io import (  # noqa: E402
+from layerif_jax.models.lora import LoraConfig, apply_lora  # noqa: E402
+from layerif_jax.formats.peft import (  # noqa: E402
     CONFIG_NAME, WEIGHTS_NAME, load_adapter, load_peft_adapter, save_peft_adapter)
 
 VOCAB = 97

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from layerif_jax.errors import LayerIFError
-from layerif_jax.model.config import LINEARS, ModelConfig
-from layerif_jax.model.decoder import INPUT_OF, Decoder
-from layerif_jax.prune import (
+from layerif_jax.models.config import LINEARS, ModelConfig
+from layerif_jax.models.decoder import INPUT_OF, Decoder
+from layerif_jax.applications.prune import (
     _sparsegpt_counts,
     _walk_blocks,
     alpha_per_matrix,
@@ -245,7 +245,7 @@ def _taps(model, ids):
     layer-by-layer forward (not prune's block walker)."""
     import jax
 
-    from layerif_jax.model.decoder import (attention_bias, block_body, recording_lins,
+    from layerif_jax.models.decoder import (attention_bias, block_body, recording_lins,
                                            rope_inv_freq)
     ids = jnp.asarray(ids)
     B, T = ids.shape
@@ -321,7 +321,7 @@ def test_prune_model_errors():
         prune_model(model, [0.4] * 14, "wanda", calib(), nm=(2, 4))
     with pytest.raises(LayerIFError, match="not divisible by M=64"):
         prune_model(model, None, "magnitude", nm=(2, 64))
-    from layerif_jax.model.lora import LoraConfig, apply_lora
+    from layerif_jax.models.lora import LoraConfig, apply_lora
     apply_lora(model, LoraConfig(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj",)))
     with pytest.raises(LayerIFError, match="LoRA"):
         prune_model(model, [0.5] * 14, "magnitude")
@@ -389,13 +389,13 @@ def _cli(argv):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from layerif_jax.model.checkpoints import export_hf
+    from layerif_jax.formats import export_hf
     return export_hf(tiny_model(), tmp_path_factory.mktemp("m") / "tiny",
                      tokenizer=tiny_tokenizer())
 
 
 def test_cli_prune(hf_dir, tmp_path, capsys):
-    from layerif_jax.model.checkpoints import load_model
+    from layerif_jax.formats import load_model
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"w{i % 57}" for i in range(200)))
     scores = tmp_path / "s.json"

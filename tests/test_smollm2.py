@@ -13,8 +13,8 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from layerif_jax.model.checkpoints import load_model, save_checkpoint  # noqa: E402
-from layerif_jax.model.tokenizer import check_vocab, load_tokenizer  # noqa: E402
+from layerif_jax.formats import load_model, save_checkpoint  # noqa: E402
+from layerif_jax.models.tokenizer import check_vocab, load_tokenizer  # noqa: E402
 
 T = 16  # every forward uses this padded length: one compilation for the module
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
@@ -103,7 +103,7 @@ def test_gguf_tokenizer_without_torch_matches_transformers(smollm2_gguf, tok):
     tokenises exactly like transformers' own GGUF loader."""
     import json
     from pathlib import Path
-    from layerif_jax.model.tokenizer import _gguf_tokenizer_without_torch
+    from layerif_jax.models.tokenizer import _gguf_tokenizer_without_torch
 
     ours = _gguf_tokenizer_without_torch(Path(smollm2_gguf))
     recs = json.loads((Path(__file__).resolve().parents[1] / "layerif_jax" / "assets"

@@ -13,11 +13,11 @@ from flax import nnx
 
 from layerif_jax.data import Example, epoch_batches, pack
 from layerif_jax.errors import LayerIFError
-from layerif_jax.model.config import LINEARS, ModelConfig
-from layerif_jax.model.decoder import Decoder
-from layerif_jax.model.lora import LoraConfig, apply_lora
-from layerif_jax.model.params import model_from_tensors
-from layerif_jax.train import (
+from layerif_jax.models.config import LINEARS, ModelConfig
+from layerif_jax.models.decoder import Decoder
+from layerif_jax.models.lora import LoraConfig, apply_lora
+from layerif_jax.models.params import model_from_tensors
+from layerif_jax.training import (
     TrainConfig, batch_loss, finetune, lr_at, make_optimizer, make_schedule, split_model,
     train_loop, train_step)
 
@@ -119,7 +119,7 @@ def _micro(b, cfg):
 
 
 def _step_once(model, batch, cfg, total):
-    from layerif_jax.train import _opt_spec
+    from layerif_jax.training import _opt_spec
     graphdef, lora, rest = split_model(model)
     opt = make_optimizer(cfg, total).init(lora)
     new, _, stats = train_step(lora, opt, rest, *_micro(batch, cfg), jax.random.key(0), 0,
@@ -201,7 +201,7 @@ def test_memorise_loss_decreases_base_frozen(tmp_path):
     assert json.loads((run / "history.json").read_text())["step"] == 24
     assert len([p for p in (run / "checkpoints").iterdir() if p.name.isdigit()]) == cfg.keep
     # the written adapter reproduces the trained model
-    from layerif_jax.peft_io import load_adapter
+    from layerif_jax.formats.peft import load_adapter
     other = load_adapter(make_base(), run)
     x = jnp.asarray(ex[0].ids[None])
     np.testing.assert_allclose(np.asarray(other(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5)

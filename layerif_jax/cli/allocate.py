@@ -43,7 +43,7 @@ class ExpertsConfig(OverwriteArgs):
 def run_experts(cfg: ExpertsConfig, rt) -> None:
     import numpy as np
 
-    from .. import allocate as al
+    from ..applications import allocation as al
 
     with out_file(cfg.out, "allocate experts", cfg.overwrite) as out:
         if cfg.method == "layerif":
@@ -100,17 +100,17 @@ def model_config(source: str):
     """The ModelConfig of a model path without loading its weights."""
     from pathlib import Path
 
-    from ..model.config import ModelConfig
+    from ..models.config import ModelConfig
 
     p = Path(source)
     if p.is_file() and p.suffix == ".gguf":
-        from ..model.checkpoints import gguf_config
+        from ..formats import gguf_config
         return gguf_config(p)
     return ModelConfig.from_file(p / "config.json" if p.is_dir() else p)
 
 
 def run_sparsity(cfg: SparsityConfig, rt) -> None:
-    from .. import allocate as al
+    from ..applications import allocation as al
     from .common import ModelArgs
 
     with out_file(cfg.out, "allocate sparsity", cfg.overwrite) as out:
@@ -128,8 +128,8 @@ def run_sparsity(cfg: SparsityConfig, rt) -> None:
                     raise LayerIFError("--allocation alphapruning without --scores computes "
                                        "PL_Alpha_Hill from the weights: give --model, not "
                                        "--config")
-                from ..model.checkpoints import load_model
-                from ..prune import alpha_per_matrix
+                from ..formats import load_model
+                from ..applications.prune import alpha_per_matrix
                 kw["alpha"] = alpha_per_matrix(load_model(source))
         elif cfg.allocation == "owl":
             kw["outlier_ratios"] = al.read_metric(cfg.scores, "outlier_ratios")

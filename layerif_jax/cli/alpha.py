@@ -19,7 +19,7 @@ class AlphaConfig(OverwriteArgs, ModelArgs):
 
 
 def run(cfg: AlphaConfig, rt) -> None:
-    from ..prune import alpha_per_matrix
+    from ..applications.prune import alpha_per_matrix
 
     with out_file(cfg.out, "alpha", cfg.overwrite) as out:
         source = cfg.model_source()

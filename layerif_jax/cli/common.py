@@ -75,7 +75,7 @@ class LoraArgs:
                        "comma-separated linear maps (q,k,v,o,gate,up,down or q_proj, ...)")
 
     def lora_config(self):
-        from ..model.lora import LoraConfig
+        from ..models.lora import LoraConfig
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           targets=self.targets)
 
@@ -107,7 +107,7 @@ class TrainArgs:
     seed: int = opt(0, "seed of the data order and the initialisation", type=nonneg_int)
 
     def train_config(self):
-        from ..train import TrainConfig
+        from ..training import TrainConfig
         return TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                            warmup_steps=self.warmup, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, max_len=self.max_len, seed=self.seed,
@@ -119,14 +119,14 @@ class TrainArgs:
 # -- steps every command takes -----------------------------------------------------------------
 
 def load_tokenizer_of(source: str):
-    from ..model.tokenizer import load_tokenizer
+    from ..models.tokenizer import load_tokenizer
     return load_tokenizer(source)
 
 
 def load_model_checked(source: str, dtype: str, tokenizer=None):
     """The model, checked against the tokenizer's vocabulary when one is given."""
-    from ..model.checkpoints import load_model
-    from ..model.tokenizer import check_vocab
+    from ..formats import load_model
+    from ..models.tokenizer import check_vocab
     model = load_model(source, dtype)
     if tokenizer is not None:
         check_vocab(tokenizer, model.cfg)

@@ -18,7 +18,7 @@ class ConvertConfig(OverwriteArgs):
 
 
 def run(cfg: ConvertConfig, rt) -> None:
-    from ..model.checkpoints import convert
+    from ..formats import convert
 
     with out_dir(cfg.out, "convert", cfg.overwrite) as out:
         path = convert(cfg.src, out, cfg.dtype)

@@ -28,7 +28,7 @@ class PplConfig(OverwriteArgs, ModelArgs):
 
 
 def run_ppl(cfg: PplConfig, rt) -> None:
-    from ..evaluate import perplexity
+    from ..evaluation import perplexity
 
     with out_file(cfg.out, "eval ppl", cfg.overwrite) as out:
         source, tok, model = tokenizer_and_model(cfg)
@@ -52,7 +52,7 @@ class McConfig(OverwriteArgs, ModelArgs):
 
 
 def run_mc(cfg: McConfig, rt) -> None:
-    from ..evaluate import mc_accuracy
+    from ..evaluation import mc_accuracy
 
     with out_file(cfg.out, "eval mc", cfg.overwrite) as out:
         source, tok, model = tokenizer_and_model(cfg)

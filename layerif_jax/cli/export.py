@@ -22,13 +22,13 @@ class ExportConfig(OverwriteArgs):
 
 
 def run(cfg: ExportConfig, rt) -> None:
-    from ..model.checkpoints import export_hf, load_model
-    from ..model.tokenizer import load_tokenizer
+    from ..formats import export_hf, load_model
+    from ..models.tokenizer import load_tokenizer
 
     with out_dir(cfg.out, "export", cfg.overwrite) as out:
         model = load_model(cfg.ckpt, cfg.dtype)
         if cfg.lora:
-            from ..peft_io import load_adapter
+            from ..formats.peft import load_adapter
             load_adapter(model, cfg.lora)
         try:
             tok = load_tokenizer(cfg.ckpt)

@@ -25,8 +25,8 @@ def finetune_into(cfg: FinetuneConfig, out, rt, tok=None):
     """Fine-tune into the open OutputDir `out`; returns (history, model, tokenizer, source)."""
     from flax import nnx
 
-    from ..model.lora import apply_lora
-    from ..train import finetune
+    from ..models.lora import apply_lora
+    from ..training import finetune
 
     source = cfg.model_source()
     tok = tok or load_tokenizer_of(source)

@@ -34,7 +34,7 @@ class MoeTrainConfig(OverwriteArgs, TrainArgs, ModelArgs):
                           type=nonneg_float, shown="0, off")
 
     def __post_init__(self):
-        from ..model.lora import normalize_targets
+        from ..models.lora import normalize_targets
         normalize_targets(self.targets)
         self.train_config()
 
@@ -42,7 +42,7 @@ class MoeTrainConfig(OverwriteArgs, TrainArgs, ModelArgs):
 def run_train(cfg: MoeTrainConfig, rt) -> None:
     from flax import nnx
 
-    from ..moe import MoELoraModel, read_allocation, train_moe
+    from ..applications.moe import MoELoraModel, read_allocation, train_moe
 
     with out_dir(cfg.out, "moe train", cfg.overwrite) as out:
         source = cfg.model_source()
@@ -84,7 +84,7 @@ class MoeEvalConfig(OverwriteArgs, ModelArgs):
 
 
 def run_eval(cfg: MoeEvalConfig, rt) -> None:
-    from ..moe import accuracy, load_moe_adapter
+    from ..applications.moe import accuracy, load_moe_adapter
 
     with out_file(cfg.out, "moe eval", cfg.overwrite) as out:
         source, tok, model = tokenizer_and_model(cfg)

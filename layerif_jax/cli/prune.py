@@ -85,14 +85,14 @@ class PruneConfig(OverwriteArgs, ModelArgs):
 def run(cfg: PruneConfig, rt) -> None:
     import numpy as np
 
-    from ..allocate import layer_sparsities, read_metric
-    from ..model.checkpoints import export_hf
-    from ..prune import (alpha_per_matrix, calibration_ids, global_sparsity, outlier_ratios,
+    from ..applications.allocation import layer_sparsities, read_metric
+    from ..formats import export_hf
+    from ..applications.prune import (alpha_per_matrix, calibration_ids, global_sparsity, outlier_ratios,
                          prune_model)
 
     t0 = time.perf_counter()
     nm = parse_nm(cfg.nm)
-    from ..prune import DEFAULT_EPSILON
+    from ..applications.prune import DEFAULT_EPSILON
     epsilon = cfg.epsilon if cfg.epsilon is not None else DEFAULT_EPSILON[cfg.method]
     with out_dir(cfg.out, "prune", cfg.overwrite) as out:
         source = cfg.model_source()

@@ -52,14 +52,14 @@ class RunConfig(OverwriteArgs, ModelArgs):
     out: str = opt("layerif_runs/default", "output dir", type=output_path)
 
     def __post_init__(self):
-        from ..allocate import check_sparsity_args
+        from ..applications.allocation import check_sparsity_args
         check_sparsity_args(self.sparsity, self.epsilon, 0.99)
 
 
 def allocations(scores: dict, alpha, cfg, *, total: int, beta: float, sparsity: float,
                 epsilon: float) -> dict:
     """Experts per layer and sparsity per matrix for LayerIF and the baselines."""
-    from .. import allocate
+    from ..applications import allocation as allocate
 
     L = cfg.num_layers
     names = cfg.matrix_names()
@@ -120,7 +120,7 @@ def plot_allocation(alloc: dict, scores, path: Path) -> None:
 def _ppl_text(val: str, tmp: Path) -> tuple[Path, int]:
     """WikiText-2 test (shared data) if present, else the validation records' text."""
     from ..io import shared_data_dir
-    from ..prune import calibration_text
+    from ..applications.prune import calibration_text
     d = shared_data_dir()
     if d is not None and (d / "wikitext-2-raw" / "wiki.test.raw").is_file():
         return d / "wikitext-2-raw" / "wiki.test.raw", 256
@@ -133,12 +133,12 @@ def run_full(cfg: RunConfig, source: str, tok, alloc: dict, out: Path, rt) -> di
     """LoRA-MoE (LayerIF vs uniform experts) and pruning (LayerIF vs uniform sparsity)."""
     from flax import nnx
 
-    from ..evaluate import perplexity
+    from ..evaluation import perplexity
     from ..io import OutputDir
-    from ..model.checkpoints import load_model
-    from ..moe import MoELoraModel, accuracy, train_moe
-    from ..prune import calibration_ids, global_sparsity, prune_model
-    from ..train import TrainConfig
+    from ..formats import load_model
+    from ..applications.moe import MoELoraModel, accuracy, train_moe
+    from ..applications.prune import calibration_ids, global_sparsity, prune_model
+    from ..training import TrainConfig
     from .common import examples, pad_id
 
     res: dict = {"moe": {}, "prune": {}}
@@ -193,9 +193,9 @@ def run_full(cfg: RunConfig, source: str, tok, alloc: dict, out: Path, rt) -> di
 
 def run(cfg: RunConfig, rt) -> None:
     """The main job: fine-tune, score, allocate, report (and with --full, use them)."""
-    from ..allocate import check_total
+    from ..applications.allocation import check_total
     from ..io import OutputDir, write_json
-    from ..prune import alpha_per_matrix
+    from ..applications.prune import alpha_per_matrix
 
     t0 = time.perf_counter()
     with out_dir(cfg.out, "run", cfg.overwrite) as out:

@@ -55,7 +55,7 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
                      "training records")
     val = examples(tok, cfg.val, cfg.n_val, cfg.max_len, cfg.mask_prompt, "validation records")
     if model is None:
-        from ..peft_io import load_adapter
+        from ..formats.peft import load_adapter
         model = load_model_checked(source, cfg.dtype, tok)
         load_adapter(model, cfg.lora)
     res = layer_scores(model, train, val, estimator=cfg.estimator, aggregate=cfg.aggregate,

@@ -29,14 +29,15 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from .. import checksum, safetensors_io
+from .. import checksum
+from . import safetensors as safetensors_io
 from ..errors import LayerIFError
 from ..io import OutputDir, parse_bytes, read_json, write_json
-from ..safetensors_io import SafetensorsFile
-from .config import SUPPORTED, ModelConfig
-from .decoder import Decoder
-from .lora import LoraConfig, apply_lora, lora_config_of
-from .params import hf_table, model_from_tensors
+from .safetensors import SafetensorsFile
+from ..models.config import SUPPORTED, ModelConfig
+from ..models.decoder import Decoder
+from ..models.lora import LoraConfig, apply_lora, lora_config_of
+from ..models.params import hf_table, model_from_tensors
 
 FORMAT_KEY = "layerif_jax_format"
 FORMAT_VERSION = 1
@@ -354,7 +355,7 @@ def save_checkpoint(model: Decoder, out_dir, *, tokenizer=None, overwrite: bool 
     """
     import orbax.checkpoint as ocp
 
-    from .tokenizer import save_tokenizer_files
+    from ..models.tokenizer import save_tokenizer_files
 
     meta = model.cfg.to_hf()
     meta[FORMAT_KEY] = FORMAT_VERSION
@@ -472,7 +473,7 @@ def load_model(path, dtype="float32") -> Decoder:
     meta = read_json(cfg_path)
     if not isinstance(meta, dict):
         raise LayerIFError(f"{cfg_path}: expected a JSON object")
-    from .tokenizer import refuse_remote_code
+    from ..models.tokenizer import refuse_remote_code
     refuse_remote_code(p)
     if FORMAT_KEY in meta:
         return _load_own(p, meta, dt)
@@ -491,7 +492,7 @@ def _has_tokenizer_files(p: Path) -> bool:
 
 def convert(src, out_dir, dtype="float32", *, overwrite: bool = False) -> Path:
     """`load_model(src)` + `save_checkpoint`, with the source's tokenizer stored alongside."""
-    from .tokenizer import load_tokenizer
+    from ..models.tokenizer import load_tokenizer
 
     model = load_model(src, dtype)
     tok = None
@@ -588,13 +589,13 @@ def export_hf(model: Decoder, out_dir, dtype=None, merge_lora: bool = True, *,
     lora = _lora_info(model)
     hf_cfg = model.cfg.to_hf()
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(jnp.dtype(dt or model.dtype))
-    from .tokenizer import save_tokenizer_files
+    from ..models.tokenizer import save_tokenizer_files
 
     out = _output_dir(out_dir, "export", overwrite)
     with out, out.staging() as tmp:
         _write_safetensors(tmp, _hf_tensors(model, dt, merge=merge_lora), max_bytes)
         if lora is not None and not merge_lora:
-            from ..peft_io import save_peft_adapter
+            from .peft import save_peft_adapter
             save_peft_adapter(model, tmp / ADAPTER_DIR)
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)

@@ -19,8 +19,8 @@ from typing import Iterable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from . import checksum
-from .errors import LayerIFError
+from .. import checksum
+from ..errors import LayerIFError
 
 DIGEST_KEY = "layerif_sha256"
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import savgol_filter
 
-from .errors import LayerIFError
+from ...errors import LayerIFError
 
 MOLA_PRESETS = {
     "2-4-6-8": (2, 4, 6, 8),
@@ -182,7 +182,7 @@ def alphalora_experts(alpha, total: int, beta: float = 2.5, per_block: int = 7) 
         raise LayerIFError(
             f"AlphaLoRA needs PL_Alpha_Hill values, {per_block} per block (one per matrix; "
             f"per_block=1 for one per block), got {a.size} values: compute them with "
-            "`layerif alpha --model M --out alpha.json` (or layerif_jax.prune.alpha_per_matrix)")
+            "`layerif alpha --model M --out alpha.json` (or layerif_jax.applications.prune.alpha_per_matrix)")
     return expert_counts(_block_means(a, per_block, "alpha"), total, beta)
 
 
@@ -399,7 +399,7 @@ def layer_sparsities(scheme: str, *, param_counts, target: float, epsilon: float
 
 METRICS = ("layer_scores", "alpha", "outlier_ratios")
 _ALPHA_HINT = ("compute them with `layerif alpha --model M --out alpha.json` (or "
-               "layerif_jax.prune.alpha_per_matrix)")
+               "layerif_jax.applications.prune.alpha_per_matrix)")
 
 
 def read_metric(path, kind: str = "layer_scores", aggregate: str = "+ve") -> np.ndarray:
@@ -415,7 +415,7 @@ def read_metric(path, kind: str = "layer_scores", aggregate: str = "+ve") -> np.
     """
     if kind not in METRICS:
         raise LayerIFError(f"unknown metric {kind!r} (choose from {', '.join(METRICS)})")
-    from .io import read_json
+    from ...io import read_json
 
     p = Path(path)
     if p.suffix == ".npy":

@@ -40,15 +40,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import checksum
-from .data import Example, bucket_length, epoch_batches
-from .errors import LayerIFError
-from .io import OutputDir, write_json
-from .loss import lm_loss
-from .model.lora import lora_config_of
-from .notes import info, note
-from .peft_io import save_peft_adapter
-from .stop import check as check_stop, checking
+from .. import checksum
+from ..data import Example, bucket_length, epoch_batches
+from ..errors import LayerIFError
+from ..io import OutputDir, write_json
+from ..loss import lm_loss
+from ..models.lora import lora_config_of
+from ..notes import info, note
+from ..formats.peft import save_peft_adapter
+from ..stop import check as check_stop, checking
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}

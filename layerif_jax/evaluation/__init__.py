@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .errors import LayerIFError
-from .stop import check as check_stop
-from .prune import _encode
+from ..errors import LayerIFError
+from ..stop import check as check_stop
+from ..applications.prune import _encode
 
 STYLES = ("text", "letter")
 
@@ -80,7 +80,7 @@ def perplexity(model, tokenizer, text_path, window: int = 1024, max_tokens: int 
     {"perplexity", "nll" (mean per predicted token), "n_windows", "n_tokens"
     (predicted tokens), "window"}.
     """
-    from .prune import _read_text
+    from ..applications.prune import _read_text
     if window < 2:
         raise LayerIFError(f"window must be >= 2, got {window}")
     if batch_size < 1:
@@ -201,7 +201,7 @@ def mc_accuracy(model, tokenizer, task_path, limit: int | None = None, *, style:
     Sequences longer than `max_len` (default: the model's context) lose the start of
     their prompt.
     """
-    from .data import load_records
+    from ..data import load_records
     if batch_size < 1:
         raise LayerIFError(f"batch size must be >= 1, got {batch_size}")
     recs = load_records(task_path, limit)

@@ -47,14 +47,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .data import Example, epoch_batches, load_records, pack, record_text
-from .errors import LayerIFError
-from .stop import check as check_stop
-from .loss import example_losses
-from .model.config import LINEARS
-from .model.decoder import attention_bias, block_body, linear_apply, rope_inv_freq
-from .ops import mm
-from .model.lora import normalize_targets
+from ...data import Example, epoch_batches, load_records, pack, record_text
+from ...errors import LayerIFError
+from ...stop import check as check_stop
+from ...loss import example_losses
+from ...models.config import LINEARS
+from ...models.decoder import attention_bias, block_body, linear_apply, rope_inv_freq
+from ...ops import mm
+from ...models.lora import normalize_targets
 
 ADAPTER_CONFIG = "moe_config.json"
 ADAPTER_WEIGHTS = "moe_adapter.safetensors"
@@ -112,7 +112,7 @@ def read_allocation(path, num_layers: int, top_k=None, method: str | None = None
     'experts', optional 'total' and 'top_k'), `layerif run`'s report/allocation.json
     ('experts' per method: pick one with `method`), or a plain JSON list. Wrong layer
     count, sum != total, counts < 1, or top-k > a layer's experts -> LayerIFError."""
-    from .io import read_json
+    from ...io import read_json
 
     obj = read_json(path)
     saved_k = None
@@ -329,8 +329,8 @@ def save_moe_adapter(model: MoELoraModel, out_dir: str | Path, base_model_name: 
     experts_b [s, r, d_out], router [d_in, s]}, finite, with checksums) +
     out_dir/moe_config.json (expert counts, top_k, rank, alpha, targets), committed as
     `io.OutputDir` does."""
-    from . import safetensors_io
-    from .io import OutputDir, write_json
+    from ...formats import safetensors as safetensors_io
+    from ...io import OutputDir, write_json
 
     tensors = {}
     for l, blk in enumerate(model.blocks):
@@ -364,8 +364,8 @@ def load_moe_adapter(model, adapter_dir: str | Path, *, top_k=None) -> MoELoraMo
     """Load a `save_moe_adapter` dir. `model`: a base `Decoder` (a new MoELoraModel is built
     around it) or a MoELoraModel (loaded in place; its spec must match). Expert counts
     that do not fit the model's layers, or tensors whose shapes disagree -> LayerIFError."""
-    from .io import read_json
-    from .safetensors_io import SafetensorsFile
+    from ...io import read_json
+    from ...formats.safetensors import SafetensorsFile
 
     d = _adapter_dir(adapter_dir)
     meta = read_json(d / ADAPTER_CONFIG)
@@ -443,7 +443,7 @@ def _moe_loss_sum(graphdef, train, rest, ids, mask, targets, index, *, dtype, au
 
 def _moe_step_impl(train, opt_state, rest, ids, mask, targets, index, *, graphdef, opt_spec,
                    dtype, aux_coef):
-    from .train import _optimizer, _tree_norm
+    from ...training import _optimizer, _tree_norm
 
     tx = _optimizer(*opt_spec)
     grad_fn = jax.grad(lambda t, *xs: _moe_loss_sum(graphdef, t, rest, *xs, dtype=dtype,
@@ -482,7 +482,7 @@ moe_eval_sums = jax.jit(_moe_eval_impl, static_argnames=("graphdef", "dtype"))
 def moe_validation_loss(model: MoELoraModel, examples: Sequence[Example], cfg=None,
                         pad_id: int = 0) -> float:
     """Mean per-example loss on `examples` (no balance loss)."""
-    from .train import TrainConfig, _fit_examples, _pad_length
+    from ...training import TrainConfig, _fit_examples, _pad_length
     cfg = cfg or TrainConfig()
     ex = _fit_examples(examples, cfg.max_len, "validation")
     graphdef, train, rest = split_moe(model)
@@ -517,7 +517,7 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
     checkpoint) without changing the schedule. On completion commits out_dir/adapter
     (`save_moe_adapter`), history.json, train_state.json.
     """
-    from .train import (TrainConfig, _opt_spec, _optimizer, _pad_length, cast_like,
+    from ...training import (TrainConfig, _opt_spec, _optimizer, _pad_length, cast_like,
                         finish_run, float32_master, prepare_run, run_dir, run_fingerprint,
                         train_loop)
 

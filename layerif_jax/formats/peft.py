@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import safetensors_io
-from .errors import LayerIFError
-from .io import OutputDir, write_json
-from .model.config import LINEARS
-from .model.lora import ALIASES, LoraConfig, apply_lora, lora_config_of
+from . import safetensors as safetensors_io
+from ..errors import LayerIFError
+from ..io import OutputDir, write_json
+from ..models.config import LINEARS
+from ..models.lora import ALIASES, LoraConfig, apply_lora, lora_config_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

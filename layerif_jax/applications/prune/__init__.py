@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import LayerIFError
-from .stop import check as check_stop
-from .model.config import LINEARS
-from .model.decoder import INPUT_OF, attention_bias, block_body, recording_lins, rope_inv_freq
+from ...errors import LayerIFError
+from ...stop import check as check_stop
+from ...models.config import LINEARS
+from ...models.decoder import INPUT_OF, attention_bias, block_body, recording_lins, rope_inv_freq
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_EPSILON = {"magnitude": 0.3, "wanda": 0.1, "sparsegpt": 0.1}  # METHOD.md section 5
@@ -540,7 +540,7 @@ def outlier_ratios(model, calib_ids, M: float = 5.0, *, batch_size: int = 8,
 
 def alpha_per_matrix(model, xmin: str = "peak") -> np.ndarray:
     """PL_Alpha_Hill of every prunable matrix, model order (7 * L values)."""
-    from .allocate import pl_alpha_hill
+    from ..allocation import pl_alpha_hill
     kernels = {n: np.asarray(jax.device_get(lin.kernel[...]), np.float64)
                for n, lin in model.layers.linears().items()}
     out = []
@@ -572,7 +572,7 @@ def _read_text(path: Path) -> str:
 
 def calibration_text(path) -> str:
     """A raw text file as is, or a task JSON/JSONL file: its records' texts joined."""
-    from .data import load_records, record_text
+    from ...data import load_records, record_text
     path = Path(path)
     if path.suffix.lower() in (".json", ".jsonl"):
         recs = load_records(path)
