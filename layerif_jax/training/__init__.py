@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .. import checksum
+from .. import checksum, dtypes
 from ..data import Example, bucket_length, epoch_batches
 from ..errors import LayerIFError
 from ..io import OutputDir, write_json
@@ -50,8 +50,6 @@ from ..notes import info, note
 from ..formats.peft import save_peft_adapter
 from ..stop import check as check_stop, checking
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 CHECKPOINT_DIR = "checkpoints"
 FILE_SUMS = "layerif_files.sha256.json"  # in each checkpoint folder, beside orbax's files
 ADAPTER_DIR = "adapter"
@@ -103,9 +101,11 @@ class TrainConfig:
         g = self.max_grad_norm
         if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
             raise LayerIFError(f"max_grad_norm must be >= 0 or None, got {g!r}")
-        dt = _DTYPES.get(str(self.compute_dtype).lower())
-        if dt is None:
-            raise LayerIFError(f"compute dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        try:
+            dt = dtypes.name(self.compute_dtype)
+        except LayerIFError:
+            raise LayerIFError(f"compute dtype must be float32 or bfloat16, got "
+                               f"{self.compute_dtype!r}") from None
         object.__setattr__(self, "compute_dtype", dt)
         object.__setattr__(self, "lr", float(self.lr))
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
@@ -169,10 +169,6 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 # -- the pure step functions ----------------------------------------------------------------
 
-def _jnp_dtype(name: str):
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
-
-
 def split_model(model):
     """(graphdef, lora_state, rest_state) of a model with LoRA."""
     if lora_config_of(model) is None or not nnx.state(model, nnx.LoRAParam):
@@ -190,7 +186,7 @@ def real_loss_sum(graphdef, lora, rest, ids, mask, targets, index, key=None, *,
     """
     model = nnx.merge(graphdef, lora, rest)
     per = lm_loss(model, ids, mask, targets, dropout_key=key if dropout else None,
-                  dtype=_jnp_dtype(dtype))
+                  dtype=dtypes.jnp_dtype(dtype))
     real = index >= 0
     return jnp.sum(jnp.where(real, per, 0.0)), jnp.sum(real)
 
@@ -689,7 +685,7 @@ def batch_loss(model, batch, dtype: str = "float32") -> float:
     """Training loss of one padded `data.Batch`: mean over its real rows (dropout off)."""
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     s, k = eval_loss_sum(lora, rest, batch.ids, batch.mask, batch.targets, batch.index,
-                         graphdef=graphdef, dtype=_DTYPES.get(dtype, dtype))
+                         graphdef=graphdef, dtype=dtypes.name(dtype))
     return float(s) / max(int(k), 1)
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ... import dtypes
 from ...data import Example, epoch_batches, load_records, pack, record_text
 from ...errors import LayerIFError
 from ...stop import check as check_stop
@@ -425,14 +426,10 @@ def split_moe(model: MoELoraModel):
     return nnx.split(model, TRAINABLE, ...)
 
 
-def _jdt(name):
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
-
-
 def _moe_loss_sum(graphdef, train, rest, ids, mask, targets, index, *, dtype, aux_coef):
     """Objective summed over real rows (+ aux_coef * balance loss * real rows) and stats."""
     model = nnx.merge(graphdef, train, rest)
-    logits, aux = model(ids, mask, dtype=_jdt(dtype), return_aux=True)
+    logits, aux = model(ids, mask, dtype=dtypes.jnp_dtype(dtype), return_aux=True)
     per = example_losses(logits, ids, targets)
     real = index >= 0
     n = jnp.sum(real).astype(jnp.float32)
