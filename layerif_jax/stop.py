@@ -1,16 +1,17 @@
 """Clean stops on SIGINT (Ctrl-C) and SIGTERM.
 
 `graceful()` (the CLI wraps every command in it) installs handlers that only record
-the signal. Long loops call `check()` at points where stopping is safe: between
-influence chunks, after each optimizer step (the trainer then saves a checkpoint).
+the signal. Long loops call `check()` at points where stopping is safe: after each
+optimizer step (the trainer then saves a checkpoint), between influence calls,
+evaluation batches and pruned blocks, between the tensors of a model being loaded.
 `check()` raises `Interrupted`, a KeyboardInterrupt, so code that already cleans up
 on Ctrl-C (`except KeyboardInterrupt`) handles both signals alike.
 
 Raising from the handler itself is unsafe: Python runs it between any two bytecodes,
-and an exception raised inside a gc callback or a library's cleanup is printed and
-LOST (seen: a Ctrl-C during `layerif scores` was swallowed by jax's gc callback and
-the run went on). So the handler raises only while no loop is checking (model
-loading, tokenising), and a second signal aborts at once.
+and an exception raised there is lost or mangled (seen: a Ctrl-C during `layerif
+scores` swallowed by jax's gc callback, the run going on; a SIGTERM turned into a
+ValueError inside a pytree comparison). So the handler never raises; a second signal
+aborts at once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from typing import Iterator
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-_state = {"signum": None, "checking": 0, "active": False}
+_state = {"signum": None, "active": False}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -48,28 +49,15 @@ def check() -> None:
         raise Interrupted(_state["signum"])
 
 
-@contextlib.contextmanager
-def checking() -> Iterator[None]:
-    """A loop that calls `check()` itself: signals inside only set the flag."""
-    _state["checking"] += 1
-    try:
-        yield
-    finally:
-        _state["checking"] -= 1
-
-
 def _handler(signum, frame):
     if _state["signum"] is not None:  # the second signal: stop now, whatever is running
         sys.stderr.write(f"\n{signal.Signals(signum).name} again: aborting\n")
         sys.stderr.flush()
         os._exit(EXIT_CODES.get(signum, 130))
     _state["signum"] = signum
-    if _state["checking"]:
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping at the next safe point "
-                         "(send it again to abort now)\n")
-        sys.stderr.flush()
-        return
-    raise Interrupted(signum)
+    sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping at the next safe point "
+                     "(send it again to abort now)\n")
+    sys.stderr.flush()
 
 
 @contextlib.contextmanager
@@ -79,10 +67,10 @@ def graceful() -> Iterator[None]:
         yield
         return
     old = {s: signal.signal(s, _handler) for s in EXIT_CODES}
-    _state.update(signum=None, checking=0, active=True)
+    _state.update(signum=None, active=True)
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _state.update(signum=None, checking=0, active=False)
+        _state.update(signum=None, active=False)

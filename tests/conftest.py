@@ -90,6 +90,15 @@ def _hf_config(family: str, **overrides):
     elif family == "gemma":
         cls = tf.GemmaConfig
         kw.update(hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0)
+    elif family == "qwen3":
+        cls = tf.Qwen3Config
+        kw.update(tie_word_embeddings=True, use_sliding_window=False, rope_theta=10000.0)
+    elif family == "gemma2":
+        cls = tf.Gemma2Config
+        # a window shorter than the test sequences, and caps the random logits reach
+        kw.update(hidden_activation="gelu_pytorch_tanh", rope_theta=10000.0,
+                  query_pre_attn_scalar=12, sliding_window=4, attn_logit_softcapping=2.0,
+                  final_logit_softcapping=3.0)
     else:
         raise ValueError(family)
     kw.update(overrides)

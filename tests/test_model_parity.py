@@ -24,6 +24,9 @@ FAMILIES = {
     "mistral_window": ("mistral", {"sliding_window": 4}),
     "qwen2": ("qwen2", {}),
     "gemma": ("gemma", {}),
+    "qwen3": ("qwen3", {}),
+    "qwen3_bias": ("qwen3", {"attention_bias": True}),
+    "gemma2": ("gemma2", {}),
 }
 B, T = 2, 11
 
@@ -104,7 +107,7 @@ def test_logits_and_first_block(pair):
     cfg = ours.cfg
     p0 = jax.tree.map(lambda a: a[0], ours.layers.layer_arrays())
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    bias = dec.attention_bias(jnp.ones((B, T), bool), pos, cfg.sliding_window)
+    bias = dec.attention_bias(jnp.ones((B, T), bool), pos, cfg.window_of(0))
     out0 = dec.block_apply(cfg, p0, emb, bias, pos, dec.rope_inv_freq(cfg), lora={}, key=None,
                            dtype=jnp.float32)
     assert rel_err(out0, seen["out"]) <= TOL

@@ -245,7 +245,7 @@ def _taps(model, ids):
     layer-by-layer forward (not prune's block walker)."""
     import jax
 
-    from layerif_jax.models.decoder import (attention_bias, block_body, recording_lins,
+    from layerif_jax.models.decoder import (attention_bias, block_fn, recording_lins,
                                            rope_inv_freq)
     ids = jnp.asarray(ids)
     B, T = ids.shape
@@ -254,8 +254,8 @@ def _taps(model, ids):
     x, stacked, out = model.embed(ids), model.layers.layer_arrays(), {}
     for l in range(model.cfg.num_layers):
         p, rec = jax.tree.map(lambda a: a[l], stacked), {}
-        x = block_body(model.cfg, p, x, bias, pos, rope_inv_freq(model.cfg),
-                       recording_lins(p, rec, x.dtype), x.dtype)
+        x = block_fn(model.cfg)(model.cfg, p, x, bias, pos, rope_inv_freq(model.cfg),
+                                recording_lins(p, rec, x.dtype), x.dtype)
         for k, v in rec.items():
             out.setdefault(k, []).append(v)
     return {k: jnp.stack(v) for k, v in out.items()}

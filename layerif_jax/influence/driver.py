@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import LayerIFError
 from ..notes import info, note
-from ..stop import check as check_stop, checking
+from ..stop import check as check_stop
 from . import core
 from .aggregate import AGGREGATES, aggregate
 from .distributed import to_host
@@ -93,16 +93,15 @@ def progress(it, total, desc, enabled):
     if enabled and jax.process_index() == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc=desc, unit="call", leave=False)
-    with checking():
-        try:
-            for x in it:
-                check_stop()
-                yield x
-                if bar is not None:
-                    bar.update(1)
-        finally:
+    try:
+        for x in it:
+            check_stop()
+            yield x
             if bar is not None:
-                bar.close()
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def raise_nonfinite(finite_calls, calls, what):

@@ -1,8 +1,9 @@
-"""Model configuration: one frozen dataclass for the decoder families we run.
+"""Model configuration: one frozen dataclass for every decoder family we run.
 
 Built from a Hugging Face `config.json` (transformers 4.x `rope_theta`/`rope_scaling`
 or 5.x `rope_parameters`) or from GGUF metadata; written back as a `config.json`
-that transformers loads.
+that transformers loads. The fields every family shares are read here; each family
+(`models/<family>/`) reads its own (`Family.from_hf`) and writes them back.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any
 
 from ..errors import LayerIFError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
-
 # The prunable / LoRA-targetable linear maps of a block, in model order.
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +43,38 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: Any = None
     pad_token_id: int | None = None
+    # per-layer attention ("sliding_attention" | "full_attention"); None: every layer
+    # uses `sliding_window` (None = full)
+    layer_types: tuple[str, ...] | None = None
+    query_pre_attn_scalar: float | None = None   # attention scale 1/sqrt(this) (Gemma 2)
+    attn_logit_softcap: float | None = None      # cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None     # the same on the logits (Gemma 2)
 
-    # -- family-specific behaviour, derived from model_type --------------------------
+    @property
+    def family(self):
+        from .families import family_of
+        return family_of(self.model_type)
+
+    # -- family constants -------------------------------------------------------------
     @property
     def norm_offset(self) -> float:
         """Gemma's RMSNorm multiplies by (1 + w)."""
-        return 1.0 if self.model_type == "gemma" else 0.0
+        return self.family.norm_offset
 
     @property
     def embed_scale(self) -> float | None:
         """Gemma multiplies embeddings by sqrt(hidden_size)."""
-        return math.sqrt(self.hidden_size) if self.model_type == "gemma" else None
+        return math.sqrt(self.hidden_size) if self.family.scale_embeddings else None
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: full causal attention)."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def linear_shape(self, name: str) -> tuple[int, int]:
         """(d_in, d_out) of one of the block's linear maps."""
@@ -74,7 +95,7 @@ class ModelConfig:
     def matrix_names(self) -> list[str]:
         """The prunable matrices in model order: layers.{l}.self_attn.q_proj ...
         layers.{l}.mlp.down_proj (the names of every per-matrix output)."""
-        return [f"layers.{l}.{'self_attn' if n in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{n}"
+        return [f"layers.{l}.{'self_attn' if n in _ATTN else 'mlp'}.{n}"
                 for l in range(self.num_layers) for n in LINEARS]
 
     def param_counts(self) -> list[int]:
@@ -85,10 +106,10 @@ class ModelConfig:
     # -- Hugging Face config.json ---------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        from .families import family_of
+
         mt = cfg.get("model_type")
-        if mt not in SUPPORTED:
-            raise LayerIFError(
-                f"unsupported architecture {mt!r} (supported: {', '.join(SUPPORTED)})")
+        family = family_of(mt)
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -102,15 +123,11 @@ class ModelConfig:
             scaling_t = None if rtype == "default" else tuple(sorted(
                 (k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
             act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
-            if mt == "gemma" and act in ("gelu", "gelu_pytorch_tanh"):
-                act = "gelu_pytorch_tanh"  # transformers' Gemma forces the tanh approximation
             if act not in ("silu", "gelu_pytorch_tanh", "gelu"):
                 raise LayerIFError(f"unsupported activation {act!r}")
             window = cfg.get("sliding_window")
-            if mt == "qwen2" and not cfg.get("use_sliding_window", False):
-                window = None
             attn_bias = bool(cfg.get("attention_bias", False))
-            return cls(
+            fields = dict(
                 model_type=mt,
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
@@ -123,9 +140,8 @@ class ModelConfig:
                 rope_theta=float(theta),
                 rope_scaling=scaling_t,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", mt == "gemma")),
-                qkv_bias=True if mt == "qwen2" else attn_bias,
-                o_bias=False if mt == "qwen2" else attn_bias,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=attn_bias, o_bias=attn_bias,
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 sliding_window=int(window) if window else None,
                 hidden_act=act,
@@ -133,6 +149,8 @@ class ModelConfig:
                 eos_token_id=cfg.get("eos_token_id"),
                 pad_token_id=cfg.get("pad_token_id"),
             )
+            fields.update(family.from_hf(cfg, mt))
+            return cls(**fields)
         except KeyError as e:
             raise LayerIFError(f"config.json lacks required key {e.args[0]!r}") from None
 
@@ -142,10 +160,8 @@ class ModelConfig:
         return cls.from_hf(read_json(path))
 
     def to_hf(self) -> dict[str, Any]:
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}[self.model_type]
         out: dict[str, Any] = {
-            "architectures": [arch],
+            "architectures": [self.family.architectures[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -165,16 +181,12 @@ class ModelConfig:
         }
         if self.rope_scaling:
             out["rope_scaling"] = dict(self.rope_scaling)
-        if self.model_type == "gemma":
-            out["hidden_activation"] = self.hidden_act
-        if self.model_type in ("llama", "mistral"):
-            out["attention_bias"] = self.o_bias
-        if self.model_type == "llama":
-            out["mlp_bias"] = self.mlp_bias
-        if self.model_type == "mistral":
-            out["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":
-            out["use_sliding_window"] = self.sliding_window is not None
-            out["sliding_window"] = self.sliding_window
-            out["max_window_layers"] = self.num_layers
+        out.update(self.family.to_hf(self))
         return out
+
+
+def __getattr__(name):
+    if name == "SUPPORTED":  # the model types of the registered families
+        from .families import supported
+        return supported()
+    raise AttributeError(name)

@@ -151,8 +151,10 @@ def _softmax_bwd(y, dy):
 softmax_last.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype) -> jax.Array:
-    """Grouped-query attention -> [B, T, H*D]. Softmax in float32.
+def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype, *, scale: float | None = None,
+              softcap: float | None = None) -> jax.Array:
+    """Grouped-query attention -> [B, T, H*D]. Softmax in float32. `scale` (default
+    1/sqrt(D)) multiplies the scores; `softcap` caps them: cap * tanh(s / cap).
 
     Laid out as plain batched matmuls over (batch, kv-head): [B*K, G*T, D] x [B*K, D, S];
     XLA:CPU runs this about twice as fast as the equivalent 5-D einsum.
@@ -163,11 +165,14 @@ def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype) -> jax.Array:
     q = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, D)
     k = k_BTKD.transpose(0, 2, 3, 1).reshape(B * K, D, T)
     v = v_BTKD.transpose(0, 2, 1, 3).reshape(B * K, T, D)
-    s = jnp.matmul(q, k, preferred_element_type=jnp.float32)
+    s = jnp.matmul(q, k, preferred_element_type=jnp.float32) * (
+        scale if scale is not None else 1.0 / math.sqrt(D))
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
     # the softmax runs in the matmul's layout, so that under autodiff its output is ONE
     # residual (shared by the softmax and the w @ v backward), not two copies
     bias = jnp.broadcast_to(bias, (B, K, G, T, T)).reshape(B * K, G * T, T)
-    w = softmax_last(s * (1.0 / math.sqrt(D)) + bias).astype(dtype)
+    w = softmax_last(s + bias).astype(dtype)
     o = jnp.matmul(w, v).reshape(B, K, G, T, D)
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
@@ -219,31 +224,29 @@ def plain_lins(p: dict[str, Any], *, lora: dict[str, tuple[float, float]],
     return lins
 
 
-def block_body(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
-               lins: Lins, dtype) -> jax.Array:
-    """Attention + MLP of one block. `lins(names, h)` applies the linear maps `names`,
-    which share the input h (a group of GROUPS), and returns their outputs: the plain
-    path (`plain_lins`), MoE-LoRA (moe.py), an influence engine's instrumented maps, or
-    a recorder of the inputs (pruning calibration)."""
-    B, T, _ = x_BTD.shape
-    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = rms_norm(x_BTD, p["input_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
-    q, k, v = lins(("q_proj", "k_proj", "v_proj"), h)
-    q = apply_rope(q.reshape(B, T, H, hd), pos_BT, inv_freq)
-    k = apply_rope(k.reshape(B, T, K, hd), pos_BT, inv_freq)
-    o = attention(q, k, v.reshape(B, T, K, hd), bias, dtype)
-    x_BTD = x_BTD + lins(("o_proj",), o)[0]
-    h = rms_norm(x_BTD, p["post_attention_layernorm"], cfg.rms_norm_eps, cfg.norm_offset)
-    g, u = lins(("gate_proj", "up_proj"), h)
-    return x_BTD + lins(("down_proj",), glu(cfg.hidden_act, g, u))[0]
+def block_fn(cfg: ModelConfig) -> Callable:
+    """The family's block: `block(cfg, p, x, bias, pos, inv_freq, lins, dtype)`, where
+    `lins(names, h)` applies the linear maps `names`, which share the input h (a group
+    of GROUPS), and returns their outputs: the plain path (`plain_lins`), MoE-LoRA, an
+    influence engine's instrumented maps, or a recorder of the inputs (pruning)."""
+    return cfg.family.block
 
 
 def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos_BT, inv_freq,
                 *, lora: dict[str, tuple[float, float]], key: jax.Array | None, dtype):
     """One decoder block on the plain path. `p` holds this layer's slice of every
     stacked parameter."""
-    return block_body(cfg, p, x_BTD, bias, pos_BT, inv_freq,
-                      plain_lins(p, lora=lora, key=key, dtype=dtype), dtype)
+    return block_fn(cfg)(cfg, p, x_BTD, bias, pos_BT, inv_freq,
+                         plain_lins(p, lora=lora, key=key, dtype=dtype), dtype)
+
+
+def layer_biases(cfg: ModelConfig, mask_BT, pos_BT, segments_BT=None):
+    """(biases [W, B, 1, 1, T, T] for the W distinct windows of the layers, which [L]:
+    the index of each layer's)."""
+    windows = [cfg.window_of(l) for l in range(cfg.num_layers)]
+    distinct = list(dict.fromkeys(windows))
+    biases = jnp.stack([attention_bias(mask_BT, pos_BT, w, segments_BT) for w in distinct])
+    return biases, jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
 
 
 def recording_lins(p: dict[str, Any], recorded: dict[str, jax.Array], dtype) -> Lins:
@@ -267,16 +270,20 @@ class Blocks(nnx.Module):
             setattr(self, name, StackedLinear(L, d_in, d_out, bias=cfg.has_bias(name),
                                               dtype=dtype, rngs=rngs))
         init_w = 0.0 if cfg.norm_offset else 1.0
-        self.input_layernorm = nnx.Param(jnp.full((L, cfg.hidden_size), init_w, dtype))
-        self.post_attention_layernorm = nnx.Param(jnp.full((L, cfg.hidden_size), init_w, dtype))
+        fam = cfg.family
+        self.norm_names = fam.norms + fam.head_norms
+        for n in fam.norms:
+            setattr(self, n, nnx.Param(jnp.full((L, cfg.hidden_size), init_w, dtype)))
+        for n in fam.head_norms:
+            setattr(self, n, nnx.Param(jnp.full((L, cfg.head_dim), init_w, dtype)))
 
     def linears(self) -> dict[str, StackedLinear]:
         return {n: getattr(self, n) for n in LINEARS}
 
     def layer_arrays(self) -> dict[str, Any]:
         out: dict[str, Any] = {n: lin.layer_arrays() for n, lin in self.linears().items()}
-        out["input_layernorm"] = self.input_layernorm[...]
-        out["post_attention_layernorm"] = self.post_attention_layernorm[...]
+        for n in self.norm_names:
+            out[n] = getattr(self, n)[...]
         return out
 
     def lora_settings(self) -> dict[str, tuple[float, float]]:
@@ -315,7 +322,11 @@ class Decoder(nnx.Module):
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         B, T, D = x.shape
         out = jnp.dot(x.reshape(B * T, D), w.astype(x.dtype), preferred_element_type=jnp.float32)
-        return out.reshape(B, T, -1)
+        return self.softcap(out.reshape(B, T, -1))
+
+    def softcap(self, logits):
+        cap = self.cfg.final_logit_softcap
+        return logits if not cap else cap * jnp.tanh(logits / cap)
 
     def hidden_states(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
                       dropout_key=None, dtype=None, group_fn=None, layer_data=None):
@@ -332,20 +343,22 @@ class Decoder(nnx.Module):
         B, T = ids_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
-        bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT)
+        biases, which = layer_biases(cfg, mask_BT, pos_BT, segments_BT)
         inv_freq = rope_inv_freq(cfg)
         lora = self.layers.lora_settings()
         keys = (jax.random.split(dropout_key, cfg.num_layers) if dropout_key is not None
                 else None)
+        block = block_fn(cfg)
 
         def body(x, xs):
-            p, key, data = xs
+            p, key, data, w = xs
             lins = (plain_lins(p, lora=lora, key=key, dtype=dtype) if group_fn is None
                     else (lambda names, h: group_fn(p, data, names, h)))
-            return block_body(cfg, p, x, bias, pos_BT, inv_freq, lins, dtype), None
+            bias = biases[0] if biases.shape[0] == 1 else biases[w]
+            return block(cfg, p, x, bias, pos_BT, inv_freq, lins, dtype), None
 
         x, _ = jax.lax.scan(body, self.embed(ids_BT, dtype),
-                            (self.layers.layer_arrays(), keys, layer_data))
+                            (self.layers.layer_arrays(), keys, layer_data, which))
         return x
 
     # -- what the packed influence engine needs (influence.engines.packed) --------------
@@ -369,7 +382,7 @@ class Decoder(nnx.Module):
         w = self.embed_tokens[...] if self.lm_head is None else self.lm_head[...].T
         tgt = jnp.einsum("btd,btd->bt", h.astype(jnp.float32),
                          jnp.take(w, nxt, axis=0).astype(jnp.float32))
-        return lse - tgt
+        return lse - self.softcap(tgt)
 
     def __call__(self, ids_BT, mask_BT=None, *, positions_BT=None, segments_BT=None,
                  dropout_key=None, dtype=None) -> jax.Array:

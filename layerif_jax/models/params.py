@@ -16,6 +16,7 @@ from flax import nnx
 
 from .. import dtypes
 from ..errors import LayerIFError
+from ..stop import check as check_stop
 from .config import LINEARS, ModelConfig
 from .decoder import Decoder
 
@@ -23,7 +24,8 @@ _ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
 def hf_table(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], bool, bool]]:
-    """Rows (hf_name_with_{l}, nnx_path, per_layer, transpose)."""
+    """Rows (hf_name_with_{l}, nnx_path, per_layer, transpose): the shared keys, and the
+    per-block norms the family declares (`Family.norms`, `Family.head_norms`)."""
     rows = [("model.embed_tokens.weight", ("embed_tokens",), False, False),
             ("model.norm.weight", ("norm",), False, False)]
     if not cfg.tie_word_embeddings:
@@ -33,8 +35,11 @@ def hf_table(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], bool, bool]]:
         rows.append((f"model.layers.{{l}}.{sub}.{name}.weight", ("layers", name, "kernel"), True, True))
         if cfg.has_bias(name):
             rows.append((f"model.layers.{{l}}.{sub}.{name}.bias", ("layers", name, "bias"), True, False))
-    for norm in ("input_layernorm", "post_attention_layernorm"):
+    fam = cfg.family
+    for norm in fam.norms:
         rows.append((f"model.layers.{{l}}.{norm}.weight", ("layers", norm), True, False))
+    for norm in fam.head_norms:
+        rows.append((f"model.layers.{{l}}.self_attn.{norm}.weight", ("layers", norm), True, False))
     return rows
 
 
@@ -73,6 +78,7 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
             continue
         buf = np.empty(want, npdt)
         for i, k in enumerate(keys):
+            check_stop()  # a long load stops between two tensors on SIGINT / SIGTERM
             t = get(k)
             t = t.T if transpose else t
             slot = buf[i] if per_layer else buf

@@ -48,7 +48,7 @@ from ..loss import lm_loss
 from ..models.lora import lora_config_of
 from ..notes import info, note
 from ..formats.peft import save_peft_adapter
-from ..stop import check as check_stop, checking
+from ..stop import check as check_stop
 
 CHECKPOINT_DIR = "checkpoints"
 FILE_SUMS = "layerif_files.sha256.json"  # in each checkpoint folder, beside orbax's files
@@ -502,37 +502,36 @@ def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
                dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        with checking():
-            while not stop and step < total:
-                epoch, first = divmod(step, spe)
-                batches = epoch_batches(train, cfg.effective_batch, seed=cfg.seed,
-                                        epoch=epoch, max_len=T, pad_id=pad_id)
-                for b in range(first, spe):
-                    if max_steps is not None and step >= max_steps:
-                        stop = True
-                        break
-                    ids, mask, tgt, idx = _micro(batches[b], cfg)
-                    history["lr"].append(lr_at(cfg, total, step))
-                    params, opt_state, stats = step_fn(params, opt_state, ids, mask, tgt, idx,
-                                                       step)
-                    inflight.append((step, stats))
-                    step += 1
-                    finish(1)
-                    check_stop()
-                    if step % cfg.checkpoint_every == 0 and step % spe != 0:
-                        save()
-                if stop:
+        while not stop and step < total:
+            epoch, first = divmod(step, spe)
+            batches = epoch_batches(train, cfg.effective_batch, seed=cfg.seed,
+                                    epoch=epoch, max_len=T, pad_id=pad_id)
+            for b in range(first, spe):
+                if max_steps is not None and step >= max_steps:
+                    stop = True
                     break
-                finish(0)  # epoch end
-                losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
-                rec = {"epoch": epoch + 1, "step": step,
-                       "train_loss": float(np.mean(losses)) if losses else None}
-                if val_loss is not None:
-                    rec["val_loss"] = val_loss(params)
-                history["epochs"].append(rec)
-                save()
-            if step > last_saved and step > 0:
-                save()
+                ids, mask, tgt, idx = _micro(batches[b], cfg)
+                history["lr"].append(lr_at(cfg, total, step))
+                params, opt_state, stats = step_fn(params, opt_state, ids, mask, tgt, idx,
+                                                   step)
+                inflight.append((step, stats))
+                step += 1
+                finish(1)
+                check_stop()
+                if step % cfg.checkpoint_every == 0 and step % spe != 0:
+                    save()
+            if stop:
+                break
+            finish(0)  # epoch end
+            losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
+            rec = {"epoch": epoch + 1, "step": step,
+                   "train_loss": float(np.mean(losses)) if losses else None}
+            if val_loss is not None:
+                rec["val_loss"] = val_loss(params)
+            history["epochs"].append(rec)
+            save()
+        if step > last_saved and step > 0:
+            save()
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM (stop.Interrupted): keep the work done
         if step > last_saved and step > 0:
             try:

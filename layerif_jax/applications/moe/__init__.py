@@ -53,7 +53,7 @@ from ...errors import LayerIFError
 from ...stop import check as check_stop
 from ...loss import example_losses
 from ...models.config import LINEARS
-from ...models.decoder import attention_bias, block_body, linear_apply, rope_inv_freq
+from ...models.decoder import attention_bias, block_fn, linear_apply, rope_inv_freq
 from ...ops import mm
 from ...models.lora import normalize_targets
 
@@ -236,8 +236,8 @@ def moe_block_apply(cfg, p, block: MoEBlock, x_BTD, bias, pos_BT, inv_freq, *, d
             aux.append(a)
         return y + d
 
-    return block_body(cfg, p, x_BTD, bias, pos_BT, inv_freq,
-                      lambda names, h: tuple(lin(n, h) for n in names), dtype), aux
+    return block_fn(cfg)(cfg, p, x_BTD, bias, pos_BT, inv_freq,
+                         lambda names, h: tuple(lin(n, h) for n in names), dtype), aux
 
 
 class MoELoraModel(nnx.Module):
@@ -287,7 +287,8 @@ class MoELoraModel(nnx.Module):
         B, T = ids_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
-        bias = attention_bias(mask_BT, pos_BT, cfg.sliding_window, segments_BT)
+        biases = {w: attention_bias(mask_BT, pos_BT, w, segments_BT)
+                  for w in {cfg.window_of(l) for l in range(cfg.num_layers)}}
         inv_freq = rope_inv_freq(cfg)
         stacked = base.layers.layer_arrays()
         tokw = mask_BT.reshape(-1).astype(jnp.float32)
@@ -295,7 +296,8 @@ class MoELoraModel(nnx.Module):
         aux = []
         for l in range(cfg.num_layers):  # unrolled: per-layer expert counts differ
             p = jax.tree.map(lambda arr: arr[l], stacked)
-            x, a = moe_block_apply(cfg, p, self.blocks[l], x, bias, pos_BT, inv_freq,
+            x, a = moe_block_apply(cfg, p, self.blocks[l], x, biases[cfg.window_of(l)], pos_BT,
+                                   inv_freq,
                                    dtype=dtype, token_weight=tokw)
             aux.extend(a)
         aux_mean = (sum(aux) / len(aux)) if aux else jnp.zeros((), jnp.float32)

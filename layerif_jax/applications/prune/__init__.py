@@ -31,7 +31,7 @@ import numpy as np
 from ...errors import LayerIFError
 from ...stop import check as check_stop
 from ...models.config import LINEARS
-from ...models.decoder import INPUT_OF, attention_bias, block_body, recording_lins, rope_inv_freq
+from ...models.decoder import INPUT_OF, attention_bias, block_fn, recording_lins, rope_inv_freq
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_EPSILON = {"magnitude": 0.3, "wanda": 0.1, "sparsegpt": 0.1}  # METHOD.md section 5
@@ -304,26 +304,27 @@ def _no_lora(model) -> None:
 _STEPS: dict[tuple[str, bool], Callable] = {}
 
 
-def _make_block_step(cfg, need_h: bool):
-    """jit: (block params, x [B, T, D]) -> (block output, {input kind: stats}).
+def _make_block_step(cfg, need_h: bool, window: int | None):
+    """jit: (block params, x [B, T, D]) -> (block output, {input kind: stats}) for a
+    block attending over `window` (None: full).
 
     Cached per configuration (ModelConfig may hold lists, so keyed by its repr).
     """
-    key = (repr(cfg), need_h)
+    key = (repr(cfg), need_h, window)
     if key not in _STEPS:
-        _STEPS[key] = _block_step(cfg, need_h)
+        _STEPS[key] = _block_step(cfg, need_h, window)
     return _STEPS[key]
 
 
-def _block_step(cfg, need_h: bool):
+def _block_step(cfg, need_h: bool, window: int | None):
 
     def step(p, x):
         B, T, _ = x.shape
         pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-        bias = attention_bias(jnp.ones((B, T), bool), pos, cfg.sliding_window)
+        bias = attention_bias(jnp.ones((B, T), bool), pos, window)
         rec: dict[str, jax.Array] = {}
-        y = block_body(cfg, p, x, bias, pos, rope_inv_freq(cfg),
-                       recording_lins(p, rec, x.dtype), x.dtype)
+        y = block_fn(cfg)(cfg, p, x, bias, pos, rope_inv_freq(cfg),
+                          recording_lins(p, rec, x.dtype), x.dtype)
         stats = {}
         for kind, h in rec.items():
             hf = h.reshape(-1, h.shape[-1]).astype(jnp.float32)
@@ -361,7 +362,6 @@ def _walk_blocks(model, calib_ids, visit: Callable[[int, dict, dict, int], dict]
     ids = _check_calib(calib_ids, cfg)
     if batch_size < 1:
         raise LayerIFError(f"batch size must be >= 1, got {batch_size}")
-    step = _make_block_step(cfg, need_h)
     xs = [model.embed(jnp.asarray(ids[i:i + batch_size]))
           for i in range(0, ids.shape[0], batch_size)]
     n_tok = int(ids.size)
@@ -369,6 +369,7 @@ def _walk_blocks(model, calib_ids, visit: Callable[[int, dict, dict, int], dict]
     for l in tqdm(range(cfg.num_layers), desc=desc, unit="block", disable=not progress,
                   leave=False):
         check_stop()
+        step = _make_block_step(cfg, need_h, cfg.window_of(l))
         p = _block_arrays(model, l)
         total = None
         for x in xs:
