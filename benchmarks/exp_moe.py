@@ -37,7 +37,8 @@ from layerif_jax.data import load_records, tokenize
 from layerif_jax.io import atomic_path, default_model_path, shared_data_dir
 from layerif_jax.formats import load_model
 from layerif_jax.models.tokenizer import load_tokenizer
-from layerif_jax.applications.moe import MoELoraModel, accuracy, train_moe
+from layerif_jax.applications.moe import MoELoraModel, train_moe
+from layerif_jax.evaluation import accuracy
 from layerif_jax.applications.prune import alpha_per_matrix
 from layerif_jax.training import TrainConfig
 

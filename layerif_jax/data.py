@@ -205,3 +205,21 @@ def epoch_batches(examples: Sequence[Example], batch_size: int, *, seed: int, ep
         order = np.random.default_rng([seed, epoch]).permutation(len(examples))
     return [pack(examples, order[s:s + batch_size], batch_size, max_len, pad_id)
             for s in range(0, len(order), batch_size)]
+
+
+def encode_text(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a whole text (no truncation warnings)."""
+    try:
+        out = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)
+    except TypeError:
+        out = tokenizer(text, add_special_tokens=add_special_tokens)
+    return list(out["input_ids"])
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LayerIFError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LayerIFError(f"cannot read {path}: {e}") from None

@@ -16,9 +16,9 @@ from layerif_jax.errors import LayerIFError
 from layerif_jax.models.config import LINEARS, ModelConfig
 from layerif_jax.models.decoder import Decoder
 from layerif_jax.models.lora import LoraConfig, apply_lora
-from layerif_jax.applications.moe import (TRAINABLE, MoELoraModel, RouterParam, accuracy, extract_answer,
-                             generate_answer, load_moe_adapter, moe_delta, resolve_top_k,
-                             save_moe_adapter, train_moe)
+from layerif_jax.applications.moe import (TRAINABLE, MoELoraModel, RouterParam, load_moe_adapter,
+                                          moe_delta, resolve_top_k, save_moe_adapter, train_moe)
+from layerif_jax.evaluation import accuracy, extract_answer, generate_answer
 from layerif_jax.training import TrainConfig
 
 CFG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=64,

@@ -119,11 +119,11 @@ def _micro(b, cfg):
 
 
 def _step_once(model, batch, cfg, total):
-    from layerif_jax.training import _opt_spec
+    from layerif_jax.training import opt_spec
     graphdef, lora, rest = split_model(model)
     opt = make_optimizer(cfg, total).init(lora)
     new, _, stats = train_step(lora, opt, rest, *_micro(batch, cfg), jax.random.key(0), 0,
-                               graphdef=graphdef, opt_spec=_opt_spec(cfg, total),
+                               graphdef=graphdef, opt_spec=opt_spec(cfg, total),
                                dtype=cfg.compute_dtype, dropout=False)
     return [np.asarray(x) for x in jax.tree.leaves(new)], stats
 

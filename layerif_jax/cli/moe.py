@@ -84,7 +84,8 @@ class MoeEvalConfig(OverwriteArgs, ModelArgs):
 
 
 def run_eval(cfg: MoeEvalConfig, rt) -> None:
-    from ..applications.moe import accuracy, load_moe_adapter
+    from ..applications.moe import load_moe_adapter
+    from ..evaluation import accuracy
 
     with out_file(cfg.out, "moe eval", cfg.overwrite) as out:
         source, tok, model = tokenizer_and_model(cfg)

@@ -136,7 +136,8 @@ def run_full(cfg: RunConfig, source: str, tok, alloc: dict, out: Path, rt) -> di
     from ..evaluation import perplexity
     from ..io import OutputDir
     from ..formats import load_model
-    from ..applications.moe import MoELoraModel, accuracy, train_moe
+    from ..applications.moe import MoELoraModel, train_moe
+    from ..evaluation import accuracy
     from ..applications.prune import calibration_ids, global_sparsity, prune_model
     from ..training import TrainConfig
     from .common import examples, pad_id

@@ -144,8 +144,10 @@ def lr_at(cfg: TrainConfig, total_steps: int, step: int) -> float:
     return cfg.lr * (1.0 - min(step - warm, total - warm) / (total - warm))
 
 
-def _optimizer(lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
-               max_grad_norm: float | None) -> optax.GradientTransformation:
+def optimizer_of(lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                 max_grad_norm: float | None) -> optax.GradientTransformation:
+    """The optimizer of an `opt_spec` tuple (what a jitted step rebuilds from its static
+    argument): AdamW on the warm-up/decay schedule, after clipping."""
     cfg = TrainConfig(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                       max_grad_norm=max_grad_norm)
     adamw = optax.adamw(make_schedule(cfg, total_steps), b1=0.9, b2=0.999, eps=1e-8,
@@ -155,7 +157,7 @@ def _optimizer(lr: float, weight_decay: float, warmup_steps: int, total_steps: i
     return adamw
 
 
-def _opt_spec(cfg: TrainConfig, total_steps: int) -> tuple:
+def opt_spec(cfg: TrainConfig, total_steps: int) -> tuple:
     """Hashable description of the optimizer: a static jit argument, so runs with the same
     settings share one compiled step."""
     return (cfg.lr, cfg.weight_decay, cfg.warmup_steps, int(total_steps), cfg.max_grad_norm)
@@ -164,7 +166,7 @@ def _opt_spec(cfg: TrainConfig, total_steps: int) -> tuple:
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW (b1 0.9, b2 0.999, eps 1e-8, decoupled weight decay) on the warm-up/decay
     schedule, after global-norm clipping when cfg.max_grad_norm is set."""
-    return _optimizer(*_opt_spec(cfg, total_steps))
+    return optimizer_of(*opt_spec(cfg, total_steps))
 
 
 # -- the pure step functions ----------------------------------------------------------------
@@ -191,49 +193,61 @@ def real_loss_sum(graphdef, lora, rest, ids, mask, targets, index, key=None, *,
     return jnp.sum(jnp.where(real, per, 0.0)), jnp.sum(real)
 
 
+def accumulate(fn: Callable, params, micro):
+    """Sums over micro-batches (a scan: one micro-batch of activations alive at a time)
+    of fn(params, *m) -> (objective, stats) and of the objective's gradient. `micro`:
+    arrays with a leading micro-batch axis. Returns (gradient sums in float32, shaped like
+    `params`; stats sums). The one gradient accumulation of LoRA and LoRA-MoE training."""
+    g_fn = jax.grad(fn, has_aux=True)
+    first = jax.tree.map(lambda x: x[0], micro)
+    stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                          jax.eval_shape(lambda: fn(params, *first)[1]))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+
+    def body(carry, xs):
+        gsum, ssum = carry
+        g, st = g_fn(params, *xs)
+        return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), gsum, g),
+                jax.tree.map(jnp.add, ssum, st)), None
+
+    (gsum, ssum), _ = jax.lax.scan(body, (zeros, stats0), micro)
+    return gsum, ssum
+
+
 def accumulated_grads(graphdef, lora, rest, ids, mask, targets, index, key=None, *,
                       dtype: str = "float32", dropout: bool = False):
     """Mean loss over the real rows of a block of micro-batches and its LoRA gradient.
 
     ids/mask/targets: [A, B, T]; index: [A, B] (-1 = filler row). The micro-batch loss
-    *sums* are accumulated (a scan: one micro-batch of activations alive at a time) and
-    divided once by the real-row count of the whole block. Returns (loss, n_real_rows,
-    grads) with grads shaped like `lora` (float32). Pure; traced inside jit.
+    *sums* are accumulated (`accumulate`) and divided once by the real-row count of the
+    whole block. Returns (loss, n_real_rows, grads) with grads shaped like `lora`
+    (float32). Pure; traced inside jit.
     """
-    A = ids.shape[0]
+    keys = jax.random.split(key if key is not None else jax.random.key(0), ids.shape[0])
 
     def summed(lora_, ids_, mask_, tgt_, idx_, key_):
-        return real_loss_sum(graphdef, lora_, rest, ids_, mask_, tgt_, idx_, key_,
+        lsum = real_loss_sum(graphdef, lora_, rest, ids_, mask_, tgt_, idx_, key_,
                              dtype=dtype, dropout=dropout)[0]
+        return lsum, lsum
 
-    grad_fn = jax.value_and_grad(summed)
-    keys = jax.random.split(key if key is not None else jax.random.key(0), A)
-
-    def body(carry, xs):
-        lsum, gsum = carry
-        l, g = grad_fn(lora, *xs)
-        return (lsum + l, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), gsum, g)), None
-
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora)
-    (lsum, gsum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                   (ids, mask, targets, index, keys))
+    gsum, lsum = accumulate(summed, lora, (ids, mask, targets, index, keys))
     n = jnp.sum(index >= 0)
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     return lsum / denom, n, jax.tree.map(lambda g: g / denom, gsum)
 
 
-_tree_norm = (optax.tree.norm if hasattr(getattr(optax, "tree", None), "norm")
+tree_norm = (optax.tree.norm if hasattr(getattr(optax, "tree", None), "norm")
               else optax.global_norm)
 
 
 def _train_step_impl(lora, opt_state, rest, ids, mask, targets, index, base_key, step, *,
                      graphdef, opt_spec, dtype, dropout):
     """One optimizer step; the dropout key is fold_in(base_key, step) (reproducible on resume)."""
-    tx = _optimizer(*opt_spec)
+    tx = optimizer_of(*opt_spec)
     key = jax.random.fold_in(base_key, step)
     loss, n, grads = accumulated_grads(graphdef, lora, rest, ids, mask, targets, index, key,
                                        dtype=dtype, dropout=dropout)
-    gnorm = _tree_norm(grads)
+    gnorm = tree_norm(grads)
     updates, opt_state = tx.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
     return lora, opt_state, {"loss": loss, "grad_norm": gnorm, "rows": n}
@@ -253,7 +267,7 @@ eval_loss_sum = jax.jit(_eval_impl, static_argnames=("graphdef", "dtype"))
 
 # -- helpers -------------------------------------------------------------------------------
 
-def _fit_examples(examples: Sequence[Example], max_len: int, what: str) -> list[Example]:
+def fit_examples(examples: Sequence[Example], max_len: int, what: str) -> list[Example]:
     """Truncate to max_len (the padded length is fixed, so longer examples cannot fit)."""
     out = []
     for i, ex in enumerate(examples):
@@ -266,7 +280,7 @@ def _fit_examples(examples: Sequence[Example], max_len: int, what: str) -> list[
     return out
 
 
-def _pad_length(examples: Sequence[Example], max_len: int) -> int:
+def pad_length(examples: Sequence[Example], max_len: int) -> int:
     return bucket_length(max(len(e.ids) for e in examples), 8, max_len)
 
 
@@ -436,7 +450,7 @@ def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
-    T = _pad_length(train, cfg.max_len)
+    T = pad_length(train, cfg.max_len)
     spe = -(-len(train) // cfg.effective_batch)
     total = spe * cfg.epochs
     mngr = ocp.CheckpointManager(
@@ -596,9 +610,9 @@ def prepare_run(train_examples: Sequence[Example], val_examples: Sequence[Exampl
         raise LayerIFError(f"max_steps must be >= 0, got {max_steps}")
     if not train_examples:
         raise LayerIFError("no training examples")
-    train = _fit_examples(train_examples, cfg.max_len, "training")
-    val = _fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
-    return RunData(train, val, _pad_length(val, cfg.max_len) if val else 0,
+    train = fit_examples(train_examples, cfg.max_len, "training")
+    val = fit_examples(val_examples, cfg.max_len, "validation") if val_examples else None
+    return RunData(train, val, pad_length(val, cfg.max_len) if val else 0,
                    -(-len(train) // cfg.effective_batch) * cfg.epochs)
 
 
@@ -636,7 +650,7 @@ def finetune(model, train_examples: Sequence[Example], out_dir, cfg: TrainConfig
     lcfg = lora_config_of(model)
     graphdef, lora, rest = split_model(model)
     lora, orig_dtypes = float32_master(lora)
-    opt_spec = _opt_spec(cfg, total)
+    spec = opt_spec(cfg, total)
     dropout = lcfg.dropout > 0
     base_key = jax.random.key(cfg.seed)  # dropout key of step s: fold_in(base_key, s)
     lora_fp = {"rank": lcfg.rank, "alpha": lcfg.alpha, "dropout": lcfg.dropout,
@@ -646,12 +660,12 @@ def finetune(model, train_examples: Sequence[Example], out_dir, cfg: TrainConfig
 
     def step_fn(lora, opt_state, ids, mask, tgt, idx, step):
         return train_step(lora, opt_state, rest, ids, mask, tgt, idx, base_key, np.int32(step),
-                          graphdef=graphdef, opt_spec=opt_spec, dtype=cfg.compute_dtype,
+                          graphdef=graphdef, opt_spec=spec, dtype=cfg.compute_dtype,
                           dropout=dropout)
 
     with run_dir(out_dir, "finetune", overwrite) as out:
         res = train_loop(
-            lora, _optimizer(*opt_spec).init(lora), step_fn, cfg=cfg, train=train,
+            lora, optimizer_of(*spec).init(lora), step_fn, cfg=cfg, train=train,
             out_dir=out.path, fingerprint=fp, state_key="lora",
             stats_keys={"train_loss": "loss", "grad_norm": "grad_norm"},
             val_loss=((lambda p: evaluate(graphdef, p, rest, val, cfg, T_val, pad_id))
@@ -661,7 +675,7 @@ def finetune(model, train_examples: Sequence[Example], out_dir, cfg: TrainConfig
         finish_run(out, res.history, {
             "epochs_done": res.step // res.history["steps_per_epoch"],
             "config": dataclasses.asdict(cfg), "lora": lora_fp, "n_train": len(train),
-            "n_val": len(val) if val else 0, "padded_length": _pad_length(train, cfg.max_len),
+            "n_val": len(val) if val else 0, "padded_length": pad_length(train, cfg.max_len),
             "base_model": base_model_name or None},
             lambda p: save_peft_adapter(model, p, base_model_name=base_model_name))
     return res.history
@@ -692,6 +706,6 @@ def validation_loss(model, examples: Sequence[Example], cfg: TrainConfig | None 
                     pad_id: int = 0) -> float:
     """Mean per-example loss of `model` (LoRA or not) on `examples`, dropout off."""
     cfg = cfg or TrainConfig()
-    ex = _fit_examples(examples, cfg.max_len, "validation")
+    ex = fit_examples(examples, cfg.max_len, "validation")
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-    return evaluate(graphdef, lora, rest, ex, cfg, _pad_length(ex, cfg.max_len), pad_id)
+    return evaluate(graphdef, lora, rest, ex, cfg, pad_length(ex, cfg.max_len), pad_id)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,9 +47,8 @@ import optax
 from flax import nnx
 
 from ... import dtypes
-from ...data import Example, epoch_batches, load_records, pack, record_text
+from ...data import Example, epoch_batches
 from ...errors import LayerIFError
-from ...stop import check as check_stop
 from ...loss import example_losses
 from ...models.config import LINEARS
 from ...models.decoder import attention_bias, block_fn, linear_apply, rope_inv_freq
@@ -442,28 +440,19 @@ def _moe_loss_sum(graphdef, train, rest, ids, mask, targets, index, *, dtype, au
 
 def _moe_step_impl(train, opt_state, rest, ids, mask, targets, index, *, graphdef, opt_spec,
                    dtype, aux_coef):
-    from ...training import _optimizer, _tree_norm
+    from ...training import accumulate, optimizer_of, tree_norm
 
-    tx = _optimizer(*opt_spec)
-    grad_fn = jax.grad(lambda t, *xs: _moe_loss_sum(graphdef, t, rest, *xs, dtype=dtype,
-                                                    aux_coef=aux_coef), has_aux=True)
-
-    def body(carry, xs):  # gradient accumulation over the micro-batches
-        lsum, asum, gsum = carry
-        g, (l, a, _) = grad_fn(train, *xs)
-        return (lsum + l, asum + a,
-                jax.tree.map(lambda s_, g_: s_ + g_.astype(jnp.float32), gsum, g)), None
-
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), train)
-    z = jnp.zeros((), jnp.float32)
-    (lsum, asum, gsum), _ = jax.lax.scan(body, (z, z, zeros), (ids, mask, targets, index))
+    tx = optimizer_of(*opt_spec)
+    gsum, (lsum, asum, _) = accumulate(
+        lambda t, *xs: _moe_loss_sum(graphdef, t, rest, *xs, dtype=dtype, aux_coef=aux_coef),
+        train, (ids, mask, targets, index))
     n = jnp.sum(index >= 0)
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / denom, gsum)
     updates, opt_state = tx.update(grads, opt_state, train)
     train = optax.apply_updates(train, updates)
     return train, opt_state, {"loss": lsum / denom, "aux": asum / denom,
-                              "grad_norm": _tree_norm(grads), "rows": n}
+                              "grad_norm": tree_norm(grads), "rows": n}
 
 
 moe_train_step = jax.jit(_moe_step_impl,
@@ -481,11 +470,11 @@ moe_eval_sums = jax.jit(_moe_eval_impl, static_argnames=("graphdef", "dtype"))
 def moe_validation_loss(model: MoELoraModel, examples: Sequence[Example], cfg=None,
                         pad_id: int = 0) -> float:
     """Mean per-example loss on `examples` (no balance loss)."""
-    from ...training import TrainConfig, _fit_examples, _pad_length
+    from ...training import TrainConfig, fit_examples, pad_length
     cfg = cfg or TrainConfig()
-    ex = _fit_examples(examples, cfg.max_len, "validation")
+    ex = fit_examples(examples, cfg.max_len, "validation")
     graphdef, train, rest = split_moe(model)
-    return _evaluate(graphdef, train, rest, ex, cfg, _pad_length(ex, cfg.max_len), pad_id)
+    return _evaluate(graphdef, train, rest, ex, cfg, pad_length(ex, cfg.max_len), pad_id)
 
 
 def _evaluate(graphdef, train, rest, examples, cfg, length, pad_id):
@@ -516,7 +505,7 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
     checkpoint) without changing the schedule. On completion commits out_dir/adapter
     (`save_moe_adapter`), history.json, train_state.json.
     """
-    from ...training import (TrainConfig, _opt_spec, _optimizer, _pad_length, cast_like,
+    from ...training import (TrainConfig, cast_like, opt_spec, optimizer_of, pad_length,
                         finish_run, float32_master, prepare_run, run_dir, run_fingerprint,
                         train_loop)
 
@@ -528,17 +517,17 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
     aux_coef = float(aux_coef)
     graphdef, train, rest = split_moe(moe_model)
     train, orig_dtypes = float32_master(train)
-    opt_spec = _opt_spec(cfg, total)
+    spec = opt_spec(cfg, total)
     fp = run_fingerprint(cfg, tr, total, model_config=moe_model.cfg, base=rest, init=train,
                          moe=moe_model.spec(), aux_coef=aux_coef)
 
     def step_fn(train, opt_state, ids, mask, tgt, idx, step):
         return moe_train_step(train, opt_state, rest, ids, mask, tgt, idx, graphdef=graphdef,
-                              opt_spec=opt_spec, dtype=cfg.compute_dtype, aux_coef=aux_coef)
+                              opt_spec=spec, dtype=cfg.compute_dtype, aux_coef=aux_coef)
 
     with run_dir(out_dir, "moe train", overwrite) as out:
         res = train_loop(
-            train, _optimizer(*opt_spec).init(train), step_fn, cfg=cfg, train=tr,
+            train, optimizer_of(*spec).init(train), step_fn, cfg=cfg, train=tr,
             out_dir=out.path, fingerprint=fp, state_key="train",
             stats_keys={"train_loss": "loss", "aux_loss": "aux", "grad_norm": "grad_norm"},
             val_loss=((lambda p: _evaluate(graphdef, p, rest, val, cfg, T_val, pad_id))
@@ -548,203 +537,7 @@ def train_moe(moe_model: MoELoraModel, train_examples: Sequence[Example], out_di
         finish_run(out, res.history, {
             "config": dataclasses.asdict(cfg), "moe": moe_model.spec(), "aux_coef": aux_coef,
             "n_train": len(tr), "n_val": len(val) if val else 0,
-            "padded_length": _pad_length(tr, cfg.max_len),
+            "padded_length": pad_length(tr, cfg.max_len),
             "base_model": base_model_name or None},
             lambda p: save_moe_adapter(moe_model, p, base_model_name=base_model_name))
     return res.history
-
-
-# -- evaluation --------------------------------------------------------------------------------
-
-GLUE_LABELS = {"cola": ("acceptable", "unacceptable"), "mrpc": ("equivalent", "not equivalent"),
-               "rte": ("entailment", "not entailment")}
-_LETTER_RE = re.compile(r"(?i:answer\s+is)\s*:?\s*\(?([A-Z])\b")
-_ANSWER_RE = re.compile(r"(?i:answer)\s*:\s*\(?([A-Z])\b")
-
-
-def _task_kind(task: str) -> str:
-    t = Path(str(task)).name.lower()
-    if t.startswith("qa") or "qa_" in t:
-        return "qa"
-    for g in GLUE_LABELS:
-        if g in t:
-            return g
-    return "labels"
-
-
-def extract_answer(text: str, task: str, labels: Sequence[str] | None = None) -> str | None:
-    """The answer in generated `text`, or None.
-
-    QA tasks (name starting "qa", e.g. qa_openbook_test_all.json; records end "Answer: The
-    answer is X."): the letter after "the answer is" (else after "Answer:"), upper-cased.
-    GLUE tasks (cola / mrpc / rte, records end "Answer: <label>."): the label after
-    "Answer:" (else the first label anywhere), longest label first so "not equivalent" is
-    not read as "equivalent". `labels` overrides the label set.
-    """
-    kind = _task_kind(task)
-    if kind == "qa" and not labels:
-        m = _LETTER_RE.search(text) or _ANSWER_RE.search(text)
-        return m.group(1) if m else None
-    labs = list(labels) if labels else list(GLUE_LABELS.get(kind, ()))
-    if not labs:
-        raise LayerIFError(f"no answer labels known for task {task!r}; pass labels")
-    alt = "|".join(re.escape(x) for x in sorted(labs, key=len, reverse=True))
-    low = {x.lower(): x for x in labs}
-    m = re.search(rf"answer\s*:\s*({alt})\b", text, re.IGNORECASE)
-    if m is None:
-        m = re.search(rf"(?<![A-Za-z])({alt})\b", text, re.IGNORECASE)
-    return low[m.group(1).lower()] if m else None
-
-
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    ids = list(tokenizer(prompt)["input_ids"])
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if len(ids) > 1 and eos is not None and ids[-1] == eos:  # tokenizers that append EOS
-        ids = ids[:-1]
-    return ids
-
-
-def _next_tokens_impl(graphdef, state, ids, mask, pos):
-    model = nnx.merge(graphdef, state)
-    logits = model(ids, mask)
-    return jnp.argmax(logits[jnp.arange(ids.shape[0]), pos], axis=-1).astype(jnp.int32)
-
-
-_next_tokens = jax.jit(_next_tokens_impl, static_argnames=("graphdef",))
-
-
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16,
-             batch_size: int = 8, pad_id: int | None = None) -> list[str]:
-    """Greedy continuations (decoded, special tokens skipped). Full recompute per new token
-    over a fixed padded shape [batch_size, bucket(prompt + max_new_tokens)], right padding
-    (causal attention: padding after a row's end never affects it); stops at EOS."""
-    if max_new_tokens < 1:
-        raise LayerIFError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    graphdef, state = nnx.split(model)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    pad = pad_id if pad_id is not None else (getattr(tokenizer, "pad_token_id", None) or 0)
-    out: list[str] = []
-    for s in range(0, len(prompts), batch_size):
-        check_stop()
-        chunk = [_prompt_ids(tokenizer, p) for p in prompts[s:s + batch_size]]
-        n = len(chunk)
-        longest = max(len(c) for c in chunk) + max_new_tokens
-        T = -(-longest // 16) * 16
-        ids = np.full((batch_size, T), pad, np.int32)
-        mask = np.zeros((batch_size, T), bool)
-        cur = np.ones(batch_size, np.int64)
-        for r, c in enumerate(chunk):
-            ids[r, :len(c)], mask[r, :len(c)], cur[r] = c, True, len(c)
-        done = np.zeros(batch_size, bool)
-        done[n:] = True
-        new = [[] for _ in range(n)]
-        for _ in range(max_new_tokens):
-            tok = np.asarray(_next_tokens(graphdef, state, ids, mask, (cur - 1).astype(np.int32)))
-            for r in range(n):
-                if done[r]:
-                    continue
-                t = int(tok[r])
-                if t in eos_set:
-                    done[r] = True
-                    continue
-                new[r].append(t)
-                ids[r, cur[r]], mask[r, cur[r]] = t, True
-                cur[r] += 1
-            if done.all():
-                break
-        out.extend(tokenizer.decode(x, skip_special_tokens=True) for x in new)
-    return out
-
-
-def generate_answer(model, tokenizer, prompt: str, *, max_new_tokens: int = 16) -> str:
-    """Greedy continuation of one prompt."""
-    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1)[0]
-
-
-def _gold(rec: dict, task: str) -> str:
-    if "answer" in rec and rec["answer"] is not None:
-        return str(rec["answer"]).strip()
-    got = extract_answer(str(rec.get("output", "")), task)
-    if got is None:
-        raise LayerIFError(f"{task}: a record has neither 'answer' nor a parsable 'output'")
-    return got
-
-
-def _candidates(rec: dict, kind: str, labels: Sequence[str]) -> list[str]:
-    if kind == "qa":
-        ch = rec.get("choices")
-        if isinstance(ch, dict) and "label" in ch:
-            return [str(x) for x in ch["label"]]
-        if isinstance(ch, list):
-            return [chr(ord("A") + i) for i in range(len(ch))]
-        return list("ABCDE")
-    return list(labels)
-
-
-def _seq_logprob_impl(graphdef, state, ids, mask, targets):
-    model = nnx.merge(graphdef, state)
-    logp = jax.nn.log_softmax(model(ids, mask)[:, :-1].astype(jnp.float32), axis=-1)
-    tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(tok * targets[:, 1:].astype(jnp.float32), axis=1)
-
-
-_seq_logprob = jax.jit(_seq_logprob_impl, static_argnames=("graphdef",))
-
-
-def accuracy(model, tokenizer, task_path: str | Path, limit: int | None = None,
-             mode: str = "generate", *, batch_size: int = 8, max_new_tokens: int = 16,
-             max_len: int = 256) -> dict[str, Any]:
-    """Accuracy of `model` (MoELoraModel or plain Decoder) on a task file.
-
-    Prompt = the record's instruction (+ input), as in training (`data.record_text`).
-    mode "generate": greedy generation, then `extract_answer`; "loglik": the candidate
-    whose full output (the record's `output` with its answer replaced by the candidate)
-    has the highest summed log-probability given the prompt. Gold = the record's `answer`.
-    """
-    if mode not in ("generate", "loglik"):
-        raise LayerIFError(f"mode must be 'generate' or 'loglik', got {mode!r}")
-    task = Path(task_path).name
-    kind = _task_kind(task)
-    recs = load_records(task_path, limit)
-    prompts = [record_text(r, index=i, source=str(task_path))[0] for i, r in enumerate(recs)]
-    gold = [_gold(r, task) for r in recs]
-    labels = (sorted(set(GLUE_LABELS.get(kind, ())) | set(gold)) if kind != "qa" else None)
-    preds: list[str | None]
-    if mode == "generate":
-        texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size)
-        preds = [extract_answer(t, task, labels) for t in texts]
-    else:
-        graphdef, state = nnx.split(model)
-        pad = getattr(tokenizer, "pad_token_id", None) or 0
-        items, owner = [], []
-        for i, r in enumerate(recs):
-            outp = str(r.get("output", ""))
-            at = outp.rfind(gold[i])
-            tmpl = (outp[:at] + "{}" + outp[at + len(gold[i]):]) if at >= 0 else "Answer: {}."
-            n_prompt = len(_prompt_ids(tokenizer, prompts[i]))
-            for cand in _candidates(r, kind, labels):
-                ids = np.asarray(tokenizer(prompts[i] + " " + tmpl.format(cand))["input_ids"],
-                                 np.int32)[:max_len]
-                tg = np.arange(len(ids)) >= n_prompt
-                items.append(Example(ids, tg))
-                owner.append((i, cand))
-        scores = np.empty(len(items))
-        L = -(-max(len(e.ids) for e in items) // 16) * 16
-        for s in range(0, len(items), batch_size):
-            check_stop()
-            idx = list(range(s, min(s + batch_size, len(items))))
-            b = pack(items, idx, batch_size, L, pad)
-            lp = np.asarray(_seq_logprob(graphdef, state, b.ids, b.mask, b.targets))
-            scores[idx] = lp[:len(idx)]
-        best: dict[int, tuple[float, str]] = {}
-        for (i, cand), sc in zip(owner, scores):
-            if i not in best or sc > best[i][0]:
-                best[i] = (sc, cand)
-        preds = [best[i][1] if i in best else None for i in range(len(recs))]
-    correct = [p is not None and p.strip().lower() == g.lower() for p, g in zip(preds, gold)]
-    return {"task": task, "mode": mode, "n": len(recs), "correct": int(sum(correct)),
-            "accuracy": float(np.mean(correct)) if correct else 0.0,
-            "unparsed": int(sum(p is None for p in preds)),
-            "predictions": preds, "gold": gold}

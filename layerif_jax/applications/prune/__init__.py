@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...data import encode_text
 from ...errors import LayerIFError
 from ...stop import check as check_stop
 from ...models.config import LINEARS
@@ -554,32 +555,15 @@ def alpha_per_matrix(model, xmin: str = "peak") -> np.ndarray:
 # ---------------------------------------------------------------------------------
 # calibration data
 # ---------------------------------------------------------------------------------
-def _encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
-    try:
-        out = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)
-    except TypeError:
-        out = tokenizer(text, add_special_tokens=add_special_tokens)
-    return list(out["input_ids"])
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LayerIFError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LayerIFError(f"cannot read {path}: {e}") from None
-
-
 def calibration_text(path) -> str:
     """A raw text file as is, or a task JSON/JSONL file: its records' texts joined."""
-    from ...data import load_records, record_text
+    from ...data import load_records, read_text, record_text
     path = Path(path)
     if path.suffix.lower() in (".json", ".jsonl"):
         recs = load_records(path)
         return "\n\n".join(record_text(r, index=i, source=str(path))[1]
                            for i, r in enumerate(recs))
-    return _read_text(path)
+    return read_text(path)
 
 
 def calibration_ids(tokenizer, path, n_seq: int = 128, seq_len: int = 256,
@@ -592,7 +576,7 @@ def calibration_ids(tokenizer, path, n_seq: int = 128, seq_len: int = 256,
     """
     if n_seq < 1 or seq_len < 2:
         raise LayerIFError(f"need n_seq >= 1 and seq_len >= 2, got {n_seq} and {seq_len}")
-    ids = np.asarray(_encode(tokenizer, calibration_text(path)), np.int32)
+    ids = np.asarray(encode_text(tokenizer, calibration_text(path)), np.int32)
     if ids.size < seq_len:
         raise LayerIFError(f"{path}: {ids.size} tokens, shorter than one calibration "
                            f"window of {seq_len}")
