@@ -101,7 +101,10 @@ def test_layer_of_forms_agree_and_budget_recomputes():
                                memory_budget=1,   # nothing kept: recomputed twice more
                                layer_of=lambda p: int(p.split(".")[1]) if p.startswith("layers") else None)
     assert by_call.meta["kept_examples"] == 0
-    np.testing.assert_allclose(by_call.per_example, by_regex.per_example, rtol=1e-5, atol=1e-8)
+    # float32, different chunking: sums run in a different order; a score near zero differs by
+    # ~1e-7 of the largest score (measured 2e-6 on 15 under jax 0.12), so the floor is relative
+    scale = np.abs(by_regex.per_example).max()
+    np.testing.assert_allclose(by_call.per_example, by_regex.per_example, rtol=1e-5, atol=1e-6 * scale)
     # the same layers stacked on a leading axis
     stacked = {"w": jnp.stack([p["w"] for p in f32["layers"]]),
                "b": jnp.stack([p["b"] for p in f32["layers"]])}
@@ -111,7 +114,7 @@ def test_layer_of_forms_agree_and_budget_recomputes():
         return mlp_loss({"layers": layers, "head": f32["head"]}, ex)
 
     st = influence_scores(loss_stacked, stacked, train, val, layer_of="stacked", mesh=None)
-    np.testing.assert_allclose(st.per_example, by_regex.per_example, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(st.per_example, by_regex.per_example, rtol=1e-5, atol=1e-6 * scale)
     with pytest.raises(LayerIFError, match="exactly one group"):
         influence_scores(mlp_loss, f32, train, val, layer_of=r"layers\.\d+")
     with pytest.raises(LayerIFError, match="attributes no parameter"):

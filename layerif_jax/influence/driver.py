@@ -132,7 +132,10 @@ def keep_plan(calls, bytes_per_row: int, budget: int | None) -> np.ndarray:
 
 
 def _gb(b: float) -> str:
-    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= size / 10:
+            return f"{b / size:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{int(b)} bytes"
 
 
 def say_memory_plan(calls, keep_call, need: int, budget: int | None, n: int) -> None:
