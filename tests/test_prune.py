@@ -13,9 +13,9 @@ from flax import nnx
 from layerif_jax.errors import LayerIFError
 from layerif_jax.models.config import LINEARS, ModelConfig
 from layerif_jax.models.decoder import INPUT_OF, Decoder
+from layerif_jax.applications.prune.model import _walk_blocks
 from layerif_jax.applications.prune import (
-    _sparsegpt_counts,
-    _walk_blocks,
+    sparsegpt_counts,
     alpha_per_matrix,
     calibration_ids,
     magnitude_mask,
@@ -152,7 +152,7 @@ def test_sparsegpt_matches_float64_reference(d_in, d_out, bs, s, nm):
     np.testing.assert_allclose(np.asarray(Wp), Wr, rtol=2e-3, atol=2e-4 * np.abs(Wr).max())
     assert (np.asarray(Wp)[Mr] == 0).all()
     if nm is None:
-        assert Mr.sum() == _sparsegpt_counts(d_in, d_out, s, bs)
+        assert Mr.sum() == sparsegpt_counts(d_in, d_out, s, bs)
 
 
 def test_sparsegpt_dead_inputs():
@@ -209,7 +209,7 @@ def _expected(method, s, shape, bs=128):
         return round(s * d_in * d_out) / (d_in * d_out)
     if method == "wanda":
         return round(s * d_in) / d_in
-    return _sparsegpt_counts(d_in, d_out, s, bs) / (d_in * d_out)
+    return sparsegpt_counts(d_in, d_out, s, bs) / (d_in * d_out)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
