@@ -194,6 +194,111 @@ def _restore(mngr, params, opt_state, fingerprint: dict, state_key: str, where: 
     return None
 
 
+def _open(out_dir: Path, cfg: TrainConfig, params, opt_state, fingerprint, state_key: str,
+          history: dict[str, Any], total: int, desc: str):
+    """The checkpoint manager and the state to start from: (manager, params, opt_state,
+    history, step, resumed_from). A finished or partial run of the same fingerprint is
+    announced; another run's checkpoints are refused (the manager is closed then)."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(
+        out_dir / CHECKPOINT_DIR,
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
+    try:
+        restored = _restore(mngr, params, opt_state, fingerprint, state_key, out_dir)
+    except BaseException:
+        mngr.close()
+        raise
+    if restored is None:
+        return mngr, params, opt_state, history, 0, None
+    params, opt_state, meta = restored
+    step = int(meta["step"])
+    history = meta["history"]
+    history["resumed_from"] = step
+    if step >= total:
+        info(f"reusing the finished {desc} in {out_dir} ({total} steps)")
+    else:
+        info(f"resumed {desc} from step {step} of {total} ({out_dir})")
+    return mngr, params, opt_state, history, step, step
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The mutable state of one `train_loop` call and its three actions: dispatch a step,
+    wait for steps in flight (recording their stats), save a checkpoint."""
+    mngr: Any
+    bar: Any
+    params: Any
+    opt_state: Any
+    history: dict[str, Any]
+    step: int
+    last_saved: int
+    total: int
+    spe: int
+    fingerprint: dict[str, Any]
+    state_key: str
+    stats_keys: dict[str, str]
+    inflight: list = dataclasses.field(default_factory=list)  # (step, stats) not waited for
+
+    def dispatch(self, step_fn: Callable, batch, cfg: TrainConfig) -> None:
+        ids, mask, tgt, idx = _micro(batch, cfg)
+        self.history["lr"].append(lr_at(cfg, self.total, self.step))
+        self.params, self.opt_state, stats = step_fn(self.params, self.opt_state, ids, mask,
+                                                     tgt, idx, self.step)
+        self.inflight.append((self.step, stats))
+        self.step += 1
+
+    def finish(self, keep: int) -> None:
+        """Wait for the oldest steps in flight until `keep` remain; record their stats."""
+        while len(self.inflight) > keep:
+            k, s = self.inflight.pop(0)
+            s = jax.device_get(s)
+            if not math.isfinite(float(s["loss"])):
+                raise LayerIFError(
+                    f"the training loss is not finite at step {k + 1} of {self.total} "
+                    f"(diverged); lower --lr or raise --warmup (the last checkpoint, step "
+                    f"{self.last_saved}, is kept)")
+            for key, name in self.stats_keys.items():
+                self.history[key].append(float(s[name]))
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{self.history['train_loss'][-1]:.4f}")
+
+    def save(self) -> None:
+        import orbax.checkpoint as ocp
+
+        self.finish(0)
+        flat = {self.state_key: _flat(self.params), "opt": _flat(self.opt_state)}
+        host = jax.tree.map(np.asarray, flat)
+        bad = checksum.nonfinite(host)
+        if bad is not None:
+            raise LayerIFError(f"the trained state is not finite after step {self.step} "
+                               f"({bad}); nothing saved (the last checkpoint, step "
+                               f"{self.last_saved}, is kept)")
+        meta = {"step": self.step, "epoch": self.step // self.spe,
+                "fingerprint": self.fingerprint, "digests": checksum.tree_digests(host),
+                "history": self.history}
+        self.mngr.save(self.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
+        self.mngr.wait_until_finished()
+        folder = Path(self.mngr.directory) / str(self.step)
+        write_json(folder / FILE_SUMS, checksum.file_digests(folder, skip=FILE_SUMS))
+        self.last_saved = self.step
+
+    def save_if_new(self) -> None:
+        if self.step > self.last_saved and self.step > 0:
+            self.save()
+
+    def end_epoch(self, epoch: int, val_loss: Callable | None) -> None:
+        self.finish(0)
+        losses = self.history["train_loss"][epoch * self.spe:(epoch + 1) * self.spe]
+        rec = {"epoch": epoch + 1, "step": self.step,
+               "train_loss": float(np.mean(losses)) if losses else None}
+        if val_loss is not None:
+            rec["val_loss"] = val_loss(self.params)
+        self.history["epochs"].append(rec)
+        self.save()
+
+
 def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
                train: Sequence[Example], out_dir: Path, fingerprint: dict[str, Any],
                state_key: str, stats_keys: dict[str, str], val_loss: Callable | None = None,
@@ -216,122 +321,53 @@ def train_loop(params, opt_state, step_fn: Callable, *, cfg: TrainConfig,
     `val_loss(params)` is called at every epoch end; `max_steps` stops early without
     changing the schedule.
     """
-    import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
     T = pad_length(train, cfg.max_len)
     spe = -(-len(train) // cfg.effective_batch)
     total = spe * cfg.epochs
-    mngr = ocp.CheckpointManager(
-        out_dir / CHECKPOINT_DIR,
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True))
     history: dict[str, Any] = {**{k: [] for k in stats_keys}, "lr": [], "epochs": [],
                                "steps_per_epoch": spe, "total_steps": total,
                                "resumed_from": None}
-    step = 0
-    try:
-        restored = _restore(mngr, params, opt_state, fingerprint, state_key, out_dir)
-    except BaseException:
-        mngr.close()
-        raise
-    if restored is not None:
-        params, opt_state, meta = restored
-        step = int(meta["step"])
-        history = meta["history"]
-        history["resumed_from"] = step
-        if step >= total:
-            info(f"reusing the finished {desc} in {out_dir} ({total} steps)")
-        else:
-            info(f"resumed {desc} from step {step} of {total} ({out_dir})")
-
-    last_saved = step if restored is not None else -1
-    inflight: list[tuple[int, dict]] = []  # (step, stats) dispatched, not yet waited for
-
-    def finish(keep: int):
-        """Wait for the oldest steps in flight until `keep` remain; record their stats."""
-        while len(inflight) > keep:
-            k, s = inflight.pop(0)
-            s = jax.device_get(s)
-            if not math.isfinite(float(s["loss"])):
-                raise LayerIFError(
-                    f"the training loss is not finite at step {k + 1} of {total} (diverged); "
-                    f"lower --lr or raise --warmup (the last checkpoint, step {last_saved}, "
-                    "is kept)")
-            for key, name in stats_keys.items():
-                history[key].append(float(s[name]))
-            bar.update(1)
-            bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}")
-
-    def save():
-        nonlocal last_saved
-        finish(0)
-        flat = {state_key: _flat(params), "opt": _flat(opt_state)}
-        host = jax.tree.map(np.asarray, flat)
-        bad = checksum.nonfinite(host)
-        if bad is not None:
-            raise LayerIFError(f"the trained state is not finite after step {step} ({bad}); "
-                               f"nothing saved (the last checkpoint, step {last_saved}, is kept)")
-        meta = {"step": step, "epoch": step // spe, "fingerprint": fingerprint,
-                "digests": checksum.tree_digests(host), "history": history}
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
-        mngr.wait_until_finished()
-        folder = Path(mngr.directory) / str(step)
-        write_json(folder / FILE_SUMS, checksum.file_digests(folder, skip=FILE_SUMS))
-        last_saved = step
-
-    stop = step >= total or (max_steps is not None and step >= max_steps)
+    mngr, params, opt_state, history, step, resumed_from = _open(
+        out_dir, cfg, params, opt_state, fingerprint, state_key, history, total, desc)
     bar = tqdm(total=total, initial=step, disable=not progress, desc=desc, unit="step",
                dynamic_ncols=True)
+    run = _Loop(mngr, bar, params, opt_state, history, step,
+                step if resumed_from is not None else -1, total, spe, fingerprint,
+                state_key, stats_keys)
+    limit = total if max_steps is None else min(total, max_steps)
     t0 = time.perf_counter()
     try:
-        while not stop and step < total:
-            epoch, first = divmod(step, spe)
+        while run.step < limit:
+            epoch, first = divmod(run.step, spe)
             batches = epoch_batches(train, cfg.effective_batch, seed=cfg.seed,
                                     epoch=epoch, max_len=T, pad_id=pad_id)
-            for b in range(first, spe):
-                if max_steps is not None and step >= max_steps:
-                    stop = True
-                    break
-                ids, mask, tgt, idx = _micro(batches[b], cfg)
-                history["lr"].append(lr_at(cfg, total, step))
-                params, opt_state, stats = step_fn(params, opt_state, ids, mask, tgt, idx,
-                                                   step)
-                inflight.append((step, stats))
-                step += 1
-                finish(1)
+            for b in range(first, min(spe, first + limit - run.step)):
+                run.dispatch(step_fn, batches[b], cfg)
+                run.finish(1)
                 check_stop()
-                if step % cfg.checkpoint_every == 0 and step % spe != 0:
-                    save()
-            if stop:
-                break
-            finish(0)  # epoch end
-            losses = history["train_loss"][epoch * spe:(epoch + 1) * spe]
-            rec = {"epoch": epoch + 1, "step": step,
-                   "train_loss": float(np.mean(losses)) if losses else None}
-            if val_loss is not None:
-                rec["val_loss"] = val_loss(params)
-            history["epochs"].append(rec)
-            save()
-        if step > last_saved and step > 0:
-            save()
+                if run.step % cfg.checkpoint_every == 0 and run.step % spe != 0:
+                    run.save()
+            if run.step % spe == 0:
+                run.end_epoch(epoch, val_loss)
+        run.save_if_new()
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM (stop.Interrupted): keep the work done
-        if step > last_saved and step > 0:
-            try:
-                save()
-            except LayerIFError:
-                pass  # a diverged state is not saved; the stop still stands
+        try:
+            run.save_if_new()
+        except LayerIFError:
+            pass  # a diverged state is not saved; the stop still stands
         raise
     finally:
         bar.close()
         mngr.wait_until_finished()
         mngr.close()
-    finish(0)
-    history["step"] = step
-    history["completed"] = step >= total
+    run.finish(0)
+    history = run.history
+    history["step"] = run.step
+    history["completed"] = run.step >= total
     history["seconds"] = time.perf_counter() - t0  # of this call
-    return LoopResult(params, opt_state, history, step, total,
-                      None if restored is None else int(restored[2]["step"]))
+    return LoopResult(run.params, run.opt_state, history, run.step, total, resumed_from)
 
 
 def finish_run(out: OutputDir, history: dict[str, Any], state: dict[str, Any],

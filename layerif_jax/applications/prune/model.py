@@ -111,16 +111,8 @@ def _walk_blocks(model, calib_ids, visit: Callable[[int, dict, dict, int], dict]
             xs = [step(p, x)[0] for x in xs]
 
 
-def prune_model(model, sparsities: Sequence[float] | None, method: str, calib_ids=None, *,
-                nm=None, batch_size: int = 8, blocksize: int = 128, percdamp: float = 0.01,
-                progress: bool = False):
-    """Prune every linear map of `model` in place.
-
-    sparsities: one per matrix in model order (7 * L; 0 leaves a matrix dense), or
-    None with `nm`. calib_ids: int [N, T] calibration token windows (not needed for
-    magnitude). Returns (model, report) with report {"layers.l.name": achieved
-    sparsity} (fraction of exact zeros in the pruned kernel).
-    """
+def _check_prune_args(model, sparsities, method: str, nm, blocksize: int):
+    """(N:M tuple or None, one sparsity per matrix) after checking every argument."""
     if method not in METHODS:
         raise LayerIFError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
     _no_lora(model)
@@ -136,18 +128,64 @@ def prune_model(model, sparsities: Sequence[float] | None, method: str, calib_id
     if sparsities is None:
         if nmt is None:
             raise LayerIFError("sparsities are required (or give nm=(N, M))")
-        s_all = np.full(7 * L, nmt[0] / nmt[1])
-    else:
-        s_all = np.asarray(sparsities, np.float64).reshape(-1)
-        if s_all.size != 7 * L:
-            raise LayerIFError(f"expected {7 * L} sparsities (7 per block x {L} blocks), "
-                               f"got {s_all.size}")
-        if not np.all(np.isfinite(s_all)) or (s_all < 0).any() or (s_all >= 1).any():
-            raise LayerIFError("every sparsity must be in [0, 1)")
-        if nmt is not None and np.abs(s_all - nmt[0] / nmt[1]).max() > 1e-9:
-            raise LayerIFError(f"{nmt[0]}:{nmt[1]} pruning fixes every sparsity at "
-                               f"{nmt[0] / nmt[1]:g}: use the uniform allocation")
+        return nmt, np.full(7 * L, nmt[0] / nmt[1])
+    s_all = np.asarray(sparsities, np.float64).reshape(-1)
+    if s_all.size != 7 * L:
+        raise LayerIFError(f"expected {7 * L} sparsities (7 per block x {L} blocks), "
+                           f"got {s_all.size}")
+    if not np.all(np.isfinite(s_all)) or (s_all < 0).any() or (s_all >= 1).any():
+        raise LayerIFError("every sparsity must be in [0, 1)")
+    if nmt is not None and np.abs(s_all - nmt[0] / nmt[1]).max() > 1e-9:
+        raise LayerIFError(f"{nmt[0]}:{nmt[1]} pruning fixes every sparsity at "
+                           f"{nmt[0] / nmt[1]:g}: use the uniform allocation")
+    return nmt, s_all
 
+
+def _prune_matrix(W, s: float, method: str, nmt, stats, n_tok: int, what: str, *,
+                  blocksize: int, percdamp: float):
+    """One kernel W [d_in, d_out] pruned to sparsity s (or N:M): (new W, zeros in it).
+    `stats` holds the calibration statistics of its input ("sq", "xtx"). The number of
+    weights the mask removes is checked against the method's own count."""
+    if s == 0.0:
+        return W, int(count_zeros(W))
+    d_in, d_out = W.shape
+    if method == "magnitude":
+        expect = (W.size * nmt[0] // nmt[1]) if nmt else int(round(s * W.size))
+        Wn, got, zeros = apply_magnitude(W, expect, nm=nmt)
+    elif method == "wanda":
+        k = None if nmt else int(round(s * d_in))
+        Wn, got, zeros = apply_wanda(W, stats["sq"], 0 if k is None else k, nm=nmt)
+        expect = (W.size * nmt[0] // nmt[1]) if nmt else k * d_out
+    else:
+        Wn, _, got, zeros, finite = sparsegpt_core(
+            W, 2.0 * stats["xtx"] / n_tok, jnp.float32(0.0 if nmt else s),
+            jnp.float32(percdamp), blocksize=min(blocksize, d_in), nm=nmt)
+        if not bool(finite):
+            raise LayerIFError(f"{what}: SparseGPT produced non-finite weights (raise "
+                               "percdamp or add calibration data)")
+        expect = (W.size * nmt[0] // nmt[1]) if nmt else \
+            sparsegpt_counts(d_in, d_out, s, blocksize)
+    got, zeros = int(got), int(zeros)
+    if got != expect:
+        raise RuntimeError(f"{what}: mask prunes {got} weights, expected {expect}")
+    if zeros < expect:
+        raise RuntimeError(f"{what}: only {zeros} zeros after pruning, expected at least "
+                           f"{expect}")
+    return Wn, zeros
+
+
+def prune_model(model, sparsities: Sequence[float] | None, method: str, calib_ids=None, *,
+                nm=None, batch_size: int = 8, blocksize: int = 128, percdamp: float = 0.01,
+                progress: bool = False):
+    """Prune every linear map of `model` in place.
+
+    sparsities: one per matrix in model order (7 * L; 0 leaves a matrix dense), or
+    None with `nm`. calib_ids: int [N, T] calibration token windows (not needed for
+    magnitude). Returns (model, report) with report {"layers.l.name": achieved
+    sparsity} (fraction of exact zeros in the pruned kernel).
+    """
+    nmt, s_all = _check_prune_args(model, sparsities, method, nm, blocksize)
+    L = model.cfg.num_layers
     names = model.cfg.matrix_names()
     report: dict[str, float] = {}
     new_kernels: dict[str, list] = {n: [] for n in LINEARS}
@@ -156,37 +194,10 @@ def prune_model(model, sparsities: Sequence[float] | None, method: str, calib_id
         p = dict(p)
         for j, name in enumerate(LINEARS):
             W = p[name]["kernel"]
-            s = float(s_all[7 * l + j])
-            d_in, d_out = W.shape
-            if s == 0.0:
-                Wn, expect, got, zeros = W, 0, 0, int(count_zeros(W))
-            else:
-                if method == "magnitude":
-                    k = (W.size * nmt[0] // nmt[1]) if nmt else int(round(s * W.size))
-                    Wn, got, zeros = apply_magnitude(W, k, nm=nmt)
-                    expect = k
-                elif method == "wanda":
-                    k = None if nmt else int(round(s * d_in))
-                    Wn, got, zeros = apply_wanda(W, stats[INPUT_OF[name]]["sq"],
-                                                  0 if k is None else k, nm=nmt)
-                    expect = (W.size * nmt[0] // nmt[1]) if nmt else k * d_out
-                else:
-                    Wn, _, got, zeros, finite = sparsegpt_core(
-                        W, 2.0 * stats[INPUT_OF[name]]["xtx"] / n_tok,
-                        jnp.float32(0.0 if nmt else s), jnp.float32(percdamp),
-                        blocksize=min(blocksize, d_in), nm=nmt)
-                    if not bool(finite):
-                        raise LayerIFError(f"{names[7 * l + j]}: SparseGPT produced non-finite "
-                                           "weights (raise percdamp or add calibration data)")
-                    expect = (W.size * nmt[0] // nmt[1]) if nmt else \
-                        sparsegpt_counts(d_in, d_out, s, blocksize)
-                got, zeros = int(got), int(zeros)
-                if got != expect:
-                    raise RuntimeError(f"{names[7 * l + j]}: mask prunes {got} weights, "
-                                       f"expected {expect}")
-            if zeros < expect:
-                raise RuntimeError(f"{names[7 * l + j]}: only {zeros} zeros after pruning, "
-                                   f"expected at least {expect}")
+            Wn, zeros = _prune_matrix(
+                W, float(s_all[7 * l + j]), method, nmt,
+                None if stats is None else stats[INPUT_OF[name]], n_tok, names[7 * l + j],
+                blocksize=blocksize, percdamp=percdamp)
             report[names[7 * l + j]] = zeros / W.size
             p[name] = dict(p[name], kernel=Wn)
             new_kernels[name].append(Wn)
