@@ -41,14 +41,27 @@ def tok():
     return tiny_tokenizer()
 
 
-def log_softmax64(logits):
-    x = np.asarray(logits, np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+@pytest.fixture(scope="module")
+def hf_pair(tiny_hf_model, to_layerif):
+    """(transformers torch model, the same weights as a layerif Decoder): the torch model
+    is the reference for every log-likelihood below."""
+    pytest.importorskip("torch")
+    hf = tiny_hf_model("llama", seed=0)
+    return hf, to_layerif(hf)
+
+
+def torch_logprobs(hf, ids):
+    import torch
+    with torch.no_grad():
+        logits = hf(torch.from_numpy(np.asarray(ids, np.int64))).logits.double()
+    return torch.log_softmax(logits, -1).numpy()
 
 
 # ------------------------------------------------------------------ perplexity
-def test_perplexity_matches_numpy(model, tok, tmp_path):
+def test_perplexity_matches_transformers_loss(hf_pair, tok, tmp_path):
+    import torch
+
+    hf, model = hf_pair
     rng = np.random.default_rng(0)
     text = " ".join(f"w{i}" for i in rng.integers(0, 57, size=103))
     p = tmp_path / "wiki.raw"
@@ -59,12 +72,12 @@ def test_perplexity_matches_numpy(model, tok, tmp_path):
                          progress=False)
         use = ids[:max_tokens] if max_tokens else ids
         n_win = use.size // window
-        wins = use[: n_win * window].reshape(n_win, window)
-        lp = log_softmax64(model(jnp.asarray(wins)))
-        nll = -np.take_along_axis(lp[:, :-1], wins[:, 1:, None], -1).mean()
+        wins = torch.from_numpy(use[: n_win * window].reshape(n_win, window).astype(np.int64))
+        with torch.no_grad():  # transformers' own shifted mean cross-entropy, per window
+            nll = np.mean([float(hf(w[None], labels=w[None]).loss) for w in wins])
         assert res["n_windows"] == n_win and res["n_tokens"] == n_win * (window - 1)
-        assert res["perplexity"] == pytest.approx(np.exp(nll), rel=1e-5)
         assert res["nll"] == pytest.approx(nll, rel=1e-5)
+        assert res["perplexity"] == pytest.approx(np.exp(nll), rel=1e-5)
 
 
 def test_perplexity_errors(model, tok, tmp_path):
@@ -112,7 +125,8 @@ def test_mc_accuracy_forced(tok, tmp_path):
     assert mc_accuracy(flat, tok, _task(tmp_path, True), limit=2, progress=False)["n"] == 2
 
 
-def test_mc_scores_match_numpy(model, tok, tmp_path):
+def test_mc_scores_match_transformers(hf_pair, tok, tmp_path):
+    hf, model = hf_pair
     p = _task(tmp_path)
     res = mc_accuracy(model, tok, p, progress=False, details=True, batch_size=3)
     recs = json.loads(p.read_text())
@@ -128,7 +142,7 @@ def test_mc_scores_match_numpy(model, tok, tmp_path):
     batch = np.zeros((len(seqs), T), np.int64)  # right padding: causal, earlier logits unchanged
     for r, s in enumerate(seqs):
         batch[r, :len(s[2])] = s[2]
-    lp = log_softmax64(model(jnp.asarray(batch)))
+    lp = torch_logprobs(hf, batch)
     for r, (i, j, ids, start) in enumerate(seqs):
         want = sum(lp[r, t - 1, ids[t]] for t in range(start, len(ids)))
         assert res["scores"][i][j] == pytest.approx(want, rel=1e-5, abs=1e-5)

@@ -181,14 +181,21 @@ def test_bad_arguments(setup):
             layer_scores(model, train, val, **{"mesh": None, **kw})
 
 
-def test_bfloat16_compute_follows_float32(setup):
-    """bfloat16 forward/backward (float32 sums): close to float32 on both engines."""
-    model, train, val, _, _ = setup
-    base = layer_scores(model, train, val, mesh=None, chunk_size=4)
+def test_bfloat16_compute_against_float64(setup):
+    """bfloat16 forward/backward (float32 sums) against the float64 torch + peft reference.
+    Measured (2026-12-02, jax 0.10.2, CPU; `python -m pytest tests/test_influence.py -k
+    bfloat16`): max|diff| / max|score| 0.018 (packed) and 0.036 (vmap), Pearson 0.99987 /
+    0.99976, layer scores within 1.0% / 1.3% of the largest, every sign right; float32
+    gives 1e-6. The bounds sit at about 1.5-3x those values."""
+    model, train, val, tg, vg = setup
+    want, _ = ref.reference_scores(tg, vg, LAYERS)
+    want_layers = np.where(want > 0, want, 0).sum(0)
     for engine in ("packed", "vmap"):
         got = layer_scores(model, train, val, mesh=None, chunk_size=4, engine=engine,
                            dtype=jnp.bfloat16)
         assert got.meta["dtype"] == "bfloat16"
-        assert np.all(np.isfinite(got.per_example))
-        assert _rel(got.per_example, base.per_example) < 0.1, engine
-        assert np.corrcoef(got.per_example.ravel(), base.per_example.ravel())[0, 1] > 0.99
+        assert _rel(got.per_example, want) < 0.05, (engine, _rel(got.per_example, want))
+        assert np.corrcoef(got.per_example.ravel(), want.ravel())[0, 1] > 0.999, engine
+        assert _rel(got.layer_scores, want_layers) < 0.03, engine
+        big = np.abs(want) > 0.01 * np.abs(want).max()
+        assert (np.sign(got.per_example) == np.sign(want))[big].all(), engine
