@@ -35,6 +35,19 @@ def bpe_tokenizer(texts, vocab_size: int = 320):
                                    pad_token="<pad>", unk_token="<unk>")
 
 
+def word_tokenizer(n_words: int = 57):
+    """A word-level tokenizer: <pad> <s> </s> <unk> are ids 0-3, word `w{i}` is id i + 4;
+    it adds no special tokens, so token ids are known by hand."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(n_words)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
 def task_texts():
     return ([f"{r['instruction']} {r['output']}" for r in TASK]
             + ["The quick brown fox jumps over the lazy dog. Question: Answer: the answer is"])

@@ -21,6 +21,7 @@ from layerif_jax.formats import (  # noqa: E402
 from layerif_jax.models.lora import LoraConfig, apply_lora  # noqa: E402
 from layerif_jax.models.params import model_to_tensors  # noqa: E402
 from layerif_jax.models.tokenizer import check_vocab, load_tokenizer  # noqa: E402
+from conftest import word_tokenizer  # noqa: E402
 
 TOL = 1e-4
 
@@ -64,15 +65,7 @@ def st_tensors(d: Path) -> dict[str, np.ndarray]:
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
-
+    return word_tokenizer(60)
 
 IDS = np.random.default_rng(0).integers(3, 97, size=(2, 9))
 

@@ -14,6 +14,7 @@ from layerif_jax.errors import LayerIFError
 from layerif_jax.evaluation import mc_accuracy, mc_item, perplexity
 from layerif_jax.models.config import ModelConfig
 from layerif_jax.models.decoder import Decoder
+from conftest import word_tokenizer  # noqa: E402
 
 CFG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=64,
                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -21,15 +22,7 @@ TASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "layeri
 
 
 def tiny_tokenizer(n_words=57):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(n_words)]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
-
+    return word_tokenizer(n_words)
 
 @pytest.fixture(scope="module")
 def model():

@@ -14,6 +14,7 @@ from layerif_jax.errors import LayerIFError
 from layerif_jax.models.config import LINEARS, ModelConfig
 from layerif_jax.models.decoder import INPUT_OF, Decoder
 from layerif_jax.applications.prune.model import _walk_blocks
+from conftest import word_tokenizer
 from layerif_jax.applications.prune import (
     sparsegpt_counts,
     alpha_per_matrix,
@@ -38,15 +39,7 @@ def calib(n=6, t=12, seed=1):
 
 
 def tiny_tokenizer(n_words=57):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(n_words)]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
-
+    return word_tokenizer(n_words)
 
 # ------------------------------------------------------------------ float64 reference
 def ref_sparsegpt(W_io, H, sparsity, blocksize, percdamp=0.01, nm=None):
