@@ -3,9 +3,12 @@ trained here, and the SmolLM2 GGUF path."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,33 @@ def word_tokenizer(n_words: int = 57):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
                                    bos_token="<s>", eos_token="</s>")
+
+
+@contextlib.contextmanager
+def held_output(path, command: str = "scores"):
+    """Another process holding `path` as an OutputDir of `command`; yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from layerif_jax.io import OutputDir; "
+         "o = OutputDir(sys.argv[1], sys.argv[2]).open(); print('held', flush=True); "
+         "time.sleep(60)", str(path), command], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def random_lora_b(model, std: float, seed: int = 0):
+    """Give every LoRA B of a project Decoder random N(0, std) entries (B starts at zero,
+    where every LoRA gradient of A vanishes); returns the generator for further draws."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for lin in model.layers.linears().values():
+        lin.lora_b[...] = jnp.asarray(rng.normal(0, std, lin.lora_b.shape), jnp.float32)
+    return rng
 
 
 def task_texts():

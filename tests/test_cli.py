@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TASK
+from conftest import TASK, held_output
 from layerif_jax.cli import COMMANDS, main
 from layerif_jax.cli.common import Group
 from layerif_jax.cli.options import REQUIRED
@@ -379,19 +379,11 @@ def test_null_and_non_string_fields_are_refused(tiny_dir, tmp_path, capsys):
 def test_second_writer_fails_fast_and_unwritable_outputs(tiny_dir, ft_dir, tmp_path, capsys):
     ft, data = ft_dir
     out = tmp_path / "sc"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from layerif_jax.io import OutputDir; "
-         "o = OutputDir(sys.argv[1], 'scores').open(); print('held', flush=True); time.sleep(60)",
-         str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_output(out) as pid:
         t0 = time.perf_counter()
         one_line_error(run(capsys, "scores", "--model", tiny_dir, "--lora", ft, "--train", data,
-                           "--val", data, "--out", out), f"being written by process {holder.pid}")
+                           "--val", data, "--out", out), f"being written by process {pid}")
         assert time.perf_counter() - t0 < 2.0
-    finally:
-        holder.kill()
-        holder.wait()
     (tmp_path / "afile").write_text("x")
     one_line_error(run(capsys, "finetune", "--model", tiny_dir, "--data", data, "--out",
                        tmp_path / "afile"), "exists and is not a directory")

@@ -15,6 +15,7 @@ from layerif_jax.formats import export_hf, load_model
 from layerif_jax.models.config import ModelConfig
 from layerif_jax.models.decoder import Decoder
 from layerif_jax.models.families import FAMILIES
+from conftest import random_lora_b
 
 BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4,
             num_kv_heads=2, head_dim=8, max_position_embeddings=128)
@@ -62,9 +63,7 @@ def test_lora_influence_pruning_and_export(model_type, tmp_path):
     np.testing.assert_allclose(np.asarray(again(ids)), base_logits, rtol=1e-6, atol=1e-6)
 
     lj.apply_lora(model, lj.LoraConfig(rank=2, alpha=4), rngs=nnx.Rngs(2))
-    rng = np.random.default_rng(3)
-    for lin in model.layers.linears().values():
-        lin.lora_b[...] = jnp.asarray(rng.normal(0, 0.2, lin.lora_b.shape), jnp.float32)
+    rng = random_lora_b(model, 0.2, seed=3)
     train, val = examples(rng, 7), examples(rng, 3)
     packed = lj.layer_scores(model, train, val, mesh=None, per_val=True)
     general = lj.layer_scores(model, train, val, engine="vmap", mesh=None, per_val=True,

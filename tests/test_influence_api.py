@@ -13,6 +13,7 @@ from flax import nnx
 import layerif_jax as lj
 from layerif_jax.errors import LayerIFError
 from layerif_jax.influence import influence_scores, layer_scores
+from conftest import random_lora_b
 
 
 def reference(grads_LU, val_LU, estimator, scale=0.1):
@@ -238,9 +239,7 @@ def test_general_path_on_decoder_equals_packed():
     cfg = ModelConfig(model_type="llama", vocab_size=41, hidden_size=16, intermediate_size=24,
                       num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
     model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoraConfig(rank=2, alpha=4))
-    rng = np.random.default_rng(0)
-    for lin in model.layers.linears().values():
-        lin.lora_b[...] = jnp.asarray(rng.normal(0, 0.2, lin.lora_b.shape), jnp.float32)
+    rng = random_lora_b(model, 0.2)
     ex = lambda k: [lj.Example(rng.integers(0, 41, t).astype(np.int32), np.arange(t) >= 1)
                     for t in rng.integers(3, 12, k)]
     train, val = ex(10), ex(4)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from layerif_jax.errors import LayerIFError
+from conftest import held_output
 from layerif_jax.io import (JOURNAL, MANIFEST, UMASK, Lock, OutputDir, OutputFile,
                             atomic_path, parse_bytes, write_json)
 
@@ -147,19 +148,11 @@ def test_stale_staging_of_dead_process_is_removed(tmp_path):
 
 def test_second_writer_fails_fast_naming_the_first(tmp_path):
     d = tmp_path / "out"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from layerif_jax.io import OutputDir; "
-         "o = OutputDir(sys.argv[1], 'scores').open(); print('held', flush=True); time.sleep(30)",
-         str(d)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_output(d) as pid:
         t0 = time.perf_counter()
-        with pytest.raises(LayerIFError, match=rf"being written by process {holder.pid} \(scores"):
+        with pytest.raises(LayerIFError, match=rf"being written by process {pid} \(scores"):
             OutputDir(d, "scores").open()
         assert time.perf_counter() - t0 < 1.0
-    finally:
-        holder.kill()
-        holder.wait()
     OutputDir(d, "scores").open().close()   # the kernel dropped the dead holder's lock
 
 

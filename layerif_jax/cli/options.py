@@ -127,32 +127,22 @@ def _number(kind, s: str):
     return v
 
 
-def positive_int(s: str) -> int:
-    v = _number(int, s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _bounded(kind, holds, rule: str, name: str):
+    """An argparse type: a finite number of `kind` for which `holds(v)`, else "must be
+    {rule}"."""
+    def parse(s: str):
+        v = _number(kind, s)
+        if not holds(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {v}")
+        return v
+    parse.__name__ = parse.__qualname__ = name  # argparse names the type in its errors
+    return parse
 
 
-def nonneg_int(s: str) -> int:
-    v = _number(int, s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    v = _number(float, s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def nonneg_float(s: str) -> float:
-    v = _number(float, s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+positive_int = _bounded(int, lambda v: v >= 1, ">= 1", "positive_int")
+nonneg_int = _bounded(int, lambda v: v >= 0, ">= 0", "nonneg_int")
+positive_float = _bounded(float, lambda v: v > 0, "> 0", "positive_float")
+nonneg_float = _bounded(float, lambda v: v >= 0, ">= 0", "nonneg_float")
 
 
 def number(s: str) -> float:

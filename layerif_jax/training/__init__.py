@@ -25,40 +25,10 @@ batch s % steps_per_epoch and reproduces the uninterrupted run. Dropout keys are
 
 from __future__ import annotations
 
-from .config import TrainConfig, lr_at, make_optimizer, make_schedule, opt_spec, optimizer_of
-from .finetune import batch_loss, evaluate, finetune, validation_loss
-from .loop import (
-    ADAPTER_DIR,
-    CHECKPOINT_DIR,
-    FILE_SUMS,
-    HISTORY_FILE,
-    STATE_FILE,
-    LoopResult,
-    RunData,
-    cast_like,
-    finish_run,
-    fit_examples,
-    float32_master,
-    pad_length,
-    prepare_run,
-    run_dir,
-    run_fingerprint,
-    train_loop,
-)
-from .steps import (
-    accumulate,
-    accumulated_grads,
-    eval_loss_sum,
-    real_loss_sum,
-    split_model,
-    train_step,
-    tree_norm,
-)
+from . import config as _config, finetune as _finetune, loop as _loop, steps as _steps
+from .config import *  # noqa: F403
+from .finetune import *  # noqa: F403
+from .loop import *  # noqa: F403
+from .steps import *  # noqa: F403
 
-__all__ = ["TrainConfig", "make_schedule", "lr_at", "optimizer_of", "opt_spec",
-           "make_optimizer", "split_model", "real_loss_sum", "accumulate", "accumulated_grads",
-           "tree_norm", "train_step", "eval_loss_sum", "CHECKPOINT_DIR", "FILE_SUMS",
-           "ADAPTER_DIR", "STATE_FILE", "HISTORY_FILE", "fit_examples", "pad_length",
-           "run_fingerprint", "LoopResult", "train_loop", "finish_run", "run_dir", "RunData",
-           "prepare_run", "float32_master", "cast_like", "finetune", "evaluate", "batch_loss",
-           "validation_loss"]
+__all__ = [*_config.__all__, *_finetune.__all__, *_loop.__all__, *_steps.__all__]

@@ -11,6 +11,9 @@ import optax
 from .. import dtypes
 from ..errors import LayerIFError
 
+__all__ = ["TrainConfig", "make_schedule", "lr_at", "optimizer_of", "opt_spec",
+           "make_optimizer"]
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:

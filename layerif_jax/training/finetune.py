@@ -27,6 +27,8 @@ from .loop import (
 )
 from .steps import eval_loss_sum, split_model, train_step
 
+__all__ = ["finetune", "evaluate", "batch_loss", "validation_loss"]
+
 
 def finetune(model, train_examples: Sequence[Example], out_dir, cfg: TrainConfig | None = None,
              *, val_examples: Sequence[Example] | None = None, progress: bool = True,

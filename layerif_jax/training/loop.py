@@ -23,18 +23,14 @@ from ..notes import info, note
 from ..stop import check as check_stop
 from .config import TrainConfig, lr_at
 
+__all__ = ["CHECKPOINT_DIR", "FILE_SUMS", "ADAPTER_DIR", "STATE_FILE", "HISTORY_FILE",
+           "fit_examples", "pad_length", "run_fingerprint", "LoopResult", "train_loop",
+           "finish_run", "run_dir", "RunData", "prepare_run", "float32_master", "cast_like"]
+
 CHECKPOINT_DIR = "checkpoints"
-
-
 FILE_SUMS = "layerif_files.sha256.json"  # in each checkpoint folder, beside orbax's files
-
-
 ADAPTER_DIR = "adapter"
-
-
 STATE_FILE = "train_state.json"
-
-
 HISTORY_FILE = "history.json"
 
 

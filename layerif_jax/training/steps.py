@@ -16,6 +16,9 @@ from ..loss import lm_loss
 from ..models.lora import lora_config_of
 from .config import optimizer_of
 
+__all__ = ["split_model", "real_loss_sum", "accumulate", "accumulated_grads", "tree_norm",
+           "train_step", "eval_loss_sum"]
+
 
 def split_model(model):
     """(graphdef, lora_state, rest_state) of a model with LoRA."""

@@ -15,27 +15,11 @@ then block 1's, and so on (`per_block` matrices per block, 7 by default)."""
 
 from __future__ import annotations
 
-from .alpha import pl_alpha_hill
-from .common import as_vector, block_means
-from .experts import (
-    MOLA_PRESETS,
-    alphalora_experts,
-    check_total,
-    expert_counts,
-    mola_experts,
-    top_k_per_layer,
-    uniform_experts,
-)
-from .metrics import METRICS, read_metric
-from .sparsity import (
-    SCHEMES,
-    check_sparsity_args,
-    layer_sparsities,
-    owl_sparsities,
-    sparsity_ratios,
-)
+from . import alpha as _alpha, common as _common, experts as _experts, metrics as _metrics, sparsity as _sparsity
+from .alpha import *  # noqa: F403
+from .common import *  # noqa: F403
+from .experts import *  # noqa: F403
+from .metrics import *  # noqa: F403
+from .sparsity import *  # noqa: F403
 
-__all__ = ["as_vector", "block_means", "MOLA_PRESETS", "check_total", "expert_counts",
-           "top_k_per_layer", "uniform_experts", "mola_experts", "alphalora_experts",
-           "SCHEMES", "check_sparsity_args", "sparsity_ratios", "owl_sparsities",
-           "layer_sparsities", "pl_alpha_hill", "METRICS", "read_metric"]
+__all__ = [*_alpha.__all__, *_common.__all__, *_experts.__all__, *_metrics.__all__, *_sparsity.__all__]

@@ -6,6 +6,8 @@ import numpy as np
 
 from ...errors import LayerIFError
 
+__all__ = ["pl_alpha_hill"]
+
 
 def pl_alpha_hill(weight, xmin: str = "peak", bins: int = 100) -> float:
     """PL_Alpha_Hill of one weight matrix (AlphaPruning's `net_esd_estimator`).

@@ -7,6 +7,8 @@ from scipy.signal import savgol_filter
 
 from ...errors import LayerIFError
 
+__all__ = ["as_vector", "block_means"]
+
 # Shares are rounded to this many decimals before floor / tie-breaking, so
 # that float noise (2.9999999999 for 3) cannot break an exact tie.
 SHARE_DECIMALS = 9

@@ -9,6 +9,9 @@ import numpy as np
 from ...errors import LayerIFError
 from .common import SHARE_DECIMALS, as_vector, block_means
 
+__all__ = ["MOLA_PRESETS", "check_total", "expert_counts", "top_k_per_layer",
+           "uniform_experts", "mola_experts", "alphalora_experts"]
+
 MOLA_PRESETS = {
     "2-4-6-8": (2, 4, 6, 8),
     "8-6-4-2": (8, 6, 4, 2),

@@ -8,6 +8,8 @@ import numpy as np
 
 from ...errors import LayerIFError
 
+__all__ = ["METRICS", "read_metric"]
+
 METRICS = ("layer_scores", "alpha", "outlier_ratios")
 
 

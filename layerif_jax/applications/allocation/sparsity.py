@@ -9,6 +9,9 @@ import numpy as np
 from ...errors import LayerIFError
 from .common import minmax, savgol, as_vector, block_means
 
+__all__ = ["SCHEMES", "check_sparsity_args", "sparsity_ratios", "owl_sparsities",
+           "layer_sparsities"]
+
 SCHEMES = ("layerif", "reversed", "uniform", "alphapruning", "owl")
 
 

@@ -34,30 +34,9 @@ top-k slots routed to j, P_j = mean router probability; averaged over those line
 
 from __future__ import annotations
 
-from .adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_DIR,
-    ADAPTER_FORMAT,
-    ADAPTER_WEIGHTS,
-    load_moe_adapter,
-    read_allocation,
-    save_moe_adapter,
-)
-from .model import (
-    TRAINABLE,
-    MoEBlock,
-    MoELinear,
-    MoELoraModel,
-    RouterParam,
-    check_experts,
-    moe_block_apply,
-    moe_delta,
-    resolve_top_k,
-)
-from .train import moe_eval_sums, moe_train_step, moe_validation_loss, split_moe, train_moe
+from . import adapter as _adapter, model as _model, train as _train
+from .adapter import *  # noqa: F403
+from .model import *  # noqa: F403
+from .train import *  # noqa: F403
 
-__all__ = ["RouterParam", "TRAINABLE", "resolve_top_k", "check_experts", "moe_delta",
-           "MoELinear", "MoEBlock", "moe_block_apply", "MoELoraModel", "ADAPTER_CONFIG",
-           "ADAPTER_WEIGHTS", "ADAPTER_FORMAT", "ADAPTER_DIR", "read_allocation",
-           "save_moe_adapter", "load_moe_adapter", "split_moe", "moe_train_step",
-           "moe_eval_sums", "moe_validation_loss", "train_moe"]
+__all__ = [*_adapter.__all__, *_model.__all__, *_train.__all__]

@@ -13,6 +13,9 @@ from ...errors import LayerIFError
 from ...models.lora import normalize_targets
 from .model import MoELoraModel, check_experts, resolve_top_k
 
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FORMAT", "ADAPTER_DIR",
+           "read_allocation", "save_moe_adapter", "load_moe_adapter"]
+
 ADAPTER_CONFIG = "moe_config.json"
 
 

@@ -16,6 +16,9 @@ from ...models.decoder import attention_bias, block_fn, linear_apply, rope_inv_f
 from ...models.lora import normalize_targets
 from ...ops import mm
 
+__all__ = ["RouterParam", "TRAINABLE", "resolve_top_k", "check_experts", "moe_delta",
+           "MoELinear", "MoEBlock", "moe_block_apply", "MoELoraModel"]
+
 
 class RouterParam(nnx.Param):
     """A router matrix W_r [d_in, s]; trained together with the experts (not frozen)."""

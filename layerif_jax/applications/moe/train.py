@@ -18,6 +18,8 @@ from ...loss import example_losses
 from .adapter import save_moe_adapter
 from .model import TRAINABLE, MoELoraModel
 
+__all__ = ["split_moe", "moe_train_step", "moe_eval_sums", "moe_validation_loss", "train_moe"]
+
 
 def split_moe(model: MoELoraModel):
     """(graphdef, trainable state = experts + routers, frozen rest)."""

@@ -19,36 +19,10 @@ are taken block by block through the already-pruned preceding blocks."""
 
 from __future__ import annotations
 
-from .calibration import calibration_ids, calibration_text
-from .masks import (
-    PRECISION,
-    apply_magnitude,
-    apply_wanda,
-    check_nm,
-    check_sparsity,
-    check_weight,
-    count_zeros,
-    lowest_k_cols,
-    lowest_k_flat,
-    lowest_nm,
-    magnitude_mask,
-    magnitude_score,
-    wanda_mask,
-    wanda_score,
-)
-from .model import (
-    DEFAULT_EPSILON,
-    METHODS,
-    alpha_per_matrix,
-    global_sparsity,
-    outlier_ratios,
-    prune_model,
-)
-from .sparsegpt import sparsegpt_core, sparsegpt_counts, sparsegpt_prune
+from . import calibration as _calibration, masks as _masks, model as _model, sparsegpt as _sparsegpt
+from .calibration import *  # noqa: F403
+from .masks import *  # noqa: F403
+from .model import *  # noqa: F403
+from .sparsegpt import *  # noqa: F403
 
-__all__ = ["PRECISION", "check_nm", "check_sparsity", "check_weight", "lowest_k_flat",
-           "lowest_k_cols", "lowest_nm", "magnitude_score", "wanda_score", "magnitude_mask",
-           "wanda_mask", "count_zeros", "apply_magnitude", "apply_wanda", "sparsegpt_counts",
-           "sparsegpt_core", "sparsegpt_prune", "METHODS", "DEFAULT_EPSILON", "prune_model",
-           "global_sparsity", "outlier_ratios", "alpha_per_matrix", "calibration_text",
-           "calibration_ids"]
+__all__ = [*_calibration.__all__, *_masks.__all__, *_model.__all__, *_sparsegpt.__all__]

@@ -9,6 +9,8 @@ import numpy as np
 from ...data import encode_text
 from ...errors import LayerIFError
 
+__all__ = ["calibration_text", "calibration_ids"]
+
 
 def calibration_text(path) -> str:
     """A raw text file as is, or a task JSON/JSONL file: its records' texts joined."""

@@ -16,6 +16,9 @@ from ...stop import check as check_stop
 from .masks import PRECISION, apply_magnitude, apply_wanda, check_nm, count_zeros, wanda_score
 from .sparsegpt import sparsegpt_core, sparsegpt_counts
 
+__all__ = ["METHODS", "DEFAULT_EPSILON", "prune_model", "global_sparsity", "outlier_ratios",
+           "alpha_per_matrix"]
+
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 

@@ -11,6 +11,8 @@ import numpy as np
 from ...errors import LayerIFError
 from .masks import PRECISION, lowest_k, rank, check_nm, check_sparsity, check_weight
 
+__all__ = ["sparsegpt_counts", "sparsegpt_core", "sparsegpt_prune"]
+
 
 def sparsegpt_counts(d_in: int, d_out: int, sparsity: float, blocksize: int) -> int:
     """Number of weights SparseGPT's unstructured mask prunes (sum of per-block rounds)."""
