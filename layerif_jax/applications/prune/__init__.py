@@ -19,10 +19,12 @@ are taken block by block through the already-pruned preceding blocks."""
 
 from __future__ import annotations
 
-from . import calibration as _calibration, masks as _masks, model as _model, sparsegpt as _sparsegpt
+from . import calibration as _calibration, masks as _masks, methods as _methods, model as _model
 from .calibration import *  # noqa: F403
 from .masks import *  # noqa: F403
+from .methods import *  # noqa: F403
+from .methods.sparsegpt import sparsegpt_core, sparsegpt_counts, sparsegpt_prune
 from .model import *  # noqa: F403
-from .sparsegpt import *  # noqa: F403
 
-__all__ = [*_calibration.__all__, *_masks.__all__, *_model.__all__, *_sparsegpt.__all__]
+__all__ = [*_calibration.__all__, *_masks.__all__, *_methods.__all__, *_model.__all__,
+           "sparsegpt_core", "sparsegpt_counts", "sparsegpt_prune"]

@@ -11,7 +11,7 @@ from ...errors import LayerIFError
 
 __all__ = ["PRECISION", "check_nm", "check_sparsity", "check_weight", "lowest_k_flat",
            "lowest_k_cols", "lowest_nm", "magnitude_score", "wanda_score", "magnitude_mask",
-           "wanda_mask", "count_zeros", "apply_magnitude", "apply_wanda"]
+           "wanda_mask", "count_zeros", "apply_mask"]
 
 PRECISION = jax.lax.Precision.HIGHEST
 
@@ -143,22 +143,8 @@ def count_zeros(W):
     return jnp.sum(W == 0)
 
 
-def _apply(W, mask):
+def apply_mask(W, mask):
+    """(W with the masked weights zeroed, number masked, number of zeros) -- the zeros
+    counted after the fact, so a mask that misses a weight is caught."""
     Wn = jnp.where(mask, jnp.zeros((), W.dtype), W)
     return Wn, jnp.sum(mask), jnp.sum(Wn == 0)
-
-
-@functools.partial(jax.jit, static_argnames=("nm",))
-def apply_magnitude(W, k, *, nm):
-    """(pruned W, number masked, number of zeros) in one compiled call: the k smallest
-    |W| of the whole matrix, or N:M."""
-    score = magnitude_score(W)
-    return _apply(W, lowest_nm(score, *nm) if nm is not None else lowest_k_flat(score, k))
-
-
-@functools.partial(jax.jit, static_argnames=("nm",))
-def apply_wanda(W, sq, k, *, nm):
-    """As `apply_magnitude` for Wanda: |W| * ||x|| (sq: the summed squares of the input
-    features), the k lowest in each output column, or N:M."""
-    score = wanda_score(W, jnp.sqrt(sq))
-    return _apply(W, lowest_nm(score, *nm) if nm is not None else lowest_k_cols(score, k))

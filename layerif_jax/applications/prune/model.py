@@ -13,16 +13,14 @@ from ...errors import LayerIFError
 from ...models.config import LINEARS
 from ...models.decoder import INPUT_OF, attention_bias, block_fn, recording_lins, rope_inv_freq
 from ...stop import check as check_stop
-from .masks import PRECISION, apply_magnitude, apply_wanda, check_nm, count_zeros, wanda_score
-from .sparsegpt import sparsegpt_core, sparsegpt_counts
+from .masks import PRECISION, check_nm, count_zeros, wanda_score
+from .methods import PRUNERS, get_pruner
 
 __all__ = ["METHODS", "DEFAULT_EPSILON", "prune_model", "global_sparsity", "outlier_ratios",
            "alpha_per_matrix"]
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-
-
-DEFAULT_EPSILON = {"magnitude": 0.3, "wanda": 0.1, "sparsegpt": 0.1}  # METHOD.md section 5
+METHODS = tuple(PRUNERS)  # the built-in pruners (applications/prune/methods/)
+DEFAULT_EPSILON = {n: c.default_epsilon for n, c in PRUNERS.items()}  # METHOD.md section 5
 
 
 def _block_arrays(model, l: int) -> dict[str, Any]:
@@ -114,10 +112,8 @@ def _walk_blocks(model, calib_ids, visit: Callable[[int, dict, dict, int], dict]
             xs = [step(p, x)[0] for x in xs]
 
 
-def _check_prune_args(model, sparsities, method: str, nm, blocksize: int):
+def _check_prune_args(model, sparsities, pruner, nm):
     """(N:M tuple or None, one sparsity per matrix) after checking every argument."""
-    if method not in METHODS:
-        raise LayerIFError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
     _no_lora(model)
     cfg = model.cfg
     L = cfg.num_layers
@@ -126,8 +122,7 @@ def _check_prune_args(model, sparsities, method: str, nm, blocksize: int):
         nmt = check_nm(nm)
         for name in LINEARS:
             check_nm(nmt, cfg.linear_shape(name)[0], what=name)
-        if method == "sparsegpt" and blocksize % nmt[1]:
-            raise LayerIFError(f"blocksize {blocksize} is not a multiple of M={nmt[1]}")
+    pruner.check(nmt)
     if sparsities is None:
         if nmt is None:
             raise LayerIFError("sparsities are required (or give nm=(N, M))")
@@ -144,30 +139,15 @@ def _check_prune_args(model, sparsities, method: str, nm, blocksize: int):
     return nmt, s_all
 
 
-def _prune_matrix(W, s: float, method: str, nmt, stats, n_tok: int, what: str, *,
-                  blocksize: int, percdamp: float):
-    """One kernel W [d_in, d_out] pruned to sparsity s (or N:M): (new W, zeros in it).
-    `stats` holds the calibration statistics of its input ("sq", "xtx"). The number of
-    weights the mask removes is checked against the method's own count."""
-    if s == 0.0:
+def _prune_matrix(pruner, W, s: float, nmt, stats, n_tok: int, what: str):
+    """One kernel pruned by `pruner`: (new W, zeros in it), the number of weights its
+    mask removed checked against the pruner's own count."""
+    if s == 0.0 and nmt is None:
         return W, int(count_zeros(W))
-    d_in, d_out = W.shape
-    if method == "magnitude":
-        expect = (W.size * nmt[0] // nmt[1]) if nmt else int(round(s * W.size))
-        Wn, got, zeros = apply_magnitude(W, expect, nm=nmt)
-    elif method == "wanda":
-        k = None if nmt else int(round(s * d_in))
-        Wn, got, zeros = apply_wanda(W, stats["sq"], 0 if k is None else k, nm=nmt)
-        expect = (W.size * nmt[0] // nmt[1]) if nmt else k * d_out
-    else:
-        Wn, _, got, zeros, finite = sparsegpt_core(
-            W, 2.0 * stats["xtx"] / n_tok, jnp.float32(0.0 if nmt else s),
-            jnp.float32(percdamp), blocksize=min(blocksize, d_in), nm=nmt)
-        if not bool(finite):
-            raise LayerIFError(f"{what}: SparseGPT produced non-finite weights (raise "
-                               "percdamp or add calibration data)")
-        expect = (W.size * nmt[0] // nmt[1]) if nmt else \
-            sparsegpt_counts(d_in, d_out, s, blocksize)
+    try:
+        Wn, got, zeros, expect = pruner.prune(W, s, nmt, stats, n_tok)
+    except LayerIFError as e:
+        raise LayerIFError(f"{what}: {e}") from None
     got, zeros = int(got), int(zeros)
     if got != expect:
         raise RuntimeError(f"{what}: mask prunes {got} weights, expected {expect}")
@@ -177,17 +157,21 @@ def _prune_matrix(W, s: float, method: str, nmt, stats, n_tok: int, what: str, *
     return Wn, zeros
 
 
-def prune_model(model, sparsities: Sequence[float] | None, method: str, calib_ids=None, *,
-                nm=None, batch_size: int = 8, blocksize: int = 128, percdamp: float = 0.01,
-                progress: bool = False):
+def prune_model(model, sparsities: Sequence[float] | None, method, calib_ids=None, *,
+                nm=None, batch_size: int = 8, progress: bool = False, **options):
     """Prune every linear map of `model` in place.
 
+    method: a pruner's name (`METHODS`: magnitude, wanda, sparsegpt) with its `options`
+    (SparseGPT: blocksize, percdamp), or a pruner object (`methods.Pruner`).
     sparsities: one per matrix in model order (7 * L; 0 leaves a matrix dense), or
-    None with `nm`. calib_ids: int [N, T] calibration token windows (not needed for
-    magnitude). Returns (model, report) with report {"layers.l.name": achieved
-    sparsity} (fraction of exact zeros in the pruned kernel).
+    None with `nm`. calib_ids: int [N, T] calibration token windows (not needed by a
+    pruner whose `calibration` is None). Returns (model, report) with report
+    {"layers.l.name": achieved sparsity} (fraction of exact zeros in the pruned kernel).
     """
-    nmt, s_all = _check_prune_args(model, sparsities, method, nm, blocksize)
+    pruner = get_pruner(method, **options) if isinstance(method, str) else method
+    if not isinstance(method, str) and options:
+        raise LayerIFError("options go with a pruner's name, not with a pruner object")
+    nmt, s_all = _check_prune_args(model, sparsities, pruner, nm)
     L = model.cfg.num_layers
     names = model.cfg.matrix_names()
     report: dict[str, float] = {}
@@ -198,22 +182,22 @@ def prune_model(model, sparsities: Sequence[float] | None, method: str, calib_id
         for j, name in enumerate(LINEARS):
             W = p[name]["kernel"]
             Wn, zeros = _prune_matrix(
-                W, float(s_all[7 * l + j]), method, nmt,
-                None if stats is None else stats[INPUT_OF[name]], n_tok, names[7 * l + j],
-                blocksize=blocksize, percdamp=percdamp)
+                pruner, W, float(s_all[7 * l + j]), nmt,
+                None if stats is None else stats[INPUT_OF[name]], n_tok, names[7 * l + j])
             report[names[7 * l + j]] = zeros / W.size
             p[name] = dict(p[name], kernel=Wn)
             new_kernels[name].append(Wn)
         return p
 
-    if method == "magnitude":
+    if pruner.calibration is None:
         from tqdm.auto import tqdm
-        for l in tqdm(range(L), desc="prune magnitude", unit="block", disable=not progress,
-                      leave=False):
+        for l in tqdm(range(L), desc=f"prune {pruner.name}", unit="block",
+                      disable=not progress, leave=False):
+            check_stop()
             prune_block(l, _block_arrays(model, l), None, 0)
     else:
-        _walk_blocks(model, calib_ids, prune_block, need_h=method == "sparsegpt",
-                     batch_size=batch_size, progress=progress, desc=f"prune {method}")
+        _walk_blocks(model, calib_ids, prune_block, need_h=pruner.calibration == "xtx",
+                     batch_size=batch_size, progress=progress, desc=f"prune {pruner.name}")
     for name, lin in model.layers.linears().items():
         lin.kernel.set_value(jnp.stack(new_kernels[name]).astype(lin.kernel[...].dtype))
     return model, report

@@ -5,18 +5,20 @@ preconditioned vectors h ~ v^T (H_b + lambda_b I)^-1, unit by unit; the driver t
 scores every training example as score_i = sum over a layer's units of h_b . g_i,b.
 An estimator is a class with a `name`, what it needs from the passes over the
 training gradients (`extra_passes`, `needs_all_gradients`) and `precondition(ctx)`;
-`@register` adds it to `ESTIMATORS`. Adding one touches one file.
+`@register` adds it to `ESTIMATORS`. Adding one is one file in this folder, named as
+the estimator (it is found and imported by that name; the CLI offers it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from ...errors import LayerIFError
+from ...registry import Registry, import_all
 from .. import core
 from ..partition import Partition
 
@@ -60,33 +62,26 @@ class Estimator(Protocol):
         """h leaves [M, P_k, ...], or None for h = v (scores are then v . g, already known)."""
 
 
-ESTIMATORS: dict[str, type] = {}
+_REGISTRY = Registry("estimator")
+ESTIMATORS: dict[str, type] = _REGISTRY.classes
 
 
 def register(cls):
-    """Class decorator: make an estimator available by its `name`."""
-    ESTIMATORS[cls.name] = cls
-    return cls
+    """Class decorator: make an estimator available by its `name` (the built-in ones: the
+    module name is the estimator's name, so the CLI lists them without importing them)."""
+    return _REGISTRY.register(cls)
 
 
 def get_estimator(name: str, **options) -> Estimator:
     """An estimator by name; options it does not take are refused, naming those it does."""
-    if name not in ESTIMATORS:
-        raise LayerIFError(f"unknown estimator {name!r} (choose from {', '.join(ESTIMATORS)})")
-    cls = ESTIMATORS[name]
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    bad = sorted(set(options) - fields)
-    if bad:
-        raise LayerIFError(f"estimator {name!r} has no option {', '.join(map(repr, bad))} (its "
-                           f"options: {', '.join(sorted(fields)) or 'none'})")
-    return cls(**options)
+    return _REGISTRY.get(name, **options)
 
 
 def to_jnp(xs) -> list[jax.Array]:
     return [jnp.asarray(x, jnp.float32) for x in xs]
 
 
-from . import datainf, exact, identity  # noqa: E402,F401  (register the built-in ones)
+import_all(__name__, Path(__file__).parent)  # every module here registers its estimator
 from .datainf import DataInf  # noqa: E402
 from .exact import Exact  # noqa: E402
 from .identity import Identity  # noqa: E402

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...errors import LayerIFError
-from .masks import PRECISION, lowest_k, rank, check_nm, check_sparsity, check_weight
+from ....errors import LayerIFError
+from ..masks import PRECISION, lowest_k, rank, check_nm, check_sparsity, check_weight
+from . import nm_count, register_pruner
 
-__all__ = ["sparsegpt_counts", "sparsegpt_core", "sparsegpt_prune"]
+__all__ = ["sparsegpt_counts", "sparsegpt_core", "sparsegpt_prune", "SparseGPT"]
 
 
 def sparsegpt_counts(d_in: int, d_out: int, sparsity: float, blocksize: int) -> int:
@@ -131,3 +133,33 @@ def sparsegpt_prune(W, H, sparsity: float | None = None, blocksize: int = 128,
         raise LayerIFError("SparseGPT produced non-finite weights (H is not positive "
                            "definite: raise percdamp or use more calibration data)")
     return Wp, mask
+
+
+@register_pruner
+@dataclasses.dataclass(frozen=True)
+class SparseGPT:
+    name = "sparsegpt"
+    calibration = "xtx"
+    default_epsilon = 0.1
+    blocksize: int = 128          # inputs per block (lazy batch updates between blocks)
+    percdamp: float = 0.01        # damping, a fraction of the mean diagonal of H
+
+    def check(self, nm) -> None:
+        if int(self.blocksize) < 1:
+            raise LayerIFError(f"blocksize must be >= 1, got {self.blocksize}")
+        if not self.percdamp >= 0:
+            raise LayerIFError(f"percdamp must be >= 0, got {self.percdamp}")
+        if nm is not None and self.blocksize % nm[1]:
+            raise LayerIFError(f"blocksize {self.blocksize} is not a multiple of M={nm[1]}")
+
+    def prune(self, W, sparsity, nm, stats, n_tok):
+        d_in, d_out = W.shape
+        Wn, _, got, zeros, finite = sparsegpt_core(
+            W, 2.0 * stats["xtx"] / n_tok, jnp.float32(0.0 if nm else sparsity),
+            jnp.float32(self.percdamp), blocksize=min(self.blocksize, d_in), nm=nm)
+        if not bool(finite):
+            raise LayerIFError("SparseGPT produced non-finite weights (raise percdamp or add "
+                               "calibration data)")
+        expect = nm_count(W, nm) if nm else sparsegpt_counts(d_in, d_out, sparsity,
+                                                             self.blocksize)
+        return Wn, got, zeros, expect
