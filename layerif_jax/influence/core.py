@@ -38,6 +38,21 @@ def dots(g_leaves, h_leaves) -> jax.Array:
                             for g, h in zip(g_leaves, h_leaves)], -1)
 
 
+def pair_dots(a_leaves, b_leaves) -> jax.Array:
+    """a_m . b_m per piece (the same row m of both): leaves [M, P_k, ...] -> [M, P]."""
+    return jnp.concatenate([jnp.sum(_flat(a, 1).astype(jnp.float32)
+                                    * _flat(b, 1).astype(jnp.float32), -1)
+                            for a, b in zip(a_leaves, b_leaves)], -1)
+
+
+def scale_pieces(x_leaves, s_MP: jax.Array) -> list[jax.Array]:
+    """Each piece of x times its own scalar: leaves [M, P_k, ...], s [M, P]."""
+    off = _offsets(x_leaves)
+    return [x * s_MP[:, off[k]:off[k + 1]].reshape(s_MP.shape[:1] + x.shape[1:2]
+                                                   + (1,) * (x.ndim - 2))
+            for k, x in enumerate(x_leaves)]
+
+
 def weighted_sum(coef_BMP: jax.Array, g_leaves) -> list[jax.Array]:
     """sum_i coef[i, m, piece] g_i,piece -> leaves [M, P_k, ...]."""
     off = _offsets(g_leaves)

@@ -195,7 +195,7 @@ def training_pass(engine, calls, v, keep_call, show: bool):
     return kept, jnp.concatenate(sq), jnp.concatenate(vg)
 
 
-def damping(part: Partition, s: Settings, sq_u, n: int, estimator_name: str):
+def damping(part: Partition, s: Settings, sq_u, n: int, uses_damping: bool):
     """lambda [L, U]: fixed, or adaptive (damping_scale x mean ||g||^2 / d per unit);
     units whose gradient is zero on every example are refused or (skip_zero_units)
     given lambda 1 so they contribute exactly 0."""
@@ -205,7 +205,7 @@ def damping(part: Partition, s: Settings, sq_u, n: int, estimator_name: str):
     lam = (jnp.full(sizes.shape, s.damping, jnp.float32) if s.damping
            else s.damping_scale * sq_sum / n / sizes)
     zero = np.argwhere((to_host(sq_sum) == 0) & present)
-    if len(zero) and estimator_name != "identity":
+    if len(zero) and uses_damping:
         if not s.skip_zero_units:
             l, u = zero[0]
             raise LayerIFError(
@@ -241,7 +241,7 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     phase("validation", v)
     kept, sq, vg = training_pass(engine, tb, v, keep_call, s.progress)
     sq_u, vg_u = core.to_units(sq, onehot), core.to_units(vg, onehot)  # [n_pad, (M,) L, U]
-    lam = damping(part, s, sq_u, n, s.estimator.name)
+    lam = damping(part, s, sq_u, n, getattr(s.estimator, "uses_damping", True))
 
     def chunks():
         for k, b in enumerate(progress(tb, len(tb), "influence pass", False)):
@@ -249,12 +249,15 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
                    kept[k] if kept[k] is not None else engine.grads(b)[0])
 
     ctx = Context(part=part, n=n, v=v, sq_u=sq_u, vg_u=vg_u, lam=lam, chunks=chunks,
-                  kept=bool(keep_call.all()))
+                  kept=bool(keep_call.all()), needed_bytes=need)
     phase("train", sq_u, vg_u)
     h = s.estimator.precondition(ctx)
     phase("precondition", h)
     unit_scores = (vg_u if h is None else
                    core.to_units(jnp.concatenate([_dots(g, h) for _, g in chunks()]), onehot))
+    finalize = getattr(s.estimator, "finalize", None)   # e.g. cosine: divide by ||g_i||
+    if finalize is not None:
+        unit_scores = finalize(ctx, unit_scores)
     layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)[input_order(tb, n)]
     per_val_layers = None
     if s.per_val:
@@ -279,4 +282,5 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
                                        for b, k in zip(tb, keep_call) if k)),
               "recomputed_calls": int((~keep_call).sum()),
               "damping": "adaptive" if s.damping is None else s.damping,
-              "damping_scale": s.damping_scale, "phase_seconds": phases})
+              "damping_scale": s.damping_scale, "phase_seconds": phases,
+              **({"estimator_report": ctx.report} if ctx.report else {})})

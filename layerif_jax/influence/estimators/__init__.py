@@ -5,6 +5,10 @@ preconditioned vectors h ~ v^T (H_b + lambda_b I)^-1, unit by unit; the driver t
 scores every training example as score_i = sum over a layer's units of h_b . g_i,b.
 An estimator is a class with a `name`, what it needs from the passes over the
 training gradients (`extra_passes`, `needs_all_gradients`) and `precondition(ctx)`;
+optionally `uses_damping = False` (no damping is computed or checked) and
+`finalize(ctx, unit_scores)`, which rescales the [n, M, L, U] scores (cosine). `ctx`
+offers per-unit products with the empirical Fisher (`matvec`), per-unit dots and
+scalings, and `report`, a dict that lands in the result's meta["estimator_report"];
 `@register` adds it to `ESTIMATORS`. Adding one is one file in this folder, named as
 the estimator (it is found and imported by that name; the CLI offers it).
 """
@@ -18,6 +22,7 @@ from typing import Callable, Iterator, Protocol
 import jax
 import jax.numpy as jnp
 
+from ...errors import LayerIFError
 from ...registry import Registry, import_all
 from .. import core
 from ..partition import Partition
@@ -34,6 +39,8 @@ class Context:
     lam: jax.Array                  # damping per unit [L, U]
     chunks: Callable[[], Iterator[tuple[slice, list[jax.Array]]]]  # (rows, leaves [B, P_k, ...])
     kept: bool                      # every gradient is materialised (no recomputation)
+    needed_bytes: int = 0           # what keeping every gradient takes
+    report: dict = dataclasses.field(default_factory=dict)  # the estimator's diagnostics
 
     def leaf_view(self, x_LU: jax.Array) -> jax.Array:
         """[..., L, U] -> [..., P]: each piece takes its (layer, unit)'s value."""
@@ -50,7 +57,46 @@ class Context:
         return acc
 
 
+    def unit_dot(self, a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
+        """a_m,b . b_m,b per unit: leaves [M, P_k, ...] -> [M, L, U]."""
+        return _unit_dot(a, b, jnp.asarray(self.part.onehot()))
+
+    def scale(self, x: list[jax.Array], s_MLU: jax.Array) -> list[jax.Array]:
+        """Each unit's part of x times its scalar: leaves [M, P_k, ...], s [M, L, U]."""
+        return core.scale_pieces(x, self.leaf_view(s_MLU))
+
+    def matvec(self, x: list[jax.Array]) -> list[jax.Array]:
+        """G_b x_b for every unit at once, G_b = (1/n) sum_i g_i,b g_i,b^T (the empirical
+        Fisher, undamped): one pass over the training gradients."""
+        onehot = jnp.asarray(self.part.onehot())
+        _, layer, unit = self.part.pieces()
+        acc = None
+        for _, g in self.chunks():
+            w = _fisher_product(g, x, onehot, jnp.asarray(layer), jnp.asarray(unit))
+            acc = w if acc is None else [a + b for a, b in zip(acc, w)]
+        return [a / self.n for a in acc]
+
+    def require_kept(self, name: str, why: str) -> None:
+        """Refuse to run when the gradients are not all kept (each of its passes would
+        recompute them), naming the budget that keeps them."""
+        if not self.kept:
+            raise LayerIFError(
+                f"estimator {name!r} {why}, so it needs every training gradient kept: raise "
+                f"the memory budget to at least {self.needed_bytes / 1e6:.1f} MB")
+
+
 _weighted_sum = jax.jit(core.weighted_sum)
+
+
+@jax.jit
+def _unit_dot(a, b, onehot):
+    return core.to_units(core.pair_dots(a, b), onehot)
+
+
+@jax.jit
+def _fisher_product(g, x, onehot, layer, unit):
+    d = core.to_units(core.dots(g, x), onehot)          # g_i,b . x_m,b  [B, M, L, U]
+    return core.weighted_sum(d[..., layer, unit], g)     # sum_i (g_i . x) g_i  per unit
 
 
 class Estimator(Protocol):

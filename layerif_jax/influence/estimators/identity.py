@@ -13,6 +13,7 @@ class Identity:
     name = "identity"
     extra_passes = 0
     needs_all_gradients = False
+    uses_damping = False
 
     def precondition(self, ctx):
         return None

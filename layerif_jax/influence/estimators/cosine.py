@@ -1,0 +1,30 @@
+"""Gradient cosine per unit: cos(v_b, g_i,b), summed over a layer's units (no curvature,
+no damping). Scale-free, so a unit with large gradients does not dominate its layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from . import register
+
+
+def _inv(x):
+    return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Cosine:
+    name = "cosine"
+    extra_passes = 1
+    needs_all_gradients = False
+    uses_damping = False
+
+    def precondition(self, ctx):
+        return ctx.scale(ctx.v, _inv(jnp.sqrt(ctx.unit_dot(ctx.v, ctx.v))))
+
+    def finalize(self, ctx, unit_scores):
+        """[n_pad, M, L, U] scores v_b . g_i,b / ||v_b|| -> divided by ||g_i,b||."""
+        return unit_scores * _inv(jnp.sqrt(ctx.sq_u))[:, None]

@@ -1,0 +1,134 @@
+"""The iterative and scale-free estimators against float64 NumPy on the MLP problem of
+test_influence_api (per-example gradients by hand). Every parameter tensor is its own
+"layer" here (layer_of by leaf), so per-example scores are per unit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layerif_jax.errors import LayerIFError
+from layerif_jax.influence import influence_scores
+from test_influence_api import mlp_grads, mlp_loss, mlp_problem
+
+LEAVES = ["layers.0.b", "layers.0.w", "layers.1.b", "layers.1.w"]   # flatten order
+KEY = {"layers.0.w": (0, 0), "layers.0.b": (0, 1), "layers.1.w": (1, 0), "layers.1.b": (1, 1)}
+
+
+def per_leaf(p):
+    return LEAVES.index(p) if p in LEAVES else None
+
+
+@pytest.fixture(scope="module")
+def problem():
+    params, X, y, n = mlp_problem(seed=2)
+    g = mlp_grads(params, X, y)
+    f32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    data = {"x": jnp.asarray(X, jnp.float32), "y": jnp.asarray(y, jnp.float32)}
+    train, val = jax.tree.map(lambda a: a[:n], data), jax.tree.map(lambda a: a[n:], data)
+    grads = [g[KEY[name]][:n] for name in LEAVES]
+    vals = [g[KEY[name]][n:].mean(0) for name in LEAVES]
+    return f32, train, val, grads, vals
+
+
+def run(problem, estimator, **kw):
+    f32, train, val, _, _ = problem
+    return influence_scores(mlp_loss, f32, train, val, layer_of=per_leaf, mesh=None,
+                            estimator=estimator, chunk_size=16, **kw)
+
+
+def exact_unit_scores(grads, vals, scale=0.1, damping=None):
+    out = []
+    for X, v in zip(grads, vals):
+        n, d = X.shape
+        lam = damping if damping is not None else scale * np.mean(np.sum(X * X, 1)) / d
+        out.append(X @ np.linalg.solve(X.T @ X / n + lam * np.eye(d), v))
+    return np.stack(out, 1)
+
+
+def assert_per_unit(got, want, rtol):
+    for u in range(want.shape[1]):
+        err = np.abs(got[:, u] - want[:, u]).max() / np.abs(want[:, u]).max()
+        assert err < rtol, (LEAVES[u], err)
+
+
+@pytest.mark.parametrize("damping_scale", [0.1, 1.0])
+def test_cg_converges_to_exact(problem, damping_scale):
+    want = exact_unit_scores(problem[3], problem[4], scale=damping_scale)
+    res = run(problem, "cg", damping_scale=damping_scale,
+              estimator_options={"tol": 1e-5, "max_iter": 300})
+    assert res.layer_ids == (0, 1, 2, 3)
+    assert_per_unit(res.per_example, want, 1e-4)
+    rep = res.meta["estimator_report"]
+    assert 0 < rep["iterations"] <= 300 and rep["max_relative_residual"] <= 1e-5
+
+
+def test_lissa_converges_to_exact_with_the_damping_added(problem):
+    want = exact_unit_scores(problem[3], problem[4], scale=1.0)
+    res = run(problem, "lissa", damping_scale=1.0, estimator_options={"tol": 1e-5})
+    assert_per_unit(res.per_example, want, 1e-4)
+    # the flipped sign (G - lambda I)^-1 v that DataInf's LiSSA computes is far from it
+    flipped = []
+    for X, v in zip(problem[3], problem[4]):
+        n, d = X.shape
+        lam = np.mean(np.sum(X * X, 1)) / d
+        flipped.append(X @ np.linalg.lstsq(X.T @ X / n - lam * np.eye(d), v, rcond=None)[0])
+    assert np.abs(np.stack(flipped, 1) - want).max() > 0.1 * np.abs(want).max()
+    assert res.meta["estimator_report"]["iterations"] > 1
+
+
+@pytest.mark.parametrize("estimator", ["cg", "lissa"])
+def test_iterative_estimators_say_when_they_do_not_converge(problem, estimator):
+    with pytest.raises(LayerIFError, match=rf"{estimator} did not converge in 2 iterations: "
+                                           r"relative residual .* at layer \d unit "):
+        run(problem, estimator, estimator_options={"max_iter": 2, "tol": 1e-8})
+
+
+@pytest.mark.parametrize("estimator", ["cg", "lissa"])
+def test_iterative_estimators_need_kept_gradients(problem, estimator):
+    with pytest.raises(LayerIFError, match=rf"estimator '{estimator}' takes one pass .* "
+                                           r"raise the memory budget to at least \d"):
+        run(problem, estimator, memory_budget=1)
+
+
+def test_cosine_against_numpy(problem):
+    grads, vals = problem[3], problem[4]
+    want = np.stack([X @ v / (np.linalg.norm(X, axis=1) * np.linalg.norm(v))
+                     for X, v in zip(grads, vals)], 1)
+    assert np.abs(want).max() <= 1
+    res = run(problem, "cosine")
+    np.testing.assert_allclose(res.per_example, want, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_option_names_the_valid_ones(problem):
+    with pytest.raises(LayerIFError, match=r"estimator 'cg' has no option 'depth' \(its "
+                                           r"options: max_iter, tol\)"):
+        run(problem, "cg", estimator_options={"depth": 3})
+
+
+@pytest.mark.parametrize("engine", ["packed", "vmap"])
+def test_on_the_decoder_cg_and_lissa_equal_exact(engine):
+    """On the project's decoder (stacked LoRA leaves, both engines) the iterative
+    estimators give the exact estimator's scores (itself checked against float64 torch
+    in test_influence.py)."""
+    from flax import nnx
+
+    import layerif_jax as lj
+    from conftest import random_lora_b
+    from layerif_jax.influence import layer_scores
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.decoder import Decoder
+    from layerif_jax.models.lora import LoraConfig, apply_lora
+
+    cfg = ModelConfig(model_type="llama", vocab_size=41, hidden_size=16, intermediate_size=24,
+                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoraConfig(rank=2, alpha=4))
+    rng = random_lora_b(model, 0.2)
+    ex = lambda k: [lj.Example(rng.integers(0, 41, t).astype(np.int32), np.arange(t) >= 1)  # noqa: E731
+                    for t in rng.integers(3, 12, k)]
+    train, val = ex(12), ex(4)
+    kw = dict(mesh=None, engine=engine, damping_scale=1.0, chunk_size=4)
+    want = layer_scores(model, train, val, estimator="exact", **kw).per_example
+    for est in ("cg", "lissa"):
+        got = layer_scores(model, train, val, estimator=est, **kw).per_example
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-4, est
