@@ -132,3 +132,25 @@ def test_on_the_decoder_cg_and_lissa_equal_exact(engine):
     for est in ("cg", "lissa"):
         got = layer_scores(model, train, val, estimator=est, **kw).per_example
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-4, est
+
+
+def test_arnoldi_with_k_above_the_rank_is_exact(problem):
+    grads, vals = problem[3], problem[4]
+    want = exact_unit_scores(grads, vals)
+    k = max(X.shape[1] for X in grads) + 1                 # >= rank(G_b) + 1 for every unit
+    res = run(problem, "arnoldi", estimator_options={"k": k})
+    assert_per_unit(res.per_example, want, 1e-4)
+    top = res.meta["estimator_report"]["top_eigenvalue"]     # {"layer l unit name": value}
+    assert len(top) == len(grads)
+    for l, X in enumerate(grads):
+        got = next(v for name, v in top.items() if name.startswith(f"layer {l} "))
+        assert got == pytest.approx(np.linalg.eigvalsh(X.T @ X / len(X)).max(), rel=1e-4)
+
+
+def test_arnoldi_small_k_keeps_the_top_of_the_spectrum(problem):
+    """k = 4 of up to 30 directions: the scores move toward exact from the k = 1 ones."""
+    grads, vals = problem[3], problem[4]
+    want = exact_unit_scores(grads, vals)
+    err = {k: np.abs(run(problem, "arnoldi", estimator_options={"k": k}).per_example
+                     - want).max() for k in (1, 4, 12)}
+    assert err[12] < err[4] < err[1]
