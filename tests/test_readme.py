@@ -25,10 +25,13 @@ def _run(blocks, tmp_path, monkeypatch) -> dict:
 
 def test_api_blocks_run(tmp_path, monkeypatch):
     blocks = _blocks()
-    assert len(blocks) == 6
-    ns = _run(blocks[:5], tmp_path, monkeypatch)
+    assert len(blocks) == 7
+    ns = _run(blocks[:6], tmp_path, monkeypatch)
     assert ns["res"].meta["engine"] == "vmap" and ns["res"].per_example.shape == (20, 4)
     assert np.allclose(ns["mine"].per_example, ns["dot"].per_example / 2.0)
+    gn = ns["gn"]
+    assert gn.meta["curvature"] == "gauss_newton" and gn.meta["estimator_report"]["iterations"] > 0
+    assert np.isfinite(gn.per_example).all() and gn.per_example.shape == (50, 3)
     assert ns["sq"].shape == (50, 3, 2) and ns["c"].shape == (50, 1, 3, 2)
     assert (tmp_path / "runs" / "tiny_scores" / "scores.json").is_file()
 

@@ -19,11 +19,17 @@ PKG = Path(__file__).resolve().parents[1] / "layerif_jax"
 
 
 def test_builtin_modules_are_the_registered_names():
+    """Every module of the two folders registers the class of its own name (others, e.g.
+    a user's, may be registered besides)."""
     from layerif_jax.applications.prune import PRUNERS
     from layerif_jax.influence.estimators import ESTIMATORS
-    assert module_names(PKG / "influence" / "estimators") == tuple(sorted(ESTIMATORS))
-    assert module_names(PKG / "applications" / "prune" / "methods") == tuple(sorted(PRUNERS))
-    assert {"datainf", "identity", "exact"} <= set(ESTIMATORS)
+    for folder, registry in ((PKG / "influence" / "estimators", ESTIMATORS),
+                             (PKG / "applications" / "prune" / "methods", PRUNERS)):
+        names = module_names(folder)
+        assert names and set(names) <= set(registry)
+        for name in names:
+            assert registry[name].__module__.rsplit(".", 1)[1] == name
+    assert {"datainf", "identity", "exact", "cg", "lissa", "arnoldi", "cosine"} <= set(ESTIMATORS)
     assert {"magnitude", "wanda", "sparsegpt"} <= set(PRUNERS)
 
 
@@ -32,8 +38,8 @@ def test_cli_lists_them_without_importing_jax():
             "print(ESTIMATORS, PRUNE_METHODS, 'jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip() == ("('datainf', 'exact', 'identity') "
-                           "('magnitude', 'sparsegpt', 'wanda') False")
+    assert out.strip() == ("('arnoldi', 'cg', 'cosine', 'datainf', 'exact', 'identity', "
+                           "'lissa') ('magnitude', 'sparsegpt', 'wanda') False")
 
 
 def test_registry_options_and_errors():

@@ -9,6 +9,7 @@ from . import core
 from .aggregate import AGGREGATES, aggregate
 from .api import influence_scores, layer_scores
 from .driver import LayerScores
+from .engines.general import CURVATURES, OutputLoss
 from .estimators import ESTIMATORS, Context, DataInf, Estimator, Exact, Identity, get_estimator, register
 from .partition import UNITS, Partition, make_partition
 
@@ -28,4 +29,5 @@ from . import api  # noqa: E402
 
 __all__ = ["core", "AGGREGATES", "aggregate", "influence_scores", "layer_scores", "LayerScores",
            "ESTIMATORS", "Context", "DataInf", "Estimator", "Exact", "Identity", "get_estimator",
-           "register", "UNITS", "Partition", "make_partition", "clear_caches"]
+           "register", "UNITS", "Partition", "make_partition", "clear_caches", "CURVATURES",
+           "OutputLoss"]

@@ -40,11 +40,11 @@ def resolve_mesh(mesh):
 
 
 def _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
-              skip_zero_units, progress, estimator_options) -> Settings:
+              skip_zero_units, progress, estimator_options, curvature) -> Settings:
     return Settings(get_estimator(estimator, **(estimator_options or {})), aggregate, damping,
                     damping_scale, per_val,
                     None if memory_budget is None else parse_bytes(memory_budget, "memory budget"),
-                    skip_zero_units, progress)
+                    skip_zero_units, progress, curvature)
 
 
 def _check_chunk(chunk_size: int) -> None:
@@ -57,7 +57,8 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
                      memory_budget=None, mesh="auto", chunk_size: int = 8,
                      damping: float | None = None, damping_scale: float = 0.1,
                      skip_zero_units: bool = False, progress: bool = False,
-                     estimator_options: dict | None = None) -> LayerScores:
+                     estimator_options: dict | None = None,
+                     curvature: str = "empirical_fisher") -> LayerScores:
     """Per-example, per-layer influence of `train` on `val` for any JAX model.
 
     loss_fn(params, example) -> scalar: the loss of ONE example, an example being one
@@ -70,12 +71,16 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
     `estimators.ESTIMATORS` ("datainf", "identity", "exact"). Per-example gradients are
     `vmap(grad)` over chunks of `chunk_size` examples; `memory_budget` (bytes or "8GB")
     bounds the kept gradients (the rest is recomputed); `mesh` shards the examples.
+    curvature: what H_b is -- "empirical_fisher" (G_b = (1/n) sum_i g g^T, default),
+    "hessian" (forward-over-reverse products of the loss) or "gauss_newton" (J^T H_out J;
+    pass `loss_fn=OutputLoss(output_fn, loss_of_output)`); the last two go with the
+    estimators that work from products (cg, lissa, arnoldi, exact), per unit.
     Returns a `LayerScores`: score[i, l] = v_l . (H_l + lambda I)^-1 g_i,l, positive =
     beneficial, and the layer scores S_l of `aggregate`.
     """
     _check_chunk(chunk_size)
     s = _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
-                  skip_zero_units, progress, estimator_options)
+                  skip_zero_units, progress, estimator_options, curvature)
     part = make_partition(params, unit, layer_of)
     m = resolve_mesh(mesh)
     engine = GeneralEngine(loss_fn, params, part, mesh=m, chunk_size=chunk_size)
@@ -157,7 +162,8 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
                  memory_budget="8GB", dtype=None, mesh="auto", row_len: int | None = None,
                  bucket_multiple: int = 32, skip_zero_units: bool = False,
                  chunks_per_call: int = 4, progress: bool = False,
-                 estimator_options: dict | None = None) -> LayerScores:
+                 estimator_options: dict | None = None,
+                 curvature: str = "empirical_fisher") -> LayerScores:
     """Per-example, per-layer influence scores and the LayerIF layer scores S^(l) of an
     NNX model.
 
@@ -181,10 +187,15 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     if not len(jax.tree.leaves(train)) or not len(jax.tree.leaves(val)):
         raise LayerIFError("influence needs at least one training and one validation example")
     s = _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
-                  skip_zero_units, progress, estimator_options)
+                  skip_zero_units, progress, estimator_options, curvature)
     lm = isinstance(train, (list, tuple)) and train and isinstance(train[0], Example)
     packed_ok = (lm and loss_fn is None and params is nnx.LoRAParam and layer_of in ("auto", "stacked")
                  and packed_supports(model))
+    if curvature != "empirical_fisher" and engine == "packed":
+        raise LayerIFError(f"curvature={curvature!r} needs engine='vmap' (the packed engine "
+                           "gives per-example gradients, not curvature products)")
+    if curvature != "empirical_fisher":
+        packed_ok = False
     if engine == "packed" and not packed_ok:
         raise LayerIFError("engine='packed' needs one of the project's decoders, tokenised "
                            "examples, LoRA parameters and the default loss: use engine='vmap'")

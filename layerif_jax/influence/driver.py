@@ -18,6 +18,7 @@ to input positions (-1 = filler).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -73,8 +74,18 @@ class Settings:
     budget: int | None = None
     skip_zero_units: bool = False
     progress: bool = False
+    curvature: str = "empirical_fisher"
 
     def __post_init__(self):
+        from .engines.general import CURVATURES
+        if self.curvature not in CURVATURES:
+            raise LayerIFError(f"unknown curvature {self.curvature!r} (choose from "
+                               f"{', '.join(CURVATURES)})")
+        takes = getattr(self.estimator, "curvatures", ("empirical_fisher",))
+        if self.curvature not in takes:
+            raise LayerIFError(f"estimator {self.estimator.name!r} works with the "
+                               f"{' / '.join(takes)} curvature only, not {self.curvature!r} "
+                               "(cg, lissa, arnoldi and exact take any)")
         if self.aggregate not in AGGREGATES:
             raise LayerIFError(f"unknown aggregate {self.aggregate!r} (choose from "
                                f"{', '.join(AGGREGATES)})")
@@ -248,8 +259,15 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
             yield (slice(int(offsets[k]), int(offsets[k + 1])),
                    kept[k] if kept[k] is not None else engine.grads(b)[0])
 
+    product = None
+    if s.curvature != "empirical_fisher":
+        _, layer, unit = part.pieces()
+        piece_unit = np.unique(layer * part.num_units + unit, return_inverse=True)[1]
+        product = functools.partial(engine.curvature_product, s.curvature,
+                                    piece_unit=piece_unit, chunks=tb)
     ctx = Context(part=part, n=n, v=v, sq_u=sq_u, vg_u=vg_u, lam=lam, chunks=chunks,
-                  kept=bool(keep_call.all()), needed_bytes=need)
+                  kept=bool(keep_call.all()), needed_bytes=need, curvature=s.curvature,
+                  product=product)
     phase("train", sq_u, vg_u)
     h = s.estimator.precondition(ctx)
     phase("precondition", h)
@@ -282,5 +300,6 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
                                        for b, k in zip(tb, keep_call) if k)),
               "recomputed_calls": int((~keep_call).sum()),
               "damping": "adaptive" if s.damping is None else s.damping,
-              "damping_scale": s.damping_scale, "phase_seconds": phases,
+              "damping_scale": s.damping_scale, "curvature": s.curvature,
+              "phase_seconds": phases,
               **({"estimator_report": ctx.report} if ctx.report else {})})

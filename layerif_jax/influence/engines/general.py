@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,20 @@ def chunk_dataset(data, size: int, offset: int = 0) -> list[Chunk]:
     return out
 
 
+CURVATURES = ("empirical_fisher", "gauss_newton", "hessian")
+
+
+class OutputLoss(NamedTuple):
+    """A loss split at the model's output, for the Gauss-Newton curvature: `output(params,
+    example)` -> outputs (any pytree, e.g. logits), `loss(outputs, example)` -> scalar,
+    convex in the outputs. Called as a whole it is the loss of one example."""
+    output: Callable
+    loss: Callable
+
+    def __call__(self, params, example):
+        return self.loss(self.output(params, example), example)
+
+
 class GeneralEngine:
     """`vmap(grad(loss_fn))` over the chunks: `loss_fn(params, example) -> scalar`, or
     `loss_fn(params, const, example)` when `const` (e.g. the frozen rest of an NNX
@@ -78,6 +92,8 @@ class GeneralEngine:
                  chunk_size: int, const=None):
         leaves, treedef = jax.tree.flatten(params)
         attr = set(part.leaf_index)
+        self.loss_fn, self.treedef, self.attr = loss_fn, treedef, tuple(part.leaf_index)
+        self.n_leaves, self.stacked = len(leaves), tuple(part.leaf_stacked)
         self.params = [leaves[i] for i in part.leaf_index]
         self.frozen = [x for i, x in enumerate(leaves) if i not in attr]
         self.const = const
@@ -113,6 +129,28 @@ class GeneralEngine:
             arrays, weight = put(arrays, self._shard), put(weight, self._shard)
         return self.fn(self.params, self.frozen, self.const, arrays, weight)
 
+    def curvature_product(self, kind: str, x, piece_unit: np.ndarray, chunks: Sequence[Chunk]):
+        """sum over `chunks` of the per-unit (block-diagonal) curvature products
+        sum_i w_i C_i,b x_b, C = the Hessian of the loss ("hessian") or J^T H_out J
+        ("gauss_newton", with an `OutputLoss`); x leaves [M, P_k, ...] in piece form,
+        piece_unit [P]: the (layer, unit) index of every piece. One forward-over-reverse (or
+        JVP + VJP) product per (unit, validation row), batched."""
+        if kind == "gauss_newton" and not isinstance(self.loss_fn, OutputLoss):
+            raise LayerIFError("curvature='gauss_newton' needs the loss split at the model's "
+                               "output: pass loss_fn=OutputLoss(output_fn, loss_of_output)")
+        J = int(piece_unit.max()) + 1
+        mask = jnp.asarray(np.arange(J)[:, None] == piece_unit[None], jnp.float32)    # [J, P]
+        fn = _curvature_compiled(self.loss_fn, self.treedef, self.attr, self.n_leaves,
+                                 self.stacked, self.const is not None, kind)
+        acc = None
+        for c in chunks:
+            arrays, weight = c.arrays, c.weight
+            if self.mesh is not None:
+                arrays, weight = put(arrays, self._shard), put(weight, self._shard)
+            r = fn(self.params, self.frozen, self.const, arrays, weight, x, mask)
+            acc = r if acc is None else [a + b for a, b in zip(acc, r)]
+        return acc
+
     def describe(self, calls: Sequence[Chunk]) -> dict[str, Any]:
         return {"chunk_slots": self.slots, "chunk_shapes": sorted({c.shape for c in calls}),
                 "chunks": len(calls)}
@@ -142,5 +180,56 @@ def _compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: tuple, with
     return jax.jit(fn)
 
 
+@functools.lru_cache(maxsize=16)
+def _curvature_compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: tuple,
+                        with_const: bool, kind: str):
+    pos = {i: k for k, i in enumerate(attr)}
+
+    def params_of(attr_leaves, frozen_leaves):
+        it = iter(frozen_leaves)
+        return jax.tree.unflatten(treedef, [attr_leaves[pos[i]] if i in pos else next(it)
+                                            for i in range(n_leaves)])
+
+    def one_loss(attr_leaves, frozen, const, example):
+        p = params_of(attr_leaves, frozen)
+        return loss_fn(p, const, example) if with_const else loss_fn(p, example)
+
+    def hessian(attr_leaves, frozen, const, arrays, weight, t):
+        def total(a):
+            per = jax.vmap(one_loss, in_axes=(None, None, None, 0))(a, frozen, const, arrays)
+            return jnp.sum(weight * per)
+        return jax.jvp(jax.grad(total), (attr_leaves,), (t,))[1]
+
+    def gauss_newton(attr_leaves, frozen, const, arrays, weight, t):
+        def one(example, w):
+            out = lambda a: loss_fn.output(params_of(a, frozen), example)  # noqa: E731
+            o, jt = jax.jvp(out, (attr_leaves,), (t,))
+            ht = jax.jvp(jax.grad(lambda q: loss_fn.loss(q, example)), (o,), (jt,))[1]
+            return jax.tree.map(lambda r: w * r, jax.vjp(out, attr_leaves)[1](ht)[0])
+        per = jax.vmap(one)(arrays, weight)
+        return [jnp.sum(r, 0) for r in per]
+
+    product = hessian if kind == "hessian" else gauss_newton
+
+    def fn(attr_leaves, frozen, const, arrays, weight, x, mask):
+        off = np.cumsum([0] + [xk.shape[1] for xk in x])
+        # one tangent per (unit j, row m): x restricted to unit j's pieces
+        tang = [xk[None] * mask[:, None, off[k]:off[k + 1]].reshape(
+                    mask.shape[:1] + (1, xk.shape[1]) + (1,) * (xk.ndim - 2))
+                for k, xk in enumerate(x)]                            # [J, M, P_k, ...]
+        J, M = mask.shape[0], x[0].shape[0]
+        flat = [t.reshape((J * M,) + t.shape[2:]) for t in tang]
+        as_params = [t if s else t[:, 0] for t, s in zip(flat, stacked)]
+        res = jax.vmap(lambda t: product(attr_leaves, frozen, const, arrays, weight, t))(
+            as_params)
+        res = core.to_pieces(res, stacked)                              # [J*M, P_k, ...]
+        return [jnp.einsum("jp,jmp...->mp...", mask[:, off[k]:off[k + 1]],
+                           r.reshape((J, M) + r.shape[1:]).astype(jnp.float32))
+                for k, r in enumerate(res)]
+
+    return jax.jit(fn)
+
+
 def clear_cache() -> None:
     _compiled.cache_clear()
+    _curvature_compiled.cache_clear()

@@ -40,6 +40,8 @@ class Context:
     chunks: Callable[[], Iterator[tuple[slice, list[jax.Array]]]]  # (rows, leaves [B, P_k, ...])
     kept: bool                      # every gradient is materialised (no recomputation)
     needed_bytes: int = 0           # what keeping every gradient takes
+    curvature: str = "empirical_fisher"
+    product: Callable | None = None  # x -> sum_i C_i,b x_b per unit, for another curvature
     report: dict = dataclasses.field(default_factory=dict)  # the estimator's diagnostics
 
     def leaf_view(self, x_LU: jax.Array) -> jax.Array:
@@ -66,8 +68,11 @@ class Context:
         return core.scale_pieces(x, self.leaf_view(s_MLU))
 
     def matvec(self, x: list[jax.Array]) -> list[jax.Array]:
-        """G_b x_b for every unit at once, G_b = (1/n) sum_i g_i,b g_i,b^T (the empirical
-        Fisher, undamped): one pass over the training gradients."""
+        """C_b x_b for every unit at once (undamped): the run's curvature, by default
+        the empirical Fisher G_b = (1/n) sum_i g_i,b g_i,b^T (one pass over the training
+        gradients); the Gauss-Newton or Hessian products come from the engine."""
+        if self.product is not None:
+            return [a / self.n for a in self.product(x)]
         onehot = jnp.asarray(self.part.onehot())
         _, layer, unit = self.part.pieces()
         acc = None
@@ -79,7 +84,7 @@ class Context:
     def require_kept(self, name: str, why: str) -> None:
         """Refuse to run when the gradients are not all kept (each of its passes would
         recompute them), naming the budget that keeps them."""
-        if not self.kept:
+        if not self.kept and self.product is None:
             raise LayerIFError(
                 f"estimator {name!r} {why}, so it needs every training gradient kept: raise "
                 f"the memory budget to at least {self.needed_bytes / 1e6:.1f} MB")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..distributed import to_host
+from ..engines.general import CURVATURES
 from . import register
 
 
@@ -33,6 +34,7 @@ class Arnoldi:
     name = "arnoldi"
     extra_passes = 1             # plus k passes (one product with G_b per Lanczos step)
     needs_all_gradients = False
+    curvatures = CURVATURES
     k: int = 20                  # Lanczos steps = eigenpairs per unit
     seed: int = 0
 

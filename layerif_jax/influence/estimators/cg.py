@@ -19,6 +19,7 @@ import numpy as np
 
 from ...errors import LayerIFError
 from ..distributed import to_host
+from ..engines.general import CURVATURES
 from . import register
 
 
@@ -49,6 +50,7 @@ class CG:
     name = "cg"
     extra_passes = 1             # plus one pass per iteration over the kept gradients
     needs_all_gradients = False
+    curvatures = CURVATURES
     tol: float = 1e-5            # relative residual every unit must reach
     max_iter: int = 200
 
@@ -67,6 +69,13 @@ class CG:
             while rel.max() > self.tol and it < self.max_iter:
                 Ap = A(p)
                 pAp = ctx.unit_dot(p, Ap)
+                bad = np.argwhere((to_host(pAp) <= 0) & (rel > self.tol))   # unconverged
+                if len(bad):  # the Hessian can have negative curvature beyond the damping
+                    m, l, u = bad[0]
+                    raise LayerIFError(
+                        f"{self.name}: the damped curvature is not positive definite at "
+                        f"{ctx.part.describe(int(l), int(u))} (p^T A p = "
+                        f"{float(pAp[m, l, u]):.3g}); raise the damping or use exact")
                 alpha = jnp.where(pAp > 0, rs / jnp.where(pAp > 0, pAp, 1.0), 0.0)
                 x = [a + b for a, b in zip(x, ctx.scale(p, alpha))]
                 r = [a - b for a, b in zip(r, ctx.scale(Ap, alpha))]

@@ -16,6 +16,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from ..engines.general import CURVATURES
 from . import register
 from .cg import damped_operator, not_converged, relative
 
@@ -39,6 +40,7 @@ class LiSSA:
     name = "lissa"
     extra_passes = 1             # plus one pass per power iteration and per step
     needs_all_gradients = False
+    curvatures = CURVATURES
     tol: float = 1e-5
     max_iter: int = 2000
     scale: float | None = None   # s_b for every unit; None: lambda_max + lambda_b
