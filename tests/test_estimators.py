@@ -245,3 +245,21 @@ def test_curvature_errors(problem):
     with pytest.raises(LayerIFError, match="needs the loss split at the model's output"):
         influence_scores(mlp_loss, f32, train, val, layer_of=per_leaf, mesh=None,
                          estimator="cg", curvature="gauss_newton")
+
+
+def test_several_estimators_share_one_set_of_gradients(problem):
+    """estimator=[...] gives each estimator's own result from one pass of gradients."""
+    many = run(problem, ["datainf", "cg", "identity"], damping_scale=1.0,
+               estimator_options={"cg": {"tol": 1e-6}})
+    assert list(many) == ["datainf", "cg", "identity"]
+    for name, res in many.items():
+        alone = run(problem, name, damping_scale=1.0,
+                    estimator_options={"tol": 1e-6} if name == "cg" else None)
+        assert res.estimator == name
+        np.testing.assert_allclose(res.per_example, alone.per_example, rtol=1e-5,
+                                   atol=1e-6 * np.abs(alone.per_example).max())
+    assert many["cg"].meta["phase_seconds"]["train"] == many["datainf"].meta["phase_seconds"]["train"]
+    with pytest.raises(LayerIFError, match="not among the estimators"):
+        run(problem, ["datainf", "cg"], estimator_options={"lissa": {}})
+    with pytest.raises(LayerIFError, match="several distinct names"):
+        run(problem, ["cg", "cg"])

@@ -41,10 +41,25 @@ def resolve_mesh(mesh):
 
 def _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
               skip_zero_units, progress, estimator_options, curvature) -> Settings:
-    return Settings(get_estimator(estimator, **(estimator_options or {})), aggregate, damping,
-                    damping_scale, per_val,
+    """A name, or several (a list or tuple: all of them run on the same gradients, the
+    options then a {name: options} dict)."""
+    several = not isinstance(estimator, str)
+    if several:
+        names = list(estimator)
+        if not names or len(set(names)) != len(names):
+            raise LayerIFError(f"estimator: give one name or several distinct names, got "
+                               f"{estimator!r}")
+        opts = estimator_options or {}
+        bad = sorted(set(opts) - set(names))
+        if bad:
+            raise LayerIFError(f"estimator_options names {', '.join(map(repr, bad))}, which "
+                               f"is not among the estimators {', '.join(names)}")
+        ests = tuple(get_estimator(nm, **opts.get(nm, {})) for nm in names)
+    else:
+        ests = (get_estimator(estimator, **(estimator_options or {})),)
+    return Settings(ests[0], aggregate, damping, damping_scale, per_val,
                     None if memory_budget is None else parse_bytes(memory_budget, "memory budget"),
-                    skip_zero_units, progress, curvature)
+                    skip_zero_units, progress, curvature, ests if several else ())
 
 
 def _check_chunk(chunk_size: int) -> None:
@@ -76,7 +91,9 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
     pass `loss_fn=OutputLoss(output_fn, loss_of_output)`); the last two go with the
     estimators that work from products (cg, lissa, arnoldi, exact), per unit.
     Returns a `LayerScores`: score[i, l] = v_l . (H_l + lambda I)^-1 g_i,l, positive =
-    beneficial, and the layer scores S_l of `aggregate`.
+    beneficial, and the layer scores S_l of `aggregate`. With several estimators
+    (`estimator=["datainf", "cg"]`, options {name: {...}}) all run on the same gradients
+    and a {name: LayerScores} comes back.
     """
     _check_chunk(chunk_size)
     s = _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
@@ -180,6 +197,8 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     stay float32). damping: a fixed lambda (default: adaptive per unit, damping_scale x
     mean ||g||^2 / d). chunks_per_call: packed chunks per compiled call. mesh: 'auto'
     shards the examples over all devices (parameters replicated), None: one device.
+    estimator, estimator_options, curvature: as in `influence_scores` (several estimators
+    give a {name: LayerScores} from one set of gradients).
     """
     _check_chunk(chunk_size)
     if engine not in ENGINES:

@@ -75,17 +75,19 @@ class Settings:
     skip_zero_units: bool = False
     progress: bool = False
     curvature: str = "empirical_fisher"
+    estimators: tuple = ()   # several estimators on the same gradients (estimator: the first)
 
     def __post_init__(self):
         from .engines.general import CURVATURES
         if self.curvature not in CURVATURES:
             raise LayerIFError(f"unknown curvature {self.curvature!r} (choose from "
                                f"{', '.join(CURVATURES)})")
-        takes = getattr(self.estimator, "curvatures", ("empirical_fisher",))
-        if self.curvature not in takes:
-            raise LayerIFError(f"estimator {self.estimator.name!r} works with the "
-                               f"{' / '.join(takes)} curvature only, not {self.curvature!r} "
-                               "(cg, lissa, arnoldi and exact take any)")
+        for est in self.estimators or (self.estimator,):
+            takes = getattr(est, "curvatures", ("empirical_fisher",))
+            if self.curvature not in takes:
+                raise LayerIFError(f"estimator {est.name!r} works with the "
+                                   f"{' / '.join(takes)} curvature only, not "
+                                   f"{self.curvature!r} (cg, lissa, arnoldi and exact take any)")
         if self.aggregate not in AGGREGATES:
             raise LayerIFError(f"unknown aggregate {self.aggregate!r} (choose from "
                                f"{', '.join(AGGREGATES)})")
@@ -225,20 +227,27 @@ def damping(part: Partition, s: Settings, sq_u, n: int, uses_damping: bool):
     return jnp.where((sq_sum == 0) | ~jnp.asarray(present), 1.0, lam)
 
 
-def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
-        meta: dict[str, Any]) -> LayerScores:
-    """All four passes (see the module docstring). `train`/`val`: what `engine.chunks`
-    takes; n and m count the real examples."""
-    t0 = tick = time.perf_counter()
-    phases: dict[str, float] = {}
+@dataclasses.dataclass
+class _Passes:
+    """What the validation and training passes produced, shared by every estimator."""
+    tb: list
+    vb: list
+    v: list
+    kept: list
+    sq_u: Any
+    vg_u: Any
+    lam: Any
+    keep_call: np.ndarray
+    offsets: np.ndarray
+    need: int
+    d_total: int
+    onehot: Any
+    phases: dict
+    seconds: float
 
-    def phase(name, *arrays):  # one sync per phase (not per call) for the timing breakdown
-        nonlocal tick
-        jax.block_until_ready(arrays)
-        now = time.perf_counter()
-        phases[name] = round(now - tick, 3)
-        tick = now
 
+def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings) -> _Passes:
+    t0 = time.perf_counter()
     engine.plan([train, val])
     tb, vb = engine.chunks(train), engine.chunks(val)
     onehot = jnp.asarray(part.onehot())
@@ -247,39 +256,69 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     need = 4 * d_total * int(offsets[-1])
     keep_call = keep_plan(tb, 4 * d_total, s.budget)
     say_memory_plan(tb, keep_call, need, s.budget, n)
-
     v = validation_pass(engine, vb, m, s.per_val, s.progress)
-    phase("validation", v)
+    jax.block_until_ready(v)
+    t_val = time.perf_counter()
     kept, sq, vg = training_pass(engine, tb, v, keep_call, s.progress)
     sq_u, vg_u = core.to_units(sq, onehot), core.to_units(vg, onehot)  # [n_pad, (M,) L, U]
-    lam = damping(part, s, sq_u, n, getattr(s.estimator, "uses_damping", True))
+    uses = any(getattr(e, "uses_damping", True) for e in s.estimators or (s.estimator,))
+    lam = damping(part, s, sq_u, n, uses)
+    jax.block_until_ready((sq_u, vg_u))
+    t_train = time.perf_counter()
+    return _Passes(tb, vb, v, kept, sq_u, vg_u, lam, keep_call, offsets, need, d_total, onehot,
+                   {"validation": round(t_val - t0, 3), "train": round(t_train - t_val, 3)},
+                   t_train - t0)
+
+
+def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
+        meta: dict[str, Any]):
+    """All four passes (see the module docstring). `train`/`val`: what `engine.chunks`
+    takes; n and m count the real examples. With `s.estimators` every one of them runs
+    on the same gradients and a {name: LayerScores} comes back."""
+    p = _passes(engine, part, train, val, n, m, s)
+    out = {e.name: _score(e, engine, part, p, n, m, s, meta) for e in
+           (s.estimators or (s.estimator,))}
+    return out if s.estimators else out[s.estimator.name]
+
+
+def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings,
+           meta: dict[str, Any]) -> LayerScores:
+    """One estimator's preconditioning and scores on the shared passes."""
+    tick = t0 = time.perf_counter()
+    phases = dict(p.phases)
+
+    def phase(name, *arrays):  # one sync per phase (not per call) for the timing breakdown
+        nonlocal tick
+        jax.block_until_ready(arrays)
+        now = time.perf_counter()
+        phases[name] = round(now - tick, 3)
+        tick = now
 
     def chunks():
-        for k, b in enumerate(progress(tb, len(tb), "influence pass", False)):
-            yield (slice(int(offsets[k]), int(offsets[k + 1])),
-                   kept[k] if kept[k] is not None else engine.grads(b)[0])
+        for k, b in enumerate(progress(p.tb, len(p.tb), "influence pass", False)):
+            yield (slice(int(p.offsets[k]), int(p.offsets[k + 1])),
+                   p.kept[k] if p.kept[k] is not None else engine.grads(b)[0])
 
     product = None
     if s.curvature != "empirical_fisher":
         _, layer, unit = part.pieces()
         piece_unit = np.unique(layer * part.num_units + unit, return_inverse=True)[1]
         product = functools.partial(engine.curvature_product, s.curvature,
-                                    piece_unit=piece_unit, chunks=tb)
-    ctx = Context(part=part, n=n, v=v, sq_u=sq_u, vg_u=vg_u, lam=lam, chunks=chunks,
-                  kept=bool(keep_call.all()), needed_bytes=need, curvature=s.curvature,
+                                    piece_unit=piece_unit, chunks=p.tb)
+    ctx = Context(part=part, n=n, v=p.v, sq_u=p.sq_u, vg_u=p.vg_u, lam=p.lam, chunks=chunks,
+                  kept=bool(p.keep_call.all()), needed_bytes=p.need, curvature=s.curvature,
                   product=product)
-    phase("train", sq_u, vg_u)
-    h = s.estimator.precondition(ctx)
+    h = est.precondition(ctx)
     phase("precondition", h)
-    unit_scores = (vg_u if h is None else
-                   core.to_units(jnp.concatenate([_dots(g, h) for _, g in chunks()]), onehot))
-    finalize = getattr(s.estimator, "finalize", None)   # e.g. cosine: divide by ||g_i||
+    unit_scores = (p.vg_u if h is None else core.to_units(
+        jnp.concatenate([_dots(g, h) for _, g in chunks()]), p.onehot))
+    finalize = getattr(est, "finalize", None)   # e.g. cosine: divide by ||g_i||
     if finalize is not None:
         unit_scores = finalize(ctx, unit_scores)
-    layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)[input_order(tb, n)]
+    layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)[input_order(p.tb, n)]
     per_val_layers = None
     if s.per_val:
-        per_val_layers = layer_nML[:, input_order(vb, m)]
+        per_val_layers = layer_nML[:, input_order(p.vb, m)]
         per_example = per_val_layers.mean(1)
     else:
         per_example = layer_nML[:, 0]
@@ -288,17 +327,18 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
         note("every per-example score is positive: the '+ve' and 'all' layer scores are equal")
     return LayerScores(
         layer_scores=np.asarray(aggregate(per_example, s.aggregate)), per_example=per_example,
-        aggregate=s.aggregate, estimator=s.estimator.name, unit=part.unit, n_train=n, n_val=m,
-        lambdas=to_host(lam), unit_names=part.unit_names, seconds=time.perf_counter() - t0,
-        gradients_kept=bool(keep_call.all()), per_val_layers=per_val_layers,
+        aggregate=s.aggregate, estimator=est.name, unit=part.unit, n_train=n, n_val=m,
+        lambdas=to_host(p.lam), unit_names=part.unit_names,
+        seconds=p.seconds + time.perf_counter() - t0,
+        gradients_kept=bool(p.keep_call.all()), per_val_layers=per_val_layers,
         layer_ids=part.layer_ids,
-        meta={**meta, "engine": engine.name, **engine.describe(tb + vb),
-              "calls": len(tb) + len(vb),
-              "materialised_bytes": int(4 * d_total * np.diff(offsets)[keep_call].sum()),
-              "needed_bytes": need,
+        meta={**meta, "engine": engine.name, **engine.describe(p.tb + p.vb),
+              "calls": len(p.tb) + len(p.vb),
+              "materialised_bytes": int(4 * p.d_total * np.diff(p.offsets)[p.keep_call].sum()),
+              "needed_bytes": p.need,
               "kept_examples": int(sum((b.index >= 0).sum()
-                                       for b, k in zip(tb, keep_call) if k)),
-              "recomputed_calls": int((~keep_call).sum()),
+                                       for b, k in zip(p.tb, p.keep_call) if k)),
+              "recomputed_calls": int((~p.keep_call).sum()),
               "damping": "adaptive" if s.damping is None else s.damping,
               "damping_scale": s.damping_scale, "curvature": s.curvature,
               "phase_seconds": phases,
