@@ -49,3 +49,19 @@ def test_lds_digits_quick(tmp_path):
     assert lds["exact"] > 0.9 and abs(lds["cg"] - lds["exact"]) < 0.01
     assert lds["identity"] < lds["exact"] - 0.1
     assert json.loads((tmp_path / "lds.json").read_text())["rows"][0]["estimator"] == "exact"
+
+
+def test_mislabel_digits_quick(tmp_path):
+    """10% of 300 labels flipped: self-influence finds them (AUC > 0.95), and influence
+    on clean validation images ranks them far better with the Gauss-Newton inverse than
+    with the gradient dot. Measured (2026-12-02, --quick): exact GN AUC self 0.987 /
+    validation 0.873, identity 0.979 / 0.654."""
+    import pytest
+    pytest.importorskip("sklearn")
+    bench = _load("mislabel_digits")
+    res = bench.main(["--quick", "--configs", "exact:gauss_newton:block,"
+                      "identity:empirical_fisher:block", "--out", str(tmp_path / "m.json")])
+    exact, dot = res["rows"]
+    assert res["flipped"] == 30 and exact["estimator"] == "exact"
+    assert exact["self_influence_auc"] > 0.95 and dot["self_influence_auc"] > 0.9
+    assert exact["validation_auc"] > dot["validation_auc"] + 0.1
