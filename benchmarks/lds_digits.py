@@ -118,17 +118,30 @@ def lds(tau_nm, subsets, actual_km) -> float:
     return float(np.nanmean(rs))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--m", type=int, default=100)
-    p.add_argument("--subsets", type=int, default=50)
-    p.add_argument("--alpha", type=float, default=1e-2, help="L2 coefficient = damping")
+def digits_args(doc: str, *, m: int, alpha: float, quick: str, out: str):
+    """The options the digits benchmarks share."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1000, help="training images")
+    p.add_argument("--m", type=int, default=m, help="validation images")
+    p.add_argument("--alpha", type=float, default=alpha, help="L2 coefficient = damping")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="n=200, m=20, 10 subsets")
+    p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--configs", default="all",
                    help="comma-separated estimator:curvature:unit rows of CONFIGS, or all")
-    p.add_argument("--out", type=Path, default=Path("lds_digits.json"))
+    p.add_argument("--out", type=Path, default=Path(out))
+    return p
+
+
+def selected(configs, spec: str):
+    """The CONFIGS rows named by --configs."""
+    want = None if spec == "all" else set(spec.split(","))
+    return [c for c in configs if want is None or f"{c[0]}:{c[1]}:{c[2]}" in want]
+
+
+def main(argv=None):
+    p = digits_args(__doc__, m=100, alpha=1e-2, quick="n=200, m=20, 10 subsets",
+                    out="lds_digits.json")
+    p.add_argument("--subsets", type=int, default=50)
     a = p.parse_args(argv)
     if a.quick:
         a.n, a.m, a.subsets = 200, 20, 10
@@ -141,11 +154,8 @@ def main(argv=None):
     actual = np.stack([losses(fit(Xtr[s], ytr[s], a.alpha, d, c, theta), Xva, yva, d, c)
                        for s in subsets])
     retrain_s = time.perf_counter() - t0
-    want = None if a.configs == "all" else set(a.configs.split(","))
     rows = []
-    for est, curv, unit, opts in CONFIGS:
-        if want is not None and f"{est}:{curv}:{unit}" not in want:
-            continue
+    for est, curv, unit, opts in selected(CONFIGS, a.configs):
         tau, secs, rep = scores(theta, Xtr, ytr, Xva, yva, a.alpha, est, curv, unit, opts)
         rows.append({"estimator": est, "curvature": curv, "unit": unit, "options": opts,
                      "lds": lds(tau, subsets, actual), "seconds": round(secs, 2),

@@ -15,7 +15,6 @@ set is the training set itself (`per_val=True`), whose diagonal is g_i . H^-1 g_
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import time
@@ -57,19 +56,13 @@ def found(score: np.ndarray, positive: np.ndarray, fractions=(0.1, 0.2, 0.3)) ->
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--m", type=int, default=200)
-    p.add_argument("--flip", type=float, default=0.1)
-    p.add_argument("--alpha", type=float, default=1e-3, help="L2 coefficient = damping")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="n=300, m=60")
-    p.add_argument("--configs", default="all")
-    p.add_argument("--out", type=Path, default=Path("mislabel_digits.json"))
+    B = lds_module()
+    p = B.digits_args(__doc__, m=200, alpha=1e-3, quick="n=300, m=60",
+                      out="mislabel_digits.json")
+    p.add_argument("--flip", type=float, default=0.1, help="fraction of labels flipped")
     a = p.parse_args(argv)
     if a.quick:
         a.n, a.m = 300, 60
-    B = lds_module()
     Xtr, ytr, Xva, yva = B.data(a.n, a.m, a.seed)
     rng = np.random.default_rng(a.seed + 7)
     flipped = np.zeros(a.n, bool)
@@ -78,11 +71,8 @@ def main(argv=None):
     noisy[flipped] = (ytr[flipped] + rng.integers(1, 10, flipped.sum())) % 10
     d, c = Xtr.shape[1], 10
     theta = B.fit(Xtr, noisy, a.alpha, d, c, np.zeros(d * c + c))
-    want = None if a.configs == "all" else set(a.configs.split(","))
     rows = []
-    for est, curv, unit, opts in CONFIGS:
-        if want is not None and f"{est}:{curv}:{unit}" not in want:
-            continue
+    for est, curv, unit, opts in B.selected(CONFIGS, a.configs):
         t0 = time.perf_counter()
         self_tau, _, _ = B.scores(theta, Xtr, noisy, Xtr, noisy, a.alpha, est, curv, unit, opts)
         val_tau, _, _ = B.scores(theta, Xtr, noisy, Xva, yva, a.alpha, est, curv, unit, opts)

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, ClassVar, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ...errors import LayerIFError
 from ...registry import Registry, import_all
 from .. import core
+from ..distributed import to_host
+from ..engines.general import CURVATURES
 from ..partition import Partition
 
 
@@ -104,6 +107,50 @@ def _fisher_product(g, x, onehot, layer, unit):
     return core.weighted_sum(d[..., layer, unit], g)     # sum_i (g_i . x) g_i  per unit
 
 
+@dataclasses.dataclass(frozen=True)
+class EstimatorBase:
+    """The interface's defaults; a subclass sets `name` and writes `precondition`: one
+    extra pass over the training gradients, streamed (not all held at once), damped,
+    the empirical Fisher only. Options are dataclass fields."""
+    name: ClassVar[str]
+    extra_passes: ClassVar[int] = 1
+    needs_all_gradients: ClassVar[bool] = False
+    uses_damping: ClassVar[bool] = True
+    curvatures: ClassVar[tuple[str, ...]] = ("empirical_fisher",)
+
+
+@dataclasses.dataclass(frozen=True)
+class IterativeSolver(EstimatorBase):
+    """An estimator that solves (C_b + lambda_b I) x_b = v_b from curvature products
+    (any curvature), to a relative residual `tol` per unit within `max_iter` steps."""
+    curvatures: ClassVar[tuple[str, ...]] = CURVATURES
+    tol: float = 1e-5
+    max_iter: int = 200
+
+    def damped(self, ctx: "Context") -> Callable[[list[jax.Array]], list[jax.Array]]:
+        """x -> (C_b + lambda_b I) x for every unit (leaves [M, P_k, ...])."""
+        def apply(x):
+            lam = jnp.broadcast_to(ctx.lam, (x[0].shape[0],) + ctx.lam.shape)
+            return [cx + lx for cx, lx in zip(ctx.matvec(x), ctx.scale(x, lam))]
+        return apply
+
+    def residual(self, ctx: "Context", r: list[jax.Array], vnorm: jax.Array) -> np.ndarray:
+        """||r_b|| / ||v_b|| per unit on the host; 0 where v_b is zero."""
+        res = to_host(jnp.sqrt(ctx.unit_dot(r, r)), np.float64)
+        vn = to_host(vnorm, np.float64)
+        return np.where(vn > 0, res / np.where(vn > 0, vn, 1.0), 0.0)
+
+    def finish(self, ctx: "Context", rel: np.ndarray, iters: int, **report) -> None:
+        """Record the run in ctx.report; raise, naming the worst unit, if it fell short."""
+        ctx.report.update(iterations=iters, max_relative_residual=float(rel.max()), **report)
+        if rel.max() > self.tol:
+            m, l, u = np.unravel_index(int(np.argmax(rel)), rel.shape)
+            raise LayerIFError(
+                f"{self.name} did not converge in {iters} iterations: relative residual "
+                f"{rel.max():.2e} (tol {self.tol:g}) at {ctx.part.describe(int(l), int(u))}; "
+                "raise max_iter or the damping")
+
+
 class Estimator(Protocol):
     name: str
     extra_passes: int            # passes over the training gradients after the first
@@ -137,5 +184,6 @@ from .datainf import DataInf  # noqa: E402
 from .exact import Exact  # noqa: E402
 from .identity import Identity  # noqa: E402
 
-__all__ = ["Context", "Estimator", "ESTIMATORS", "register", "get_estimator", "DataInf",
+__all__ = ["Context", "Estimator", "EstimatorBase", "IterativeSolver", "ESTIMATORS", "register",
+           "get_estimator", "DataInf",
            "Exact", "Identity"]

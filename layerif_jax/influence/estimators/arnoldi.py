@@ -25,15 +25,13 @@ import numpy as np
 
 from ..distributed import to_host
 from ..engines.general import CURVATURES
-from . import register
+from . import EstimatorBase, register
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Arnoldi:
-    name = "arnoldi"
-    extra_passes = 1             # plus k passes (one product with G_b per Lanczos step)
-    needs_all_gradients = False
+class Arnoldi(EstimatorBase):
+    name = "arnoldi"             # plus k products (one per Lanczos step)
     curvatures = CURVATURES
     k: int = 20                  # Lanczos steps = eigenpairs per unit
     seed: int = 0

@@ -7,7 +7,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from . import register
+from . import EstimatorBase, register
 
 
 def _inv(x):
@@ -16,10 +16,8 @@ def _inv(x):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Cosine:
+class Cosine(EstimatorBase):
     name = "cosine"
-    extra_passes = 1
-    needs_all_gradients = False
     uses_damping = False
 
     def precondition(self, ctx):

@@ -11,15 +11,13 @@ from __future__ import annotations
 import dataclasses
 
 from .. import core
-from . import register
+from . import EstimatorBase, register
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class DataInf:
+class DataInf(EstimatorBase):
     name = "datainf"
-    extra_passes = 1
-    needs_all_gradients = False
 
     def precondition(self, ctx):
         c = core.datainf_coef(ctx.vg_u, ctx.sq_u, ctx.lam)

@@ -15,14 +15,13 @@ import numpy as np
 from ...errors import LayerIFError
 from ..distributed import to_host
 from ..engines.general import CURVATURES
-from . import register, to_jnp
+from . import EstimatorBase, register, to_jnp
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Exact:
+class Exact(EstimatorBase):
     name = "exact"
-    extra_passes = 1
     needs_all_gradients = True
     curvatures = CURVATURES
     max_unit_size: int = 4096    # another curvature is built column by column: d_b products

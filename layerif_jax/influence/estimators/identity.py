@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import register
+from . import EstimatorBase, register
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Identity:
+class Identity(EstimatorBase):
     name = "identity"
     extra_passes = 0
-    needs_all_gradients = False
     uses_damping = False
 
     def precondition(self, ctx):

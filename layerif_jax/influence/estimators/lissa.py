@@ -16,9 +16,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ..engines.general import CURVATURES
-from . import register
-from .cg import damped_operator, not_converged, relative
+from . import IterativeSolver, register
 
 
 def top_eigenvalue(ctx, iters: int):
@@ -36,19 +34,15 @@ def top_eigenvalue(ctx, iters: int):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class LiSSA:
-    name = "lissa"
-    extra_passes = 1             # plus one pass per power iteration and per step
-    needs_all_gradients = False
-    curvatures = CURVATURES
-    tol: float = 1e-5
+class LiSSA(IterativeSolver):
+    name = "lissa"               # one product per power iteration and per step
     max_iter: int = 2000
     scale: float | None = None   # s_b for every unit; None: lambda_max + lambda_b
     power_iters: int = 20
 
     def precondition(self, ctx):
         ctx.require_kept(self.name, "takes one pass over the training gradients per step")
-        A = damped_operator(ctx)
+        A = self.damped(ctx)
         lam = jnp.broadcast_to(ctx.lam, (ctx.v[0].shape[0],) + ctx.lam.shape)
         s = (jnp.full_like(lam, self.scale) if self.scale is not None
              else 1.05 * top_eigenvalue(ctx, self.power_iters) + lam)
@@ -57,12 +51,10 @@ class LiSSA:
         it = 0
         while True:
             r = [a - b for a, b in zip(ctx.v, A(x))]
-            rel = relative(jnp.sqrt(ctx.unit_dot(r, r)), vnorm)
+            rel = self.residual(ctx, r, vnorm)
             if rel.max() <= self.tol or it >= self.max_iter:
                 break
             x = [a + b for a, b in zip(x, ctx.scale(r, 1.0 / s))]
             it += 1
-        ctx.report.update(iterations=it, max_relative_residual=float(rel.max()))
-        if rel.max() > self.tol:
-            raise not_converged(self.name, ctx, rel, it, self.tol)
+        self.finish(ctx, rel, it)
         return x
