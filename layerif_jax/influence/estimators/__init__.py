@@ -3,12 +3,15 @@
 Every estimator turns the validation vectors v (leaves [M, P_k, ...]) into the
 preconditioned vectors h ~ v^T (H_b + lambda_b I)^-1, unit by unit; the driver then
 scores every training example as score_i = sum over a layer's units of h_b . g_i,b.
-An estimator is a class with a `name`, what it needs from the passes over the
-training gradients (`extra_passes`, `needs_all_gradients`) and `precondition(ctx)`;
-optionally `uses_damping = False` (no damping is computed or checked) and
-`finalize(ctx, unit_scores)`, which rescales the [n, M, L, U] scores (cosine). `ctx`
-offers per-unit products with the empirical Fisher (`matvec`), per-unit dots and
-scalings, and `report`, a dict that lands in the result's meta["estimator_report"];
+An estimator is a (frozen dataclass) class with a `name`, what it needs from the passes
+over the training gradients (`extra_passes`, `needs_all_gradients`), the curvatures it
+works with (`curvatures`), whether it is damped (`uses_damping`) and
+`precondition(ctx)`; optionally `finalize(ctx, unit_scores)`, which rescales the
+[n, M, L, U] scores (cosine). `EstimatorBase` holds the defaults, `IterativeSolver` the
+damped operator, residual and convergence report of the solvers. `ctx` offers per-unit
+products with the run's curvature (`matvec`: the empirical Fisher, or the engine's
+Gauss-Newton / Hessian products), per-unit dots and scalings, and `report`, a dict that
+lands in the result's meta["estimator_report"]. Options are the dataclass fields.
 `@register` adds it to `ESTIMATORS`. Adding one is one file in this folder, named as
 the estimator (it is found and imported by that name; the CLI offers it).
 """
