@@ -95,6 +95,31 @@ def test_finetune_scores_allocate(tiny_dir, ft_dir, tmp_path, capsys):
     assert list(per)[-1] == "layers.1.mlp.down_proj" and len(per) == 14
 
 
+def test_scores_with_an_iterative_estimator_and_its_options(tiny_dir, ft_dir, tmp_path, capsys):
+    """--estimator cg with --estimator-options gives the exact estimator's scores (the
+    same damped inverse) and records the options; unknown options and malformed ones are
+    refused before the model loads."""
+    ft, data = ft_dir
+    common = ["scores", "--model", tiny_dir, "--lora", ft, "--train", data, "--val", data,
+              "--n-train", 6, "--n-val", 2, "--damping", 0.05]
+    code, _, err = run(capsys, *common, "--estimator", "exact", "--out", tmp_path / "ex")
+    assert code == 0, err
+    code, _, err = run(capsys, *common, "--estimator", "cg", "--estimator-options",
+                       "tol=1e-4", "max_iter=300", "--out", tmp_path / "cg")
+    assert code == 0, err
+    ex = np.load(tmp_path / "ex" / "per_example.npy")
+    cg = np.load(tmp_path / "cg" / "per_example.npy")
+    assert np.abs(cg - ex).max() <= 1e-3 * np.abs(ex).max()
+    s = json.loads((tmp_path / "cg" / "scores.json").read_text())
+    assert s["estimator_options"] == {"tol": 1e-4, "max_iter": 300}
+    t0 = time.perf_counter()
+    one_line_error(run(capsys, *common, "--estimator", "cg", "--estimator-options", "depth=3",
+                       "--out", tmp_path / "bad"), "'cg' has no option 'depth'", "max_iter, tol")
+    assert time.perf_counter() - t0 < 2.0
+    one_line_error(run(capsys, *common, "--estimator-options", "tol", "--out", tmp_path / "b2"),
+                   "expected NAME=VALUE")
+
+
 def test_alpha_feeds_alphalora_and_alphapruning(tiny_dir, tmp_path, capsys):
     code, out, err = run(capsys, "alpha", "--model", tiny_dir, "--out", tmp_path / "alpha.json")
     assert code == 0, err

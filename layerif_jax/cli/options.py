@@ -93,6 +93,8 @@ def add_config(parser: argparse.ArgumentParser, cls) -> None:
             kw["type"] = meta["type"]
         if f.default is REQUIRED:
             kw["required"] = True
+        elif f.default is dataclasses.MISSING:        # a list: a fresh default each parse
+            kw["default"] = f.default_factory()
         else:
             kw["default"] = f.default
         parser.add_argument(*names, dest=f.name, **kw)
@@ -143,6 +145,19 @@ positive_int = _bounded(int, lambda v: v >= 1, ">= 1", "positive_int")
 nonneg_int = _bounded(int, lambda v: v >= 0, ">= 0", "nonneg_int")
 positive_float = _bounded(float, lambda v: v > 0, "> 0", "positive_float")
 nonneg_float = _bounded(float, lambda v: v >= 0, ">= 0", "nonneg_float")
+
+
+def key_value(s: str) -> tuple[str, Any]:
+    """NAME=VALUE; the value read as JSON (1e-3, 40, true) or else kept as text."""
+    import json
+
+    key, sep, raw = s.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {s!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
 
 
 def number(s: str) -> float:

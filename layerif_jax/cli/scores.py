@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .common import (AGGREGATES, ESTIMATORS, Command, ModelArgs, OverwriteArgs, examples,
                      load_model_checked, load_tokenizer_of, out_dir)
-from .options import (REQUIRED, byte_size, data_file, input_path, opt, output_path,
-                      positive_float, positive_int)
+from .options import (REQUIRED, byte_size, data_file, input_path, key_value, opt,
+                      output_path, positive_float, positive_int)
 
 UNITS = ("tensor", "module", "block")
 
@@ -24,6 +24,9 @@ class ScoresConfig(OverwriteArgs, ModelArgs):
     n_train: int = opt(300, "first n training records", type=positive_int)
     n_val: int = opt(50, "first m validation records", type=positive_int)
     estimator: str = opt("datainf", "inverse-Hessian estimator", choices=ESTIMATORS)
+    estimator_options: list = opt([], "the estimator's options, NAME=VALUE each (cg, lissa: "
+                                      "tol=1e-3 max_iter=500; arnoldi: k=40)", type=key_value,
+                                  nargs="*", metavar="NAME=VALUE", shown="none")
     aggregate: str = opt("+ve", "layer score S reported first", choices=AGGREGATES)
     unit: str = opt("tensor", "unit of inversion: each LoRA tensor, module (A and B) or block",
                     choices=UNITS)
@@ -46,8 +49,10 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
     otherwise they are loaded from --model and --lora."""
     import jax.numpy as jnp
 
-    from ..influence import layer_scores
+    from ..influence import get_estimator, layer_scores
 
+    options = dict(cfg.estimator_options)
+    get_estimator(cfg.estimator, **options)   # unknown options refused before any work
     source = source or cfg.model_source()
     tok = tok or load_tokenizer_of(source)
     train = examples(tok, cfg.train, cfg.n_train, cfg.max_len, cfg.mask_prompt,
@@ -62,9 +67,10 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
                        chunk_size=cfg.chunk_size, chunks_per_call=cfg.chunks_per_call,
                        memory_budget=cfg.memory_budget,
                        dtype=jnp.bfloat16 if cfg.bf16 else None, progress=rt.progress,
-                       skip_zero_units=cfg.skip_zero_units)
+                       skip_zero_units=cfg.skip_zero_units, estimator_options=options)
     info = {"model": source, "adapter": str(cfg.lora), "train": str(cfg.train),
-            "val": str(cfg.val), "max_len": cfg.max_len, "mask_prompt": cfg.mask_prompt}
+            "val": str(cfg.val), "max_len": cfg.max_len, "mask_prompt": cfg.mask_prompt,
+            "estimator_options": options}
     return res, info
 
 
