@@ -263,3 +263,82 @@ def test_several_estimators_share_one_set_of_gradients(problem):
         run(problem, ["datainf", "cg"], estimator_options={"lissa": {}})
     with pytest.raises(LayerIFError, match="several distinct names"):
         run(problem, ["cg", "cg"])
+
+
+# -- random projection ---------------------------------------------------------------------
+
+def test_projection_keeps_inner_products(problem):
+    """TRAK-style JL: with k = 4096 directions per unit the projected gradient dot is the
+    plain one up to the expected 1/sqrt(k) error; the same seed gives the same scores."""
+    grads, vals = problem[3], problem[4]
+    want = np.stack([X @ v for X, v in zip(grads, vals)], 1)          # identity, per unit
+    got = run(problem, "identity", projection=4096)
+    assert got.per_example.shape == want.shape and got.meta["projection"] == 4096
+    assert np.abs(got.per_example - want).max() < 0.05 * np.abs(want).max()
+    assert np.corrcoef(got.per_example.ravel(), want.ravel())[0, 1] > 0.998
+    again = run(problem, "identity", projection=4096)
+    np.testing.assert_array_equal(again.per_example, got.per_example)
+    other = run(problem, "identity", projection=4096, projection_seed=1)
+    assert not np.array_equal(other.per_example, got.per_example)
+    # few directions: still an unbiased but noisier estimate
+    small = run(problem, "identity", projection=8)
+    assert np.abs(small.per_example - want).max() > np.abs(got.per_example - want).max()
+
+
+def test_projected_exact_is_exact_on_the_projected_gradients(problem):
+    """The estimators see only R^T g: exact in the projected space equals float64 exact on
+    the hand-written gradients projected by the same R (recovered by projecting unit
+    vectors through the engine's own jitted map)."""
+    from layerif_jax.influence.engines.projected import _project
+
+    k, lam = 12, 0.05
+    res = run(problem, "exact", projection=k, damping=lam, per_val=True)
+    dims = [X.shape[1] for X in problem[3]]
+    groups = tuple(((j, 0),) for j in range(len(dims)))       # one piece per unit, in order
+    basis = tuple(jnp.eye(d, dtype=jnp.float32)[:, None, :] for d in dims)
+    R = [np.asarray(p, np.float64)[:, 0] for p in _project(basis, groups, k, 0)]  # [d, k]
+    params, X, y, n = mlp_problem(seed=2)
+    g = mlp_grads(params, X, y)
+    want = np.zeros((n, len(LEAVES)))
+    for u, name in enumerate(LEAVES):
+        G, V = g[KEY[name]][:n] @ R[u], g[KEY[name]][n:] @ R[u]   # [n, k], [m, k]
+        want[:, u] = (G @ np.linalg.solve(G.T @ G / n + lam * np.eye(k), V.T)).mean(1)
+    assert_per_unit(res.per_example, want, 1e-4)
+
+
+def test_projection_errors(problem):
+    with pytest.raises(LayerIFError, match="projection must be an integer >= 1"):
+        run(problem, "identity", projection=0)
+    with pytest.raises(LayerIFError, match="projection goes with the empirical Fisher"):
+        run(problem, "exact", projection=8, curvature="hessian")
+
+
+def test_projection_on_the_full_weights_of_a_model_without_lora():
+    """The decoder's blocks' full weights (no LoRA) through the general path, projected:
+    the gradient dot keeps its structure (Pearson 0.98 at k = 2048, measured 2026-12-02)
+    and DataInf runs on the projected gradients."""
+    from flax import nnx
+
+    import layerif_jax as lj
+    from layerif_jax.influence import layer_scores
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.decoder import Decoder
+
+    cfg = ModelConfig(model_type="llama", vocab_size=41, hidden_size=16, intermediate_size=24,
+                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ex = lambda k: [lj.Example(rng.integers(0, 41, t).astype(np.int32), np.arange(t) >= 1)  # noqa: E731
+                    for t in rng.integers(3, 12, k)]
+    train, val = ex(10), ex(3)
+    kw = dict(params=nnx.All(nnx.Param, nnx.PathContains("layers")), layer_of="stacked",
+              engine="vmap", mesh=None)
+    full = layer_scores(model, train, val, estimator="identity", **kw)
+    assert "layers.q_proj.kernel" in full.unit_names
+    proj = layer_scores(model, train, val, estimator="identity", projection=2048, **kw)
+    assert proj.per_example.shape == full.per_example.shape == (10, 2)
+    assert np.corrcoef(proj.per_example.ravel(), full.per_example.ravel())[0, 1] > 0.95
+    d = layer_scores(model, train, val, estimator="datainf", projection=256, **kw)
+    assert np.isfinite(d.per_example).all() and d.meta["engine"] == "vmap+projection"
+    with pytest.raises(LayerIFError, match="projection needs engine='vmap'"):
+        layer_scores(model, train, val, projection=8, engine="packed")

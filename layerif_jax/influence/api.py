@@ -73,7 +73,8 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
                      damping: float | None = None, damping_scale: float = 0.1,
                      skip_zero_units: bool = False, progress: bool = False,
                      estimator_options: dict | None = None,
-                     curvature: str = "empirical_fisher") -> LayerScores:
+                     curvature: str = "empirical_fisher", projection: int | None = None,
+                     projection_seed: int = 0) -> LayerScores:
     """Per-example, per-layer influence of `train` on `val` for any JAX model.
 
     loss_fn(params, example) -> scalar: the loss of ONE example, an example being one
@@ -90,6 +91,9 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
     "hessian" (forward-over-reverse products of the loss) or "gauss_newton" (J^T H_out J;
     pass `loss_fn=OutputLoss(output_fn, loss_of_output)`); the last two go with the
     estimators that work from products (cg, lissa, arnoldi, exact), per unit.
+    projection: k, to map every unit's per-example gradients to k random directions
+    (TRAK-style JL, `engines.projected`) before any estimator sees them -- for the full
+    weights of large layers.
     Returns a `LayerScores`: score[i, l] = v_l . (H_l + lambda I)^-1 g_i,l, positive =
     beneficial, and the layer scores S_l of `aggregate`. With several estimators
     (`estimator=["datainf", "cg"]`, options {name: {...}}) all run on the same gradients
@@ -100,12 +104,26 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
                   skip_zero_units, progress, estimator_options, curvature)
     part = make_partition(params, unit, layer_of)
     m = resolve_mesh(mesh)
-    engine = GeneralEngine(loss_fn, params, part, mesh=m, chunk_size=chunk_size)
+    engine, part = _maybe_projected(
+        GeneralEngine(loss_fn, params, part, mesh=m, chunk_size=chunk_size), part,
+        projection, projection_seed, curvature)
     n, nv = num_examples(train), num_examples(val)
     if not n or not nv:
         raise LayerIFError("influence needs at least one training and one validation example")
     return driver.run(engine, part, train, val, n, nv, s,
                       {"devices": 1 if m is None else m.devices.size})
+
+
+def _maybe_projected(engine, part, projection, seed, curvature):
+    """(engine, partition), projected when `projection` is given."""
+    if projection is None:
+        return engine, part
+    if curvature != "empirical_fisher":
+        raise LayerIFError("projection goes with the empirical Fisher of the projected "
+                           f"gradients, not curvature={curvature!r}")
+    from .engines.projected import ProjectedEngine
+    eng = ProjectedEngine(engine, part, projection, seed)
+    return eng, eng.part
 
 
 # -- NNX models ----------------------------------------------------------------------------
@@ -180,7 +198,8 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
                  bucket_multiple: int = 32, skip_zero_units: bool = False,
                  chunks_per_call: int = 4, progress: bool = False,
                  estimator_options: dict | None = None,
-                 curvature: str = "empirical_fisher") -> LayerScores:
+                 curvature: str = "empirical_fisher", projection: int | None = None,
+                 projection_seed: int = 0) -> LayerScores:
     """Per-example, per-layer influence scores and the LayerIF layer scores S^(l) of an
     NNX model.
 
@@ -197,8 +216,8 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     stay float32). damping: a fixed lambda (default: adaptive per unit, damping_scale x
     mean ||g||^2 / d). chunks_per_call: packed chunks per compiled call. mesh: 'auto'
     shards the examples over all devices (parameters replicated), None: one device.
-    estimator, estimator_options, curvature: as in `influence_scores` (several estimators
-    give a {name: LayerScores} from one set of gradients).
+    estimator, estimator_options, curvature, projection: as in `influence_scores` (several
+    estimators give a {name: LayerScores} from one set of gradients).
     """
     _check_chunk(chunk_size)
     if engine not in ENGINES:
@@ -213,7 +232,9 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     if curvature != "empirical_fisher" and engine == "packed":
         raise LayerIFError(f"curvature={curvature!r} needs engine='vmap' (the packed engine "
                            "gives per-example gradients, not curvature products)")
-    if curvature != "empirical_fisher":
+    if projection is not None and engine == "packed":
+        raise LayerIFError("projection needs engine='vmap'")
+    if curvature != "empirical_fisher" or projection is not None:
         packed_ok = False
     if engine == "packed" and not packed_ok:
         raise LayerIFError("engine='packed' needs one of the project's decoders, tokenised "
@@ -234,8 +255,10 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     part = make_partition(p, unit, _auto_layer_of(p, params) if layer_of == "auto" else layer_of)
     if loss_fn is None and not lm:
         raise LayerIFError("train/val are not tokenised LM examples: pass loss_fn(model, example)")
-    eng = GeneralEngine(_nnx_loss(graphdef, loss_fn, dt), p, part, mesh=m,
-                        chunk_size=chunk_size, const=rest)
+    eng, part = _maybe_projected(
+        GeneralEngine(_nnx_loss(graphdef, loss_fn, dt), p, part, mesh=m,
+                      chunk_size=chunk_size, const=rest), part, projection, projection_seed,
+        curvature)
     if lm and loss_fn is None:
         return driver.run(eng, part, lm_buckets(train, bucket_multiple),
                           lm_buckets(val, bucket_multiple), len(train), len(val), s, meta)
