@@ -342,3 +342,28 @@ def test_projection_on_the_full_weights_of_a_model_without_lora():
     assert np.isfinite(d.per_example).all() and d.meta["engine"] == "vmap+projection"
     with pytest.raises(LayerIFError, match="projection needs engine='vmap'"):
         layer_scores(model, train, val, projection=8, engine="packed")
+
+
+def test_damping_conventions(problem, curvatures):
+    """adaptive (DataInf's 0.1 mean ||g||^2 / d) = 0.1 x the empirical Fisher's mean
+    eigenvalue; "mean_eigenvalue" with the Gauss-Newton takes 0.1 x tr(GN_b) / d_b
+    (Hutchinson, 64 probes: within 30% here) and a number is used as given."""
+    f32, train, val, grads, vals = problem
+    ad = run(problem, "exact")
+    me = run(problem, "exact", damping="mean_eigenvalue")
+    np.testing.assert_allclose(me.lambdas, ad.lambdas, rtol=1e-6)
+    present = ad.lambdas[ad.lambdas != 1.0]   # absent (layer, unit) pairs hold 1
+    want = [0.1 * np.trace(X.T @ X / len(X)) / X.shape[1] for X in grads]
+    np.testing.assert_allclose(sorted(present), sorted(want), rtol=1e-5)
+    gn = influence_scores(split_loss(), f32, train, val, layer_of=per_leaf, mesh=None,
+                          estimator="exact", curvature="gauss_newton",
+                          damping="mean_eigenvalue", chunk_size=16)
+    lam = {name: v for name, v in zip(LEAVES, [gn.lambdas[l][
+        [u for u in range(gn.lambdas.shape[1]) if gn.lambdas[l, u] != 1.0][0]] for l in range(4)])}
+    for name, C in zip(LEAVES, curvatures["gauss_newton"]):
+        assert lam[name] == pytest.approx(0.1 * np.trace(C) / len(C), rel=0.3), name
+    assert gn.meta["hutchinson_probes"] == 64
+    fixed = run(problem, "exact", damping=0.2)
+    assert np.all((fixed.lambdas == 0.2) | (fixed.lambdas == 1.0))
+    with pytest.raises(LayerIFError, match="one of adaptive, mean_eigenvalue"):
+        run(problem, "exact", damping="huge")

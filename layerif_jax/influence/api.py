@@ -70,7 +70,7 @@ def _check_chunk(chunk_size: int) -> None:
 def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: str = "tensor",
                      estimator: str = "datainf", aggregate: str = "+ve", per_val: bool = False,
                      memory_budget=None, mesh="auto", chunk_size: int = 8,
-                     damping: float | None = None, damping_scale: float = 0.1,
+                     damping: float | str | None = None, damping_scale: float = 0.1,
                      skip_zero_units: bool = False, progress: bool = False,
                      estimator_options: dict | None = None,
                      curvature: str = "empirical_fisher", projection: int | None = None,
@@ -87,6 +87,9 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
     `estimators.ESTIMATORS` ("datainf", "identity", "exact"). Per-example gradients are
     `vmap(grad)` over chunks of `chunk_size` examples; `memory_budget` (bytes or "8GB")
     bounds the kept gradients (the rest is recomputed); `mesh` shards the examples.
+    damping: a fixed lambda, None ("adaptive": damping_scale x mean ||g_i,b||^2 / d_b, per
+    unit, DataInf's) or "mean_eigenvalue" (damping_scale x tr(C_b) / d_b of the run's
+    curvature; the same as adaptive for the empirical Fisher, Hutchinson otherwise).
     curvature: what H_b is -- "empirical_fisher" (G_b = (1/n) sum_i g g^T, default),
     "hessian" (forward-over-reverse products of the loss) or "gauss_newton" (J^T H_out J;
     pass `loss_fn=OutputLoss(output_fn, loss_of_output)`); the last two go with the
@@ -192,7 +195,7 @@ def lm_buckets(examples: Sequence[Example], multiple: int):
 
 def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable | None = None,
                  layer_of="auto", engine: str = "auto", estimator: str = "datainf",
-                 aggregate: str = "+ve", unit: str = "tensor", damping: float | None = None,
+                 aggregate: str = "+ve", unit: str = "tensor", damping: float | str | None = None,
                  damping_scale: float = 0.1, per_val: bool = False, chunk_size: int = 8,
                  memory_budget="8GB", dtype=None, mesh="auto", row_len: int | None = None,
                  bucket_multiple: int = 32, skip_zero_units: bool = False,

@@ -63,12 +63,21 @@ class LayerScores:
         return np.asarray(aggregate(self.per_example, how))
 
 
+# lambda_b per unit: None / "adaptive" = damping_scale x mean_i ||g_i,b||^2 / d_b (DataInf's;
+# for the empirical Fisher that IS damping_scale x its mean eigenvalue tr(G_b) / d_b);
+# "mean_eigenvalue" = damping_scale x tr(C_b) / d_b of the run's curvature (Hutchinson
+# with HUTCHINSON_PROBES Rademacher probes for the Gauss-Newton and the Hessian); a number
+# = that lambda for every unit.
+DAMPINGS = ("adaptive", "mean_eigenvalue")
+HUTCHINSON_PROBES = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What every run shares, whichever engine."""
     estimator: Estimator
     aggregate: str = "+ve"
-    damping: float | None = None
+    damping: float | str | None = None   # see DAMPINGS
     damping_scale: float = 0.1
     per_val: bool = False
     budget: int | None = None
@@ -91,7 +100,11 @@ class Settings:
         if self.aggregate not in AGGREGATES:
             raise LayerIFError(f"unknown aggregate {self.aggregate!r} (choose from "
                                f"{', '.join(AGGREGATES)})")
-        if self.damping is not None and not self.damping > 0:
+        if isinstance(self.damping, str):
+            if self.damping not in DAMPINGS:
+                raise LayerIFError(f"damping must be a number > 0 or one of "
+                                   f"{', '.join(DAMPINGS)}, got {self.damping!r}")
+        elif self.damping is not None and not self.damping > 0:
             raise LayerIFError(f"damping must be > 0, got {self.damping}")
         if not self.damping_scale > 0:
             raise LayerIFError(f"damping scale must be > 0, got {self.damping_scale}")
@@ -215,7 +228,8 @@ def damping(part: Partition, s: Settings, sq_u, n: int, uses_damping: bool):
     present = part.sizes() > 0
     sizes = jnp.asarray(np.maximum(part.sizes(), 1), jnp.float32)
     sq_sum = jnp.sum(sq_u, 0)                                   # [L, U]
-    lam = (jnp.full(sizes.shape, s.damping, jnp.float32) if s.damping
+    lam = (jnp.full(sizes.shape, s.damping, jnp.float32)
+           if s.damping is not None and not isinstance(s.damping, str)
            else s.damping_scale * sq_sum / n / sizes)
     zero = np.argwhere((to_host(sq_sum) == 0) & present)
     if len(zero) and uses_damping:
@@ -225,6 +239,25 @@ def damping(part: Partition, s: Settings, sq_u, n: int, uses_damping: bool):
                 f"{part.describe(int(l), int(u))} has an all-zero gradient over the training set "
                 f"({len(zero)} such units; skip them with skip_zero_units / --skip-zero-units)")
     return jnp.where((sq_sum == 0) | ~jnp.asarray(present), 1.0, lam)
+
+
+def curvature_product(engine, part: Partition, s: Settings, tb):
+    """x -> sum_i C_i,b x_b per unit from the engine, or None for the empirical Fisher."""
+    if s.curvature == "empirical_fisher":
+        return None
+    _, layer, unit = part.pieces()
+    piece_unit = np.unique(layer * part.num_units + unit, return_inverse=True)[1]
+    return functools.partial(engine.curvature_product, s.curvature, piece_unit=piece_unit,
+                             chunks=tb)
+
+
+def curvature_trace(product, v, onehot, n: int, probes: int = HUTCHINSON_PROBES):
+    """tr(C_b) per unit [L, U], Hutchinson: the mean of z . C z over Rademacher probes."""
+    keys = jax.random.split(jax.random.key(0), len(v))
+    z = [jnp.where(jax.random.bernoulli(k, 0.5, (probes,) + x.shape[1:]), 1.0, -1.0)
+         for k, x in zip(keys, v)]
+    cz = product(z)
+    return jnp.mean(core.to_units(core.pair_dots(z, cz), onehot), 0) / n
 
 
 @dataclasses.dataclass
@@ -263,6 +296,11 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings) ->
     sq_u, vg_u = core.to_units(sq, onehot), core.to_units(vg, onehot)  # [n_pad, (M,) L, U]
     uses = any(getattr(e, "uses_damping", True) for e in s.estimators or (s.estimator,))
     lam = damping(part, s, sq_u, n, uses)
+    if s.damping == "mean_eigenvalue" and s.curvature != "empirical_fisher":
+        tr = curvature_trace(curvature_product(engine, part, s, tb), v, onehot, n)
+        sizes = jnp.asarray(np.maximum(part.sizes(), 1), jnp.float32)
+        lam = jnp.where(jnp.asarray(part.sizes() > 0) & (tr > 0),
+                        s.damping_scale * tr / sizes, lam)
     jax.block_until_ready((sq_u, vg_u))
     t_train = time.perf_counter()
     return _Passes(tb, vb, v, kept, sq_u, vg_u, lam, keep_call, offsets, need, d_total, onehot,
@@ -299,12 +337,7 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
             yield (slice(int(p.offsets[k]), int(p.offsets[k + 1])),
                    p.kept[k] if p.kept[k] is not None else engine.grads(b)[0])
 
-    product = None
-    if s.curvature != "empirical_fisher":
-        _, layer, unit = part.pieces()
-        piece_unit = np.unique(layer * part.num_units + unit, return_inverse=True)[1]
-        product = functools.partial(engine.curvature_product, s.curvature,
-                                    piece_unit=piece_unit, chunks=p.tb)
+    product = curvature_product(engine, part, s, p.tb)
     ctx = Context(part=part, n=n, v=p.v, sq_u=p.sq_u, vg_u=p.vg_u, lam=p.lam, chunks=chunks,
                   kept=bool(p.keep_call.all()), needed_bytes=p.need, curvature=s.curvature,
                   product=product)
@@ -340,6 +373,9 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
                                        for b, k in zip(p.tb, p.keep_call) if k)),
               "recomputed_calls": int((~p.keep_call).sum()),
               "damping": "adaptive" if s.damping is None else s.damping,
+              **({"hutchinson_probes": HUTCHINSON_PROBES}
+                 if s.damping == "mean_eigenvalue" and s.curvature != "empirical_fisher"
+                 else {}),
               "damping_scale": s.damping_scale, "curvature": s.curvature,
               "phase_seconds": phases,
               **({"estimator_report": ctx.report} if ctx.report else {})})
