@@ -195,8 +195,8 @@ def lm_buckets(examples: Sequence[Example], multiple: int):
 
 def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable | None = None,
                  layer_of="auto", engine: str = "auto", estimator: str = "datainf",
-                 aggregate: str = "+ve", unit: str = "tensor", damping: float | str | None = None,
-                 damping_scale: float = 0.1, per_val: bool = False, chunk_size: int = 8,
+                 aggregate: str = "+ve", unit: str = "tensor",
+                 damping: float | str | None = None, damping_scale: float = 0.1, per_val: bool = False, chunk_size: int = 8,
                  memory_budget="8GB", dtype=None, mesh="auto", row_len: int | None = None,
                  bucket_multiple: int = 32, skip_zero_units: bool = False,
                  chunks_per_call: int = 4, progress: bool = False,
