@@ -18,12 +18,13 @@ Its options are its dataclass fields (`get_pruner("sparsegpt", blocksize=64)`).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from ....registry import Registry, import_all
 
-__all__ = ["Pruner", "PRUNERS", "register_pruner", "get_pruner", "pruner_options",
+__all__ = ["Pruner", "PrunerBase", "PRUNERS", "register_pruner", "get_pruner", "pruner_options",
            "nm_count"]
 
 
@@ -35,6 +36,19 @@ class Pruner(Protocol):
     def check(self, nm: tuple[int, int] | None) -> None: ...
 
     def prune(self, W, sparsity: float, nm, stats, n_tok: int): ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunerBase:
+    """The interface's defaults: a pruner with no option an N:M pattern can contradict
+    (`check` accepts every nm); a subclass sets name, calibration, default_epsilon and
+    writes `prune`."""
+    name: ClassVar[str]
+    calibration: ClassVar[str | None] = None
+    default_epsilon: ClassVar[float] = 0.1
+
+    def check(self, nm: tuple[int, int] | None) -> None:
+        return None
 
 
 _REGISTRY = Registry("pruning method")

@@ -8,7 +8,7 @@ import functools
 import jax
 
 from ..masks import apply_mask, lowest_k_flat, lowest_nm, magnitude_score
-from . import nm_count, register_pruner
+from . import PrunerBase, nm_count, register_pruner
 
 
 @functools.partial(jax.jit, static_argnames=("nm",))
@@ -19,13 +19,10 @@ def _magnitude(W, k, *, nm):
 
 @register_pruner
 @dataclasses.dataclass(frozen=True)
-class Magnitude:
+class Magnitude(PrunerBase):
     name = "magnitude"
     calibration = None
     default_epsilon = 0.3
-
-    def check(self, nm) -> None:
-        pass
 
     def prune(self, W, sparsity, nm, stats, n_tok):
         k = nm_count(W, nm) if nm else int(round(sparsity * W.size))

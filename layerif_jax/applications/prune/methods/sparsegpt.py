@@ -11,7 +11,7 @@ import numpy as np
 
 from ....errors import LayerIFError
 from ..masks import PRECISION, lowest_k, rank, check_nm, check_sparsity, check_weight
-from . import nm_count, register_pruner
+from . import PrunerBase, nm_count, register_pruner
 
 __all__ = ["sparsegpt_counts", "sparsegpt_core", "sparsegpt_prune", "SparseGPT"]
 
@@ -137,7 +137,7 @@ def sparsegpt_prune(W, H, sparsity: float | None = None, blocksize: int = 128,
 
 @register_pruner
 @dataclasses.dataclass(frozen=True)
-class SparseGPT:
+class SparseGPT(PrunerBase):
     name = "sparsegpt"
     calibration = "xtx"
     default_epsilon = 0.1

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ..masks import apply_mask, lowest_k_cols, lowest_nm, wanda_score
-from . import nm_count, register_pruner
+from . import PrunerBase, nm_count, register_pruner
 
 
 @functools.partial(jax.jit, static_argnames=("nm",))
@@ -21,13 +21,10 @@ def _wanda(W, sq, k, *, nm):
 
 @register_pruner
 @dataclasses.dataclass(frozen=True)
-class Wanda:
+class Wanda(PrunerBase):
     name = "wanda"
     calibration = "sq"
     default_epsilon = 0.1
-
-    def check(self, nm) -> None:
-        pass
 
     def prune(self, W, sparsity, nm, stats, n_tok):
         if nm:
