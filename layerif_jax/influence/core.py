@@ -38,6 +38,11 @@ def dots(g_leaves, h_leaves) -> jax.Array:
                             for g, h in zip(g_leaves, h_leaves)], -1)
 
 
+def safe_div(num, den):
+    """num / den where den > 0, else 0 (a unit with nothing in it stays at zero)."""
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
 def pair_dots(a_leaves, b_leaves) -> jax.Array:
     """a_m . b_m per piece (the same row m of both): leaves [M, P_k, ...] -> [M, P]."""
     return jnp.concatenate([jnp.sum(_flat(a, 1).astype(jnp.float32)

@@ -19,6 +19,7 @@ the estimator (it is found and imported by that name; the CLI offers it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Protocol
 
@@ -50,9 +51,18 @@ class Context:
     product: Callable | None = None  # x -> sum_i C_i,b x_b per unit, for another curvature
     report: dict = dataclasses.field(default_factory=dict)  # the estimator's diagnostics
 
+    @functools.cached_property
+    def _layer_unit(self) -> tuple[jax.Array, jax.Array]:
+        _, layer, unit = self.part.pieces()
+        return jnp.asarray(layer), jnp.asarray(unit)
+
+    @functools.cached_property
+    def _onehot(self) -> jax.Array:   # made once, not per solver iteration
+        return jnp.asarray(self.part.onehot())
+
     def leaf_view(self, x_LU: jax.Array) -> jax.Array:
         """[..., L, U] -> [..., P]: each piece takes its (layer, unit)'s value."""
-        _, layer, unit = self.part.pieces()
+        layer, unit = self._layer_unit
         return x_LU[..., layer, unit]
 
     def weighted_sum(self, coef_nMLU: jax.Array) -> list[jax.Array]:
@@ -67,7 +77,7 @@ class Context:
 
     def unit_dot(self, a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
         """a_m,b . b_m,b per unit: leaves [M, P_k, ...] -> [M, L, U]."""
-        return _unit_dot(a, b, jnp.asarray(self.part.onehot()))
+        return _unit_dot(a, b, self._onehot)
 
     def scale(self, x: list[jax.Array], s_MLU: jax.Array) -> list[jax.Array]:
         """Each unit's part of x times its scalar: leaves [M, P_k, ...], s [M, L, U]."""
@@ -79,11 +89,10 @@ class Context:
         gradients); the Gauss-Newton or Hessian products come from the engine."""
         if self.product is not None:
             return [a / self.n for a in self.product(x)]
-        onehot = jnp.asarray(self.part.onehot())
-        _, layer, unit = self.part.pieces()
+        layer, unit = self._layer_unit
         acc = None
         for _, g in self.chunks():
-            w = _fisher_product(g, x, onehot, jnp.asarray(layer), jnp.asarray(unit))
+            w = _fisher_product(g, x, self._onehot, layer, unit)
             acc = w if acc is None else [a + b for a, b in zip(acc, w)]
         return [a / self.n for a in acc]
 
@@ -137,11 +146,12 @@ class IterativeSolver(EstimatorBase):
             return [cx + lx for cx, lx in zip(ctx.matvec(x), ctx.scale(x, lam))]
         return apply
 
-    def residual(self, ctx: "Context", r: list[jax.Array], vnorm: jax.Array) -> np.ndarray:
-        """||r_b|| / ||v_b|| per unit on the host; 0 where v_b is zero."""
-        res = to_host(jnp.sqrt(ctx.unit_dot(r, r)), np.float64)
-        vn = to_host(vnorm, np.float64)
-        return np.where(vn > 0, res / np.where(vn > 0, vn, 1.0), 0.0)
+    def residual(self, ctx: "Context", r: list[jax.Array], vnorm: jax.Array,
+                 rr: jax.Array | None = None) -> np.ndarray:
+        """||r_b|| / ||v_b|| per unit on the host (rr: r . r when already known); 0 where
+        v_b is zero."""
+        rr = ctx.unit_dot(r, r) if rr is None else rr
+        return to_host(core.safe_div(jnp.sqrt(rr), vnorm), np.float64)
 
     def finish(self, ctx: "Context", rel: np.ndarray, iters: int, **report) -> None:
         """Record the run in ctx.report; raise, naming the worst unit, if it fell short."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..distributed import to_host
 from ..engines.general import CURVATURES
+from ..core import safe_div
 from . import EstimatorBase, register
 
 
@@ -41,8 +42,9 @@ class Arnoldi(EstimatorBase):
         keys = jax.random.split(jax.random.key(self.seed), len(ctx.v))
         start = [jax.random.normal(kk, (1,) + v.shape[1:], jnp.float32)
                  for kk, v in zip(keys, ctx.v)]
-        q = ctx.scale(start, 1.0 / jnp.sqrt(ctx.unit_dot(start, start)))
+        q = ctx.scale(start, safe_div(1.0, jnp.sqrt(ctx.unit_dot(start, start))))
         Q, alpha, beta = [], [], []
+        top = jnp.zeros_like(ctx.lam)[None]          # largest |alpha| so far, [1, L, U]
         for _ in range(self.k):
             Q.append(q)
             w = ctx.matvec(q)
@@ -50,9 +52,9 @@ class Arnoldi(EstimatorBase):
             for _ in range(2):                       # full re-orthogonalisation, twice
                 for qi in Q:
                     w = [a - b for a, b in zip(w, ctx.scale(qi, ctx.unit_dot(qi, w)))]
-            b = jnp.sqrt(ctx.unit_dot(w, w))         # [1, L, U]
-            scale_ = jnp.sqrt(jnp.abs(alpha[0]))[None] + 1e-30
-            alive = b > 1e-5 * scale_                # the Krylov space is not exhausted
+            b = jnp.sqrt(ctx.unit_dot(w, w))         # [1, L, U], an eigenvalue's scale
+            top = jnp.maximum(top, jnp.abs(alpha[-1])[None])
+            alive = b > 1e-5 * top                   # the Krylov space is not exhausted
             beta.append(jnp.where(alive, b, 0.0)[0])
             q = ctx.scale(w, jnp.where(alive, 1.0 / jnp.where(alive, b, 1.0), 0.0))
         theta, S = _ritz(np.stack([to_host(a, np.float64) for a in alpha]),
@@ -61,13 +63,13 @@ class Arnoldi(EstimatorBase):
         lam = jnp.broadcast_to(ctx.lam, (ctx.v[0].shape[0],) + ctx.lam.shape)
         h = ctx.scale(ctx.v, 1.0 / lam)
         for j, y in enumerate(ys):
-            c = ctx.unit_dot(_rows(y, ctx.v), ctx.v)                       # [M, L, U]
+            c = ctx.unit_dot(y, ctx.v)            # y [1, ...] broadcasts: [M, L, U]
             th = jnp.asarray(theta[j], jnp.float32)[None]
             coef = c / (th + lam) - c / lam
-            h = [a + b for a, b in zip(h, ctx.scale(_rows(y, ctx.v), coef))]
-        top = theta.max(0)
+            h = [a + b for a, b in zip(h, ctx.scale(y, coef))]
+        ritz_top = theta.max(0)
         ctx.report.update(k=len(Q), top_eigenvalue={
-            ctx.part.describe(int(l), int(u)): float(top[l, u])
+            ctx.part.describe(int(l), int(u)): float(ritz_top[l, u])
             for l, u in np.argwhere(ctx.part.sizes() > 0)})
         return h
 
@@ -91,7 +93,3 @@ def _combine(ctx, Q, s_kLU):
         term = ctx.scale(qi, jnp.asarray(si, jnp.float32)[None])
         out = term if out is None else [a + b for a, b in zip(out, term)]
     return out
-
-
-def _rows(y, like):
-    return [jnp.broadcast_to(a, b.shape) for a, b in zip(y, like)]

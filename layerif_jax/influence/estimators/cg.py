@@ -20,6 +20,7 @@ import numpy as np
 
 from ...errors import LayerIFError
 from ..distributed import to_host
+from ..core import safe_div
 from . import IterativeSolver, register
 
 
@@ -39,7 +40,7 @@ class CG(IterativeSolver):
             # (re)start from the true residual: in float32 the recursive one drifts below it
             p = list(r)
             rs = ctx.unit_dot(r, r)
-            rel = self.residual(ctx, r, vnorm)
+            rel = self.residual(ctx, r, vnorm, rs)
             while rel.max() > self.tol and it < self.max_iter:
                 Ap = A(p)
                 pAp = ctx.unit_dot(p, Ap)
@@ -50,15 +51,15 @@ class CG(IterativeSolver):
                         f"{self.name}: the damped curvature is not positive definite at "
                         f"{ctx.part.describe(int(l), int(u))} (p^T A p = "
                         f"{float(pAp[m, l, u]):.3g}); raise the damping or use exact")
-                alpha = jnp.where(pAp > 0, rs / jnp.where(pAp > 0, pAp, 1.0), 0.0)
+                alpha = safe_div(rs, pAp)
                 x = [a + b for a, b in zip(x, ctx.scale(p, alpha))]
                 r = [a - b for a, b in zip(r, ctx.scale(Ap, alpha))]
                 rs_new = ctx.unit_dot(r, r)
-                beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
+                beta = safe_div(rs_new, rs)
                 p = [a + b for a, b in zip(r, ctx.scale(p, beta))]
                 rs = rs_new
                 it += 1
-                rel = self.residual(ctx, r, vnorm)
+                rel = self.residual(ctx, r, vnorm, rs)
             r = [a - b for a, b in zip(ctx.v, A(x))]
             rel = self.residual(ctx, r, vnorm)
             if rel.max() <= self.tol or it >= self.max_iter or restarts >= 5:

@@ -7,11 +7,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from ..core import safe_div
 from . import EstimatorBase, register
-
-
-def _inv(x):
-    return jnp.where(x > 0, 1.0 / jnp.where(x > 0, x, 1.0), 0.0)
 
 
 @register
@@ -21,8 +18,8 @@ class Cosine(EstimatorBase):
     uses_damping = False
 
     def precondition(self, ctx):
-        return ctx.scale(ctx.v, _inv(jnp.sqrt(ctx.unit_dot(ctx.v, ctx.v))))
+        return ctx.scale(ctx.v, safe_div(1.0, jnp.sqrt(ctx.unit_dot(ctx.v, ctx.v))))
 
     def finalize(self, ctx, unit_scores):
         """[n_pad, M, L, U] scores v_b . g_i,b / ||v_b|| -> divided by ||g_i,b||."""
-        return unit_scores * _inv(jnp.sqrt(ctx.sq_u))[:, None]
+        return unit_scores * safe_div(1.0, jnp.sqrt(ctx.sq_u))[:, None]

@@ -16,6 +16,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from ..core import safe_div
 from . import IterativeSolver, register
 
 
@@ -25,7 +26,7 @@ def top_eigenvalue(ctx, iters: int):
     est = jnp.zeros((x[0].shape[0],) + ctx.lam.shape, jnp.float32)
     for _ in range(iters):
         norm = jnp.sqrt(ctx.unit_dot(x, x))
-        x = ctx.scale(x, jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0))
+        x = ctx.scale(x, safe_div(1.0, norm))
         gx = ctx.matvec(x)
         est = ctx.unit_dot(x, gx)                      # Rayleigh quotient (||x|| = 1)
         x = gx
