@@ -31,7 +31,7 @@ from layerif_jax.formats.peft import load_adapter
 from layerif_jax.io import default_model_path, shared_data_dir
 
 HERE = Path(__file__).resolve().parent
-ESTIMATORS = ["exact", "datainf", "identity", "cosine", "cg", "arnoldi", "lissa"]
+ESTIMATORS = ["exact", "datainf", "identity", "cosine", "kfac", "ekfac", "cg", "arnoldi", "lissa"]
 # float32 CG stalls near a relative residual of 1e-4 on these units (condition numbers
 # in the thousands under DataInf's damping): 1e-3 is what it reliably reaches
 OPTIONS = {"cg": {"max_iter": 200, "tol": 1e-3}, "arnoldi": {"k": 20},

@@ -108,3 +108,71 @@ def reference_scores(train_g, val_g, layers, estimator="datainf", unit="tensor",
                 else:
                     per_ex[:, l] += G @ h
     return per_ex, per_val
+
+
+def torch_kfac_factors(pm, examples, lora_names, layers):
+    """{(module, 'A'|'B', layer): (left, right)} float64 K-FAC factors from torch hooks on
+    peft's LoRA modules, one backward per example: for A the mean over all tokens of
+    x x^T (the input of lora_A) and (1/n) sum over tokens of du du^T (du: the gradient of
+    lora_A's output); for B the same of u (lora_A's output) and of the gradient of lora_B's
+    output (the scaling included, as peft multiplies after lora_B)."""
+    sums, hooks, tokens = {}, [], 0
+    mods = dict(pm.named_modules())
+
+    def record(key, which):
+        def fwd(mod, inp, out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+            add(key, which, 0, x)
+            out.register_hook(lambda g: add(key, which, 1, g.detach().reshape(-1, g.shape[-1])))
+        return fwd
+
+    def add(key, which, side, z):
+        k = (key[0], which, key[1])
+        acc = sums.setdefault(k, [0.0, 0.0])
+        acc[side] = acc[side] + (z.T @ z).numpy()
+
+    for name in lora_names:
+        sub = "self_attn" if name in MODULES[:4] else "mlp"
+        for l in range(layers):
+            pre = f"base_model.model.model.layers.{l}.{sub}.{name}"
+            hooks.append(mods[f"{pre}.lora_A.default"].register_forward_hook(record((name, l), "A")))
+            hooks.append(mods[f"{pre}.lora_B.default"].register_forward_hook(record((name, l), "B")))
+    try:
+        for ex in examples:
+            pm.zero_grad()
+            ids = torch.tensor(ex.ids[None].astype(np.int64))
+            labels = ids.clone()
+            labels[0, ~torch.tensor(ex.targets)] = -100
+            pm(input_ids=ids, labels=labels).loss.backward()
+            tokens += len(ex.ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(examples)
+    return {k: (v[0] / tokens, v[1] / n) for k, v in sums.items()}
+
+
+def kfac_reference_scores(train_g, val_g, factors, layers, ekfac=False):
+    """Per-example per-layer K-FAC / EK-FAC scores [n, L] (tensor units, adaptive damping
+    0.1 mean ||g||^2 / d), written with explicit Kronecker matrices: G ~ kron(left, right)
+    (K-FAC), or kron(Q_L, Q_R) diag(corrected) kron(Q_L, Q_R)^T with the corrected
+    eigenvalues the diagonal of the empirical Fisher in that basis (EK-FAC)."""
+    names = sorted({k[0] for k in train_g})
+    n = next(iter(train_g.values())).shape[0]
+    out = np.zeros((n, layers))
+    for l in range(layers):
+        for nm in names:
+            for ab in "AB":
+                G = train_g[(nm, ab, l)]
+                v = val_g[(nm, ab, l)].mean(0)
+                d = G.shape[1]
+                lam = 0.1 * np.mean(np.sum(G * G, 1)) / d
+                left, right = factors[(nm, ab, l)]
+                if ekfac:
+                    Q = np.kron(np.linalg.eigh(left)[1], np.linalg.eigh(right)[1])
+                    diag = np.einsum("ij,ik,kj->j", Q, G.T @ G / n, Q)
+                    h = Q @ ((Q.T @ v) / (diag + lam))
+                else:
+                    h = np.linalg.solve(np.kron(left, right) + lam * np.eye(d), v)
+                out[:, l] += G @ h
+    return out

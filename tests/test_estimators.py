@@ -367,3 +367,94 @@ def test_damping_conventions(problem, curvatures):
     assert np.all((fixed.lambdas == 0.2) | (fixed.lambdas == 1.0))
     with pytest.raises(LayerIFError, match="one of adaptive, mean_eigenvalue"):
         run(problem, "exact", damping="huge")
+
+
+# -- K-FAC and EK-FAC ----------------------------------------------------------------------
+
+def _kronecker_context(distort: bool, seed=0, P=2, a=4, b=3, lam=0.05):
+    """A Context whose per-example gradients are exactly Kronecker-structured: g = x y^T
+    over every pair (x, y) of two sets, so the empirical Fisher of each piece IS
+    kron(mean x x^T, mean y y^T). `distort` squares the factors' eigenvalues (same
+    eigenvectors): K-FAC is then off, EK-FAC (which corrects them) is not."""
+    from layerif_jax.influence import core
+    from layerif_jax.influence.estimators import Context
+    from layerif_jax.influence.partition import make_partition
+
+    rng = np.random.default_rng(seed)
+    X, Y = rng.normal(size=(P, 5, a)), rng.normal(size=(P, 6, b))
+    g = np.einsum("pia,pjb->ijpab", X, Y).reshape(30, P, a, b)
+    left = np.einsum("pia,pic->pac", X, X) / 5
+    right = np.einsum("pjb,pjd->pbd", Y, Y) / 6
+    if distort:
+        left, right = left @ left, right @ right
+    part = make_partition({"w": np.zeros((P, a, b))}, layer_of="stacked")
+    onehot = jnp.asarray(part.onehot())
+    G = [jnp.asarray(g, jnp.float32)]
+    v = [jnp.asarray(rng.normal(size=(1, P, a, b)), jnp.float32)]
+    ctx = Context(part=part, n=30, v=v, sq_u=core.to_units(core.sq_norms(G), onehot),
+                  vg_u=core.to_units(core.dots(G, v), onehot),
+                  lam=jnp.full((P, 1), lam, jnp.float32), chunks=lambda: iter([(slice(0, 30), G)]),
+                  kept=True, factors=lambda: [(left, right)])
+    want = np.stack([np.linalg.solve(np.einsum("nd,ne->de", gp, gp) / 30 + lam * np.eye(a * b),
+                                     np.asarray(v[0][0, p], np.float64).ravel())
+                     for p, gp in enumerate(np.moveaxis(g.reshape(30, P, -1), 1, 0))])
+    return ctx, want.reshape(1, P, a, b)
+
+
+@pytest.mark.parametrize("distort", [False, True])
+def test_ekfac_is_exact_on_kronecker_structured_gradients(distort):
+    from layerif_jax.influence import get_estimator
+    ctx, want = _kronecker_context(distort)
+    got = np.asarray(get_estimator("ekfac").precondition(ctx)[0], np.float64)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    ctx, _ = _kronecker_context(distort)
+    kfac = np.asarray(get_estimator("kfac").precondition(ctx)[0], np.float64)
+    err = np.abs(kfac - want).max() / np.abs(want).max()
+    assert (err > 0.1) if distort else (err < 1e-4), err
+
+
+def test_kfac_needs_the_packed_engine(problem):
+    with pytest.raises(LayerIFError, match="packed engine"):
+        run(problem, "kfac")
+
+
+def _decoder_problem(seed=0):
+    from flax import nnx
+
+    import layerif_jax as lj
+    from conftest import random_lora_b
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.decoder import Decoder
+    from layerif_jax.models.lora import LoraConfig, apply_lora
+
+    cfg = ModelConfig(model_type="llama", vocab_size=41, hidden_size=16, intermediate_size=24,
+                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoraConfig(rank=2, alpha=4))
+    rng = random_lora_b(model, 0.2)
+    ex = lambda k: [lj.Example(rng.integers(0, 41, t).astype(np.int32), np.arange(t) >= 1)  # noqa: E731
+                    for t in rng.integers(3, 12, k)]
+    return model, ex
+
+
+def test_ekfac_factors_are_saved_and_reused_for_another_validation_set(tmp_path):
+    from layerif_jax.influence import layer_scores
+    model, ex = _decoder_problem()
+    train, val, val2 = ex(12), ex(4), ex(5)
+    kw = dict(mesh=None, engine="packed", chunk_size=4, estimator="ekfac")
+    where = {"factors_dir": str(tmp_path / "f")}
+    first = layer_scores(model, train, val, estimator_options=where, **kw)
+    assert first.meta["estimator_report"]["factors_saved_to"] == where["factors_dir"]
+    again = layer_scores(model, train, val2, estimator_options=where, **kw)
+    assert again.meta["estimator_report"]["factors_reused_from"] == where["factors_dir"]
+    fresh = layer_scores(model, train, val2, **kw)
+    np.testing.assert_allclose(again.per_example, fresh.per_example, rtol=1e-5, atol=1e-8)
+    with pytest.raises(LayerIFError, match="factors of another run .*training gradients"):
+        layer_scores(model, ex(12), val, estimator_options=where, **kw)
+    with pytest.raises(LayerIFError, match="factors of another run .*estimator"):
+        layer_scores(model, train, val, estimator_options=where, **{**kw, "estimator": "kfac"})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(LayerIFError, match="no complete saved factors"):
+        layer_scores(model, train, val, estimator_options={"factors_dir": str(tmp_path / "mine")},
+                     **kw)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

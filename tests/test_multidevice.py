@@ -36,8 +36,12 @@ SCRIPT = BUILD + textwrap.dedent("""
     four_g = layer_scores(model, train, val, mesh="auto", chunk_size=1, row_len=17,
                           chunks_per_call=3, per_val=True)
     assert four_g.meta["calls"] < four_g.meta["chunks"], four_g.meta
+    # K-FAC factors are token sums over each device's rows, summed across the mesh
+    ek_one = layer_scores(model, train, val, mesh=None, chunk_size=4, estimator="ekfac")
+    ek_four = layer_scores(model, train, val, mesh="auto", chunk_size=4, estimator="ekfac")
     print("REL", rel(four.per_example, one.per_example), rel(four.per_val_layers, one.per_val_layers),
-          rel(four_r.per_example, one.per_example), rel(four_g.per_val_layers, one.per_val_layers))
+          rel(four_r.per_example, one.per_example), rel(four_g.per_val_layers, one.per_val_layers),
+          rel(ek_four.per_example, ek_one.per_example))
 """)
 
 # every process runs this with the same model and examples; each gets the whole result

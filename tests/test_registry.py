@@ -38,8 +38,8 @@ def test_cli_lists_them_without_importing_jax():
             "print(ESTIMATORS, PRUNE_METHODS, 'jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip() == ("('arnoldi', 'cg', 'cosine', 'datainf', 'exact', 'identity', "
-                           "'lissa') ('magnitude', 'sparsegpt', 'wanda') False")
+    assert out.strip() == ("('arnoldi', 'cg', 'cosine', 'datainf', 'ekfac', 'exact', 'identity', "
+                           "'kfac', 'lissa') ('magnitude', 'sparsegpt', 'wanda') False")
 
 
 def test_registry_options_and_errors():

@@ -25,7 +25,8 @@ class ScoresConfig(OverwriteArgs, ModelArgs):
     n_val: int = opt(50, "first m validation records", type=positive_int)
     estimator: str = opt("datainf", "inverse-Hessian estimator", choices=ESTIMATORS)
     estimator_options: list = opt([], "the estimator's options, NAME=VALUE each (cg, lissa: "
-                                      "tol=1e-3 max_iter=500; arnoldi: k=40)", type=key_value,
+                                      "tol=1e-3 max_iter=500; arnoldi: k=40; kfac, ekfac: "
+                                      "factors_dir=DIR)", type=key_value,
                                   nargs="*", metavar="NAME=VALUE", shown="none")
     aggregate: str = opt("+ve", "layer score S reported first", choices=AGGREGATES)
     unit: str = opt("tensor", "unit of inversion: each LoRA tensor, module (A and B) or block",

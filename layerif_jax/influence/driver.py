@@ -32,7 +32,7 @@ from ..stop import check as check_stop
 from . import core
 from .aggregate import AGGREGATES, aggregate
 from .distributed import to_host
-from .estimators import Context, Estimator
+from .estimators import Context, Estimator, no_factors
 from .partition import Partition
 
 
@@ -208,17 +208,22 @@ def validation_pass(engine, calls, m: int, per_val: bool, show: bool) -> list[ja
     return [sum(xs) for xs in zip(*parts)]
 
 
-def training_pass(engine, calls, v, keep_call, show: bool):
-    """(kept gradients per call or None, ||g||^2 [n_pad, P], v . g [n_pad, M, P])."""
-    kept, sq, vg, fins = [], [], [], []
+def training_pass(engine, calls, v, keep_call, show: bool, factors: bool = False):
+    """(kept gradients per call or None, ||g||^2 [n_pad, P], v . g [n_pad, M, P], the
+    K-FAC token sums of every call or None)."""
+    kept, sq, vg, fins, sums = [], [], [], [], None
     for k, b in enumerate(progress(calls, len(calls), "train grads", show)):
-        g, fin = engine.grads(b)
+        if factors:
+            g, fin, f = engine.grads_and_factors(b)
+            sums = f if sums is None else [a + c for a, c in zip(sums, f)]
+        else:
+            g, fin = engine.grads(b)
         sq.append(_sq_norms(g))
         vg.append(_dots(g, v))
         fins.append(fin)
         kept.append(g if keep_call[k] else None)
     raise_nonfinite(fins, calls, "training")
-    return kept, jnp.concatenate(sq), jnp.concatenate(vg)
+    return kept, jnp.concatenate(sq), jnp.concatenate(vg), sums
 
 
 def damping(part: Partition, s: Settings, sq_u, n: int, uses_damping: bool):
@@ -277,6 +282,7 @@ class _Passes:
     onehot: Any
     phases: dict
     seconds: float
+    factors: Any = None      # () -> K-FAC factors, computed once for every estimator
 
 
 def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings) -> _Passes:
@@ -292,7 +298,8 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings) ->
     v = validation_pass(engine, vb, m, s.per_val, s.progress)
     jax.block_until_ready(v)
     t_val = time.perf_counter()
-    kept, sq, vg = training_pass(engine, tb, v, keep_call, s.progress)
+    want_factors = any(getattr(e, "needs_factors", False) for e in s.estimators or (s.estimator,))
+    kept, sq, vg, sums = training_pass(engine, tb, v, keep_call, s.progress, want_factors)
     sq_u, vg_u = core.to_units(sq, onehot), core.to_units(vg, onehot)  # [n_pad, (M,) L, U]
     uses = any(getattr(e, "uses_damping", True) for e in s.estimators or (s.estimator,))
     lam = damping(part, s, sq_u, n, uses)
@@ -303,9 +310,11 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings) ->
                         s.damping_scale * tr / sizes, lam)
     jax.block_until_ready((sq_u, vg_u))
     t_train = time.perf_counter()
+    factors = (functools.cache(functools.partial(engine.kfac_factors, sums, tb, n))
+               if want_factors else None)
     return _Passes(tb, vb, v, kept, sq_u, vg_u, lam, keep_call, offsets, need, d_total, onehot,
                    {"validation": round(t_val - t0, 3), "train": round(t_train - t_val, 3)},
-                   t_train - t0)
+                   t_train - t0, factors)
 
 
 def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
@@ -313,6 +322,9 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     """All four passes (see the module docstring). `train`/`val`: what `engine.chunks`
     takes; n and m count the real examples. With `s.estimators` every one of them runs
     on the same gradients and a {name: LayerScores} comes back."""
+    for e in s.estimators or (s.estimator,):   # before any work
+        if getattr(e, "needs_factors", False) and not hasattr(engine, "grads_and_factors"):
+            raise LayerIFError(no_factors(e.name))
     p = _passes(engine, part, train, val, n, m, s)
     out = {e.name: _score(e, engine, part, p, n, m, s, meta) for e in
            (s.estimators or (s.estimator,))}
@@ -340,7 +352,7 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
     product = curvature_product(engine, part, s, p.tb)
     ctx = Context(part=part, n=n, v=p.v, sq_u=p.sq_u, vg_u=p.vg_u, lam=p.lam, chunks=chunks,
                   kept=bool(p.keep_call.all()), needed_bytes=p.need, curvature=s.curvature,
-                  product=product)
+                  product=product, factors=p.factors)
     h = est.precondition(ctx)
     phase("precondition", h)
     unit_scores = (p.vg_u if h is None else core.to_units(

@@ -72,8 +72,9 @@ def _fold(kernel, a, b, scale: float, dtype) -> jax.Array:
     return jax.lax.optimization_barrier(w).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def probed_linears(x, params, probes, onehot_RJT, scales: tuple, dtype) -> tuple:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def probed_linears(x, params, probes, onehot_RJT, scales: tuple, dtype,
+                   mode: str = "grads") -> tuple:
     """The LoRA maps that share the input x [R, T, I] (q, k, v or gate, up), as ONE
     GEMM against the concatenated folded kernels [W_m + s_m A_m B_m]: a tuple of y_m.
 
@@ -90,28 +91,35 @@ def probed_linears(x, params, probes, onehot_RJT, scales: tuple, dtype) -> tuple
     the cotangents of W, A and B are zeros: the path is differentiable with respect
     to x and the probes only. Saved for the backward: x and the parameter slices
     (which the layer scan forwards without a copy), never dy or a folded matrix.
+
+    mode="both": each map's probes also hold zero K-FAC factors (pA, pB, xx [I, I],
+    dudu [r, r], uu [r, r], dydy [O, O]), whose cotangents are the token sums over
+    the chunk's example tokens of x x^T, du du^T (du = s dy B^T, the gradient with
+    respect to x A), u u^T (u = x A) and (s dy)(s dy)^T (the gradient with respect to
+    the LoRA output): the covariances of K-FAC for A and for B, from the same backward.
     """
-    return _probed_fwd(x, params, probes, onehot_RJT, scales, dtype)[0]
+    return _probed_fwd(x, params, probes, onehot_RJT, scales, dtype, mode)[0]
 
 
 def _folded_cat(params, scales, dtype):
     return jnp.concatenate([_fold(k, a, b, s, dtype) for (k, a, b), s in zip(params, scales)], 1)
 
 
-def _probed_fwd(x, params, probes, onehot_RJT, scales, dtype):
+def _probed_fwd(x, params, probes, onehot_RJT, scales, dtype, mode="grads"):
     y = mm(x, _folded_cat(params, scales, dtype))
     sizes = [k.shape[-1] for k, _, _ in params]
     ys = tuple(jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1))
     return ys, (x, params, onehot_RJT)
 
 
-def _probed_bwd(scales, dtype, res, dys):
+def _probed_bwd(scales, dtype, mode, res, dys):
     x, params, oh = res
     dx = mm(jnp.concatenate([dy.astype(dtype) for dy in dys], -1),
             _folded_cat(params, scales, dtype).T)
     prec = precision()
     R, J, T = oh.shape
     xf = x.astype(jnp.float32)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     g_probes = []
     for (_, a, b), s, dy in zip(params, scales, dys):
         dyf = dy.astype(jnp.float32)
@@ -121,22 +129,42 @@ def _probed_bwd(scales, dtype, res, dys):
         gA = jnp.einsum("rjtk,rti->rjik", oh[..., None] * du[:, None], xf, precision=prec)
         gB = s * jnp.einsum("rjtk,rto->rjko", oh[..., None] * u[:, None], dyf, precision=prec)
         g_probes.append((gA.reshape(R * J, *gA.shape[2:]), gB.reshape(R * J, *gB.shape[2:])))
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    if mode == "both":
+        g_probes = [g + f for g, f in zip(g_probes, _factor_sums(xf, params, scales, dys, oh,
+                                                                    prec))]
     return dx, zeros, tuple(g_probes), jnp.zeros_like(oh)
+
+
+def _factor_sums(xf, params, scales, dys, oh, prec) -> tuple:
+    """Token sums of the K-FAC covariances of every map of a group (see probed_linears);
+    padding tokens are masked out, and x x^T is formed once for the maps sharing x."""
+    mask = jnp.sum(oh, 1)[..., None]                                  # [R, T, 1]
+    xm = xf * mask
+    xx = jnp.einsum("rti,rtj->ij", xm, xf, precision=prec)
+    out = []
+    for (_, a, b), s, dy in zip(params, scales, dys):
+        sdy = s * dy.astype(jnp.float32) * mask
+        u = jnp.einsum("rti,ik->rtk", xf, a.astype(jnp.float32), precision=prec)
+        du = jnp.einsum("rto,ko->rtk", sdy, b.astype(jnp.float32), precision=prec)
+        out.append((xx, jnp.einsum("rtk,rtl->kl", du, du, precision=prec),
+                    jnp.einsum("rtk,rtl->kl", u * mask, u, precision=prec),
+                    jnp.einsum("rto,rtp->op", sdy, sdy, precision=prec)))
+    return tuple(out)
 
 
 probed_linears.defvjp(_probed_fwd, _probed_bwd)
 
 
-def probe_group_fn(scales: dict[str, float], onehot_RJT, dtype):
+def probe_group_fn(scales: dict[str, float], onehot_RJT, dtype, mode: str = "grads"):
     """The `group_fn` hook: the LoRA maps of a group as one probed GEMM; maps without
-    LoRA as plain GEMMs. `data` is the layer's probes {name: (pA, pB)}."""
+    LoRA as plain GEMMs. `data` is the layer's probes {name: (pA, pB)}, with mode
+    "both" followed by its zero K-FAC factors."""
     def fn(p, probes, names, h):
         lora = [n for n in names if n in probes]
         ys = dict(zip(lora, probed_linears(
             h, tuple((p[n]["kernel"], p[n]["lora_a"], p[n]["lora_b"]) for n in lora),
             tuple(probes[n] for n in lora), onehot_RJT, tuple(scales[n] for n in lora),
-            dtype))) if lora else {}
+            dtype, mode))) if lora else {}
         out = []
         for n in names:
             y = ys[n] if n in ys else mm(h, p[n]["kernel"].astype(dtype))
@@ -249,9 +277,29 @@ def zero_probes(model, rows: int, per_row: int, dtype=jnp.float32) -> dict[str, 
             for name, (d_in, r, d_out, _) in model.packed_lora().items()}
 
 
-def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None):
+def _chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, mode: str):
+    """probes -> the sum over the chunk's examples of each example's mean next-token
+    loss, with every LoRA group probed (`probe_group_fn`, in `mode`)."""
+    oh_RJT = (seg_RT[:, None, :] == jnp.arange(per_row)[None, :, None]).astype(jnp.float32)
+    # position t predicts token t+1: weight it by targets[t+1] / (targets of its example)
+    tgt = jnp.concatenate([tgt_RT[:, 1:], jnp.zeros_like(tgt_RT[:, :1])], 1).astype(jnp.float32)
+    n_tok_RJ = jnp.einsum("rjt,rt->rj", oh_RJT, tgt)
+    w_RT = jnp.einsum("rjt,rj->rt", oh_RJT, 1.0 / jnp.maximum(n_tok_RJ, 1.0)) * tgt
+    scales = {n: s for n, (*_, s) in model.packed_lora().items()}
+    group_fn = probe_group_fn(scales, oh_RJT, dtype or model.dtype, mode)
+
+    def loss(probes):
+        x = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT, segments_BT=seg_RT,
+                                dtype=dtype, group_fn=group_fn, layer_data=probes)
+        return jnp.sum(model.next_token_nll(x, ids_RT) * w_RT)
+    return loss
+
+
+def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None, factors: bool = False):
     """(lora, rest, ids, segments, positions, targets, slot_pos, probes)
-    -> (grads [E, L, ...] like lora, finite_E).
+    -> (grads [E, L, ...] like lora, finite_E), and with `factors` also the token sums
+    of the K-FAC covariances of every LoRA leaf, [left, right] per leaf in leaf order
+    (A: x x^T and du du^T; B: u u^T and dy dy^T, see `probed_linears`).
 
     Pure and jit-able; one forward and one batched backward per chunk. `probes` are
     zeros from `zero_probes`; their gradient is the per-example LoRA gradient of
@@ -262,37 +310,29 @@ def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None):
 
     def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E, probes):
         model = nnx.merge(graphdef, lora, rest)
-        oh_RJT = (seg_RT[:, None, :] == jnp.arange(per_row)[None, :, None]).astype(jnp.float32)
-        # position t predicts token t+1: weight it by targets[t+1] / (targets of its example)
-        tgt = jnp.concatenate([tgt_RT[:, 1:], jnp.zeros_like(tgt_RT[:, :1])], 1).astype(jnp.float32)
-        n_tok_RJ = jnp.einsum("rjt,rt->rj", oh_RJT, tgt)
-        w_RT = jnp.einsum("rjt,rj->rt", oh_RJT, 1.0 / jnp.maximum(n_tok_RJ, 1.0)) * tgt
-        scales = {n: s for n, (*_, s) in model.packed_lora().items()}
-        cdt = dtype or model.dtype
-
-        def loss(probes):
-            x = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT,
-                                    segments_BT=seg_RT, dtype=dtype,
-                                    group_fn=probe_group_fn(scales, oh_RJT, cdt),
-                                    layer_data=probes)
-            return jnp.sum(model.next_token_nll(x, ids_RT) * w_RT)
-
-        g = jax.grad(loss)(probes)
+        if factors:   # made inside: only their cotangents are kept
+            zeros = zero_factors(model)
+            probes = {k: p + zeros[k] for k, p in probes.items()}
+        g = jax.grad(_chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype,
+                                 "both" if factors else "grads"))(probes)
 
         def to_slots(g_LP):  # [L, R*J, ...] -> [E, L, ...] (empty slots: zeros)
             g_LP = jnp.concatenate([g_LP, jnp.zeros_like(g_LP[:, :1])], 1)
             return jnp.moveaxis(jnp.take(g_LP, slot_pos_E, axis=1), 1, 0)
 
-        def pick(path, leaf):
+        def of_leaf(path):  # the leaf's map and whether it is A
             keys = [str(getattr(k, "key", k)) for k in path]
-            name = next(k for k in keys if k in g)
-            return to_slots(g[name][0 if "lora_a" in keys else 1]).astype(leaf.dtype)
+            return g[next(k for k in keys if k in g)], "lora_a" in keys
 
-        out = jax.tree_util.tree_map_with_path(pick, lora)
-        leaves = jax.tree.leaves(out)
+        leaves, sums = [], []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(lora)[0]:
+            gm, is_a = of_leaf(path)
+            leaves.append(to_slots(gm[0 if is_a else 1]).astype(leaf.dtype))
+            if factors:
+                sums += [gm[2], gm[3]] if is_a else [gm[4], gm[5]]
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(slots, -1)), axis=1)
                                     for g in leaves]), axis=0)
-        return leaves, finite
+        return (leaves, finite, sums) if factors else (leaves, finite)
 
     return fn
 
@@ -326,22 +366,36 @@ class Group:
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_fn(graphdef, dtype, slots, per_row, mesh):
+def compiled_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False):
     """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...], probes)
-    -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`."""
-    fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype)
+    -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
+    with `factors` also the K-FAC token sums of the k chunks (summed over devices)."""
+    fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype, factors=factors)
 
     def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
-        g, fin = jax.lax.map(lambda a: fn(lora, rest, *a, probes), (ids, seg, pos, tgt, slot_pos))
+        out = jax.lax.map(lambda a: fn(lora, rest, *a, probes), (ids, seg, pos, tgt, slot_pos))
         slot_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-        return [slot_major(x) for x in g], slot_major(fin)
+        g, fin = [slot_major(x) for x in out[0]], slot_major(out[1])
+        if not factors:
+            return g, fin
+        sums = [jnp.sum(x, 0) for x in out[2]]
+        return g, fin, (sums if mesh is None else jax.lax.psum(sums, mesh.axis_names[0]))
 
     if mesh is not None:  # each device packs and differentiates its own rows and slots
         ax = mesh.axis_names[0]
         group_fn = jax.shard_map(
             group_fn, mesh=mesh, in_specs=(P(), P(), *(P(None, ax),) * 6),
-            out_specs=(P(ax), P(ax)), check_vma=False)
+            out_specs=(P(ax), P(ax)) + ((P(),) if factors else ()), check_vma=False)
     return jax.jit(group_fn)
+
+
+def zero_factors(model) -> dict[str, tuple]:
+    """Zero K-FAC factors {LoRA map: (xx [L, I, I], dudu [L, r, r], uu [L, r, r],
+    dydy [L, O, O])}, appended to the gradient probes when the factors are wanted."""
+    L = model.cfg.num_layers
+    return {name: (jnp.zeros((L, d_in, d_in)), jnp.zeros((L, r, r)), jnp.zeros((L, r, r)),
+                   jnp.zeros((L, d_out, d_out)))
+            for name, (d_in, r, d_out, _) in model.packed_lora().items()}
 
 
 class PackedEngine:
@@ -397,11 +451,27 @@ class PackedEngine:
                     *(dataclasses.astuple(c) for c in local[k:k + self.ndev]))))
                 for k in range(0, len(local), self.ndev)]
 
+    def _put(self, arrays: tuple) -> tuple:
+        return arrays if self.mesh is None else tuple(put(a, self._group_shard) for a in arrays)
+
     def grads(self, c: Group) -> tuple[list[jax.Array], jax.Array]:
-        arrs = c.arrays
-        if self.mesh is not None:
-            arrs = tuple(put(a, self._group_shard) for a in arrs)
-        return self.fn(self.params, self.rest, *arrs, self.probes)
+        return self.fn(self.params, self.rest, *self._put(c.arrays), self.probes)
+
+    def grads_and_factors(self, c: Group) -> tuple[list[jax.Array], jax.Array, list]:
+        """`grads` plus the K-FAC token sums of the call ([left, right] per leaf), from
+        the same backward: the covariance products are the only extra work."""
+        fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
+                         self.mesh, True)
+        return fn(self.params, self.rest, *self._put(c.arrays), self.probes)
+
+    def kfac_factors(self, sums: list, calls: Sequence[Group], n: int) -> list:
+        """The K-FAC factors of every LoRA leaf (float64, left [L, a, a], right [L, b, b])
+        from the training calls' token sums, normalised so that left (x) right ~ the
+        empirical Fisher (1/n) sum_i g_i g_i^T of each layer's piece: left per token
+        (over the N training tokens), right per example (K-FAC "expand")."""
+        tokens = max(1, int(sum((c.arrays[1] >= 0).sum() for c in calls)))
+        host = [np.asarray(jax.device_get(x), np.float64) for x in sums]
+        return [(host[2 * k] / tokens, host[2 * k + 1] / n) for k in range(len(host) // 2)]
 
     def describe(self, calls: Sequence[Group]) -> dict[str, Any]:
         return {"chunk_slots": self.slots, "chunk_shapes": sorted({c.chunk_shape for c in calls}),

@@ -50,6 +50,7 @@ class Context:
     curvature: str = "empirical_fisher"
     product: Callable | None = None  # x -> sum_i C_i,b x_b per unit, for another curvature
     report: dict = dataclasses.field(default_factory=dict)  # the estimator's diagnostics
+    factors: Callable[[], list] | None = None  # K-FAC factors per leaf, from the engine
 
     @functools.cached_property
     def _layer_unit(self) -> tuple[jax.Array, jax.Array]:
@@ -96,6 +97,13 @@ class Context:
             acc = w if acc is None else [a + b for a, b in zip(acc, w)]
         return [a / self.n for a in acc]
 
+    def kfac_factors(self, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per leaf (left [P_k, a, a], right [P_k, b, b]) float64, left (x) right ~ the
+        empirical Fisher of each piece (the engine's `kfac_factors`)."""
+        if self.factors is None:
+            raise LayerIFError(no_factors(name))
+        return self.factors()
+
     def require_kept(self, name: str, why: str) -> None:
         """Refuse to run when the gradients are not all kept (each of its passes would
         recompute them), naming the budget that keeps them."""
@@ -103,6 +111,12 @@ class Context:
             raise LayerIFError(
                 f"estimator {name!r} {why}, so it needs every training gradient kept: raise "
                 f"the memory budget to at least {self.needed_bytes / 1e6:.1f} MB")
+
+
+def no_factors(name: str) -> str:
+    return (f"estimator {name!r} needs the input and output gradient of every LoRA map (its "
+            "Kronecker factors), which the packed engine measures: run the project's decoders "
+            "with engine='packed' (not engine='vmap' or a projection)")
 
 
 _weighted_sum = jax.jit(core.weighted_sum)
@@ -128,6 +142,7 @@ class EstimatorBase:
     extra_passes: ClassVar[int] = 1
     needs_all_gradients: ClassVar[bool] = False
     uses_damping: ClassVar[bool] = True
+    needs_factors: ClassVar[bool] = False    # the engine's K-FAC factors (kfac, ekfac)
     curvatures: ClassVar[tuple[str, ...]] = ("empirical_fisher",)
 
 
@@ -198,5 +213,5 @@ from .exact import Exact  # noqa: E402
 from .identity import Identity  # noqa: E402
 
 __all__ = ["Context", "Estimator", "EstimatorBase", "IterativeSolver", "ESTIMATORS", "register",
-           "get_estimator", "DataInf",
+           "get_estimator", "no_factors", "DataInf",
            "Exact", "Identity"]
