@@ -41,6 +41,7 @@ from flax import nnx
 from scipy.stats import spearmanr
 
 import layerif_jax as lj
+from layerif_jax.bench import random_lora  # noqa: F401 - used here and by ab_chunks
 from layerif_jax.influence import clear_caches
 from layerif_jax.influence.engines.packed import PackedEngine
 from layerif_jax.io import default_model_path, shared_data_dir
@@ -48,15 +49,6 @@ from layerif_jax.loss import example_losses
 from layerif_jax.formats.peft import load_adapter, save_peft_adapter
 
 HERE = Path(__file__).resolve().parent
-
-
-def random_lora(model, seed: int, std: float = 0.01):
-    lj.apply_lora(model, lj.LoraConfig(rank=8, alpha=16))
-    rng = np.random.default_rng(seed)
-    for lin in model.layers.linears().values():
-        lin.lora_a[...] = jnp.asarray(rng.normal(0, std, lin.lora_a.shape), jnp.float32)
-        lin.lora_b[...] = jnp.asarray(rng.normal(0, std, lin.lora_b.shape), jnp.float32)
-    return model
 
 
 def fwd_bwd_fn(graphdef):

@@ -51,16 +51,21 @@ def peft_model(torch_model, lora, rank, alpha):
     return pm
 
 
+def backward(pm, ex):
+    """One example's backward of its mean loss over the target tokens (grads zeroed)."""
+    pm.zero_grad()
+    ids = torch.tensor(ex.ids[None].astype(np.int64))
+    labels = ids.clone()
+    labels[0, ~torch.tensor(ex.targets)] = -100
+    pm(input_ids=ids, labels=labels).loss.backward()
+
+
 def torch_per_example_grads(pm, examples, lora_names, layers):
     """{(module, 'A'|'B', layer): [n, size]} float64 gradients, A/B in OUR layout ([d_in, r], [r, d_out])."""
     out = {}
     params = dict(pm.named_parameters())
     for ex in examples:
-        pm.zero_grad()
-        ids = torch.tensor(ex.ids[None].astype(np.int64))
-        labels = ids.clone()
-        labels[0, ~torch.tensor(ex.targets)] = -100
-        pm(input_ids=ids, labels=labels).loss.backward()
+        backward(pm, ex)
         for name in lora_names:
             sub = "self_attn" if name in MODULES[:4] else "mlp"
             for l in range(layers):
@@ -139,11 +144,7 @@ def torch_kfac_factors(pm, examples, lora_names, layers):
             hooks.append(mods[f"{pre}.lora_B.default"].register_forward_hook(record((name, l), "B")))
     try:
         for ex in examples:
-            pm.zero_grad()
-            ids = torch.tensor(ex.ids[None].astype(np.int64))
-            labels = ids.clone()
-            labels[0, ~torch.tensor(ex.targets)] = -100
-            pm(input_ids=ids, labels=labels).loss.backward()
+            backward(pm, ex)
             tokens += len(ex.ids)
     finally:
         for h in hooks:

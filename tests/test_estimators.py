@@ -111,21 +111,8 @@ def test_on_the_decoder_cg_and_lissa_equal_exact(engine):
     """On the project's decoder (stacked LoRA leaves, both engines) the iterative
     estimators give the exact estimator's scores (itself checked against float64 torch
     in test_influence.py)."""
-    from flax import nnx
-
-    import layerif_jax as lj
-    from conftest import random_lora_b
     from layerif_jax.influence import layer_scores
-    from layerif_jax.models.config import ModelConfig
-    from layerif_jax.models.decoder import Decoder
-    from layerif_jax.models.lora import LoraConfig, apply_lora
-
-    cfg = ModelConfig(model_type="llama", vocab_size=41, hidden_size=16, intermediate_size=24,
-                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
-    model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoraConfig(rank=2, alpha=4))
-    rng = random_lora_b(model, 0.2)
-    ex = lambda k: [lj.Example(rng.integers(0, 41, t).astype(np.int32), np.arange(t) >= 1)  # noqa: E731
-                    for t in rng.integers(3, 12, k)]
+    model, ex = _decoder_problem()
     train, val = ex(12), ex(4)
     kw = dict(mesh=None, engine=engine, damping_scale=1.0, chunk_size=4)
     want = layer_scores(model, train, val, estimator="exact", **kw).per_example

@@ -137,18 +137,19 @@ def _probed_bwd(scales, dtype, mode, res, dys):
 
 def _factor_sums(xf, params, scales, dys, oh, prec) -> tuple:
     """Token sums of the K-FAC covariances of every map of a group (see probed_linears);
-    padding tokens are masked out, and x x^T is formed once for the maps sharing x."""
-    mask = jnp.sum(oh, 1)[..., None]                                  # [R, T, 1]
-    xm = xf * mask
-    xx = jnp.einsum("rti,rtj->ij", xm, xf, precision=prec)
+    padding tokens are masked out, and x x^T is formed once for the maps sharing x. Each
+    sum is one 2-D GEMM over the chunk's tokens."""
+    mask = jnp.sum(oh, 1).reshape(-1, 1)                              # [R*T, 1]
+    flat = lambda z: z.reshape(-1, z.shape[-1])                        # noqa: E731
+    gram = lambda a, b: jnp.matmul(a.T, b, precision=prec)             # noqa: E731
+    x2 = flat(xf)
+    xx = gram(x2 * mask, x2)
     out = []
     for (_, a, b), s, dy in zip(params, scales, dys):
-        sdy = s * dy.astype(jnp.float32) * mask
-        u = jnp.einsum("rti,ik->rtk", xf, a.astype(jnp.float32), precision=prec)
-        du = jnp.einsum("rto,ko->rtk", sdy, b.astype(jnp.float32), precision=prec)
-        out.append((xx, jnp.einsum("rtk,rtl->kl", du, du, precision=prec),
-                    jnp.einsum("rtk,rtl->kl", u * mask, u, precision=prec),
-                    jnp.einsum("rto,rtp->op", sdy, sdy, precision=prec)))
+        sdy = s * flat(dy).astype(jnp.float32) * mask
+        u = jnp.matmul(x2, a.astype(jnp.float32), precision=prec)
+        du = jnp.matmul(sdy, b.astype(jnp.float32).T, precision=prec)
+        out.append((xx, gram(du, du), gram(u * mask, u), gram(sdy, sdy)))
     return tuple(out)
 
 
@@ -373,13 +374,21 @@ def compiled_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False):
     fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype, factors=factors)
 
     def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
-        out = jax.lax.map(lambda a: fn(lora, rest, *a, probes), (ids, seg, pos, tgt, slot_pos))
+        arrays = (ids, seg, pos, tgt, slot_pos)
         slot_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-        g, fin = [slot_major(x) for x in out[0]], slot_major(out[1])
         if not factors:
-            return g, fin
-        sums = [jnp.sum(x, 0) for x in out[2]]
-        return g, fin, (sums if mesh is None else jax.lax.psum(sums, mesh.axis_names[0]))
+            g, fin = jax.lax.map(lambda a: fn(lora, rest, *a, probes), arrays)
+            return [slot_major(x) for x in g], slot_major(fin)
+
+        def step(acc, a):   # the factor sums accumulate in the carry, never stacked
+            g, fin, f = fn(lora, rest, *a, probes)
+            return [x + y for x, y in zip(acc, f)], (g, fin)
+
+        shapes = jax.eval_shape(lambda: fn(lora, rest, *(x[0] for x in arrays), probes))[2]
+        sums, (g, fin) = jax.lax.scan(step, [jnp.zeros(x.shape, x.dtype) for x in shapes],
+                                      arrays)
+        sums = sums if mesh is None else jax.lax.psum(sums, mesh.axis_names[0])
+        return [slot_major(x) for x in g], slot_major(fin), sums
 
     if mesh is not None:  # each device packs and differentiates its own rows and slots
         ax = mesh.axis_names[0]

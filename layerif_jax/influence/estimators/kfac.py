@@ -30,6 +30,7 @@ that holds another run's factors is refused.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +81,9 @@ class KFAC(EstimatorBase):
             if f is None or np.ndim(ctx.v[k]) != 4:
                 raise LayerIFError(f"{self.name} needs matrix-shaped parameters with Kronecker "
                                    f"factors; {ctx.part.leaf_names[k]} has none")
-        eL, QL = zip(*(_eigh(left) for left, _ in factors))
-        eR, QR = zip(*(_eigh(right) for _, right in factors))
+        cache: dict = {}   # maps sharing an input share x x^T: decomposed once
+        eL, QL = zip(*(_eigh(left, cache) for left, _ in factors))
+        eR, QR = zip(*(_eigh(right, cache) for _, right in factors))
         basis = list(zip(QL, QR, self.eigenvalues(ctx, QL, QR, eL, eR)))
         if self.factors_dir is not None:
             _save(Path(self.factors_dir), basis, fingerprint)
@@ -89,10 +91,14 @@ class KFAC(EstimatorBase):
         return basis
 
 
-def _eigh(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (clipped at 0: a covariance, up to rounding) and vectors, float64."""
-    e, q = np.linalg.eigh((c + np.swapaxes(c, -1, -2)) / 2)
-    return np.maximum(e, 0.0), q
+def _eigh(c: np.ndarray, cache: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (clipped at 0: a covariance, up to rounding) and vectors, float64;
+    an identical matrix met before is not decomposed again."""
+    key = (c.shape, hashlib.sha256(np.ascontiguousarray(c).view(np.uint8)).digest())
+    if key not in cache:
+        e, q = np.linalg.eigh((c + np.swapaxes(c, -1, -2)) / 2)
+        cache[key] = (np.maximum(e, 0.0), q)
+    return cache[key]
 
 
 def _fingerprint(ctx, name: str) -> dict:

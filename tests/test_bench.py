@@ -1,0 +1,91 @@
+"""`layerif bench` and `run_bench`: the built-in benchmarks end to end on small sizes
+(a tiny model for the LM ones), the report, resuming and refusing another run's
+sections. The metrics against SciPy / hand-computed values."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import mannwhitneyu
+
+from conftest import TASK
+from test_cli import one_line_error, run
+
+TASK_FILES = {"glue_cola": "", "glue_mrpc": "", "glue_rte": "", "qa_openbook": "_all"}
+
+
+@pytest.fixture()
+def tasks_dir(tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    for k, (name, tail) in enumerate(TASK_FILES.items()):
+        recs = [{**r, "instruction": f"[{name}] {r['instruction']}"} for r in TASK]
+        for split in ("train", "validation"):
+            (d / f"{name}_{split}{tail}.json").write_text(json.dumps(recs))
+    return d
+
+
+def test_metrics_against_scipy_and_by_hand():
+    from layerif_jax.bench import auc, found_curve, recall_at_k
+    rng = np.random.default_rng(0)
+    s, pos = rng.normal(size=50), rng.random(50) < 0.3
+    u = mannwhitneyu(s[pos], s[~pos]).statistic
+    assert auc(s, pos) == pytest.approx(u / (pos.sum() * (~pos).sum()))
+    score = np.array([5.0, 4, 3, 2, 1])
+    truth = np.array([True, False, True, False, False])
+    assert found_curve(score, truth, [0.2, 0.6, 1.0]) == [0.5, 1.0, 1.0]
+    assert recall_at_k(score, truth, 2) == 0.5
+
+
+def test_digits_benchmarks_from_python(tmp_path):
+    pytest.importorskip("sklearn")
+    from layerif_jax.bench import run_bench, settings_for
+    cfgs = "exact:gauss_newton:block,identity:empirical_fisher:block"
+    st = settings_for(["lds-digits", "mislabel-digits"], quick=True, overrides={
+        "lds-digits": dict(n=120, m=10, subsets=6, configs=cfgs),
+        "mislabel-digits": dict(n=150, m=20, configs=cfgs)})
+    got = run_bench(tmp_path / "b", st, log=lambda *_: None)
+    lds = {r["config"]: r["lds"] for r in got["lds-digits"]["result"]["rows"]}
+    assert set(lds) == set(cfgs.split(","))
+    # the influence function of the regularised objective predicts the retrained losses
+    assert lds["exact:gauss_newton:block"] > 0.8 > lds["identity:empirical_fisher:block"] - 0.2
+    mis = got["mislabel-digits"]["result"]["rows"][0]
+    assert mis["self_influence_auc"] > 0.8 and len(mis["validation_found"]) == 5
+    out = tmp_path / "b"
+    assert {"report.json", "report.md", "lds_digits.png", "mislabel_digits.png",
+            "sections"} <= {p.name for p in out.iterdir()}
+    assert "| exact | gauss_newton | block |" in (out / "report.md").read_text()
+
+
+def test_bench_cli_end_to_end_resumes_and_refuses(tiny_dir, tasks_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--model", tiny_dir, "--tasks-dir", tasks_dir, "--out", out,
+            "--estimators", "datainf,identity,ekfac", "--n", "8", "--m", "3", "--per-task", "4"]
+    code, stdout, err = run(capsys, *args, "--suites", "estimators-lm")
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    rows = {r["estimator"]: r for r in rep["estimators-lm"]["result"]["rows"]}
+    assert set(rows) == {"datainf", "identity", "ekfac"}
+    assert rows["datainf"]["layer_spearman_vs_datainf"] == pytest.approx(1.0)
+    assert rep["estimators-lm"]["settings"]["adapter"].startswith("random LoRA")
+    first = (out / "sections" / "estimators-lm.json").stat().st_mtime_ns
+    # a second benchmark joins the folder; the finished one is kept, not rerun
+    code, _, err = run(capsys, *args, "--suites", "estimators-lm,class-detection")
+    assert code == 0, err
+    assert (out / "sections" / "estimators-lm.json").stat().st_mtime_ns == first
+    rep = json.loads((out / "report.json").read_text())
+    cd = {r["estimator"]: r for r in rep["class-detection"]["result"]["rows"]}
+    assert rep["class-detection"]["result"]["n_train"] == 16 and 0 <= cd["ekfac"]["auc"] <= 1
+    assert {"class_detection.png", "cost_vs_agreement.png"} <= {p.name for p in out.iterdir()}
+    # other settings on a finished section: refused, naming the difference
+    one_line_error(run(capsys, *args[:-6], "--estimators", "datainf,identity,ekfac", "--n", "9",
+                       "--m", "3", "--suites", "estimators-lm"), "other settings",
+                   "n: 8 there, 9 now")
+    one_line_error(run(capsys, "bench", "--out", tmp_path / "x", "--suites", "lds,cg"),
+                   "unknown benchmark")
+    one_line_error(run(capsys, "bench", "--out", tmp_path / "x", "--suites", "lds-digits",
+                       "--configs", "exact:hessian:tensor"), "unknown configuration")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    one_line_error(run(capsys, *args[:-2], "--out", tmp_path / "mine"), "did not write")
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
