@@ -48,8 +48,9 @@ SCRIPT = BUILD + textwrap.dedent("""
 MULTIHOST = textwrap.dedent("""
     import sys, jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # a loaded 2-core CI machine can starve the heartbeats past the default 100 s
     jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2,
-                               process_id=int(sys.argv[1]))
+                               process_id=int(sys.argv[1]), heartbeat_timeout_seconds=900)
     assert jax.process_count() == 2 and jax.local_device_count() == 2
 """) + BUILD + textwrap.dedent("""
     one = layer_scores(model, train, val, mesh=None, chunk_size=4, per_val=True)
