@@ -69,29 +69,32 @@ def run_bench(out: str | Path, settings: dict, *, lm_setup: Callable | None = No
         folder = od.claim([SECTIONS]) / SECTIONS
         folder.mkdir(exist_ok=True)
         pending = [s for s in settings if not (folder / f"{s}.json").is_file()]
-        lm_state = None
         if any(s in LM_SUITES for s in settings):
             if tasks_dir is None or not Path(tasks_dir).is_dir():
                 raise LayerIFError(f"the LM benchmarks need the task files (layerif-tasks): "
                                    f"{tasks_dir} is not a folder; give --tasks-dir")
+        lm_state = (_lm_identity(lm_setup, pending)
+                    if any(s in LM_SUITES for s in settings) else None)
+        full = {suite: json.loads(json.dumps(
+                    {**st, **(lm_state[2] if suite in LM_SUITES else {})}))
+                for suite, st in settings.items()}
         sections = {}
-        for suite, st in settings.items():
+        for suite in settings:   # every finished section checked before any benchmark runs
             path = folder / f"{suite}.json"
-            if suite in LM_SUITES and lm_state is None:
-                lm_state = _lm_identity(lm_setup, pending)
-            full = {**st, **(lm_state[2] if suite in LM_SUITES else {})}
             if path.is_file():
                 saved = json.loads(path.read_text())
-                diff = _differs(saved.get("settings", {}), json.loads(json.dumps(full)))
+                diff = _differs(saved.get("settings", {}), full[suite])
                 if diff:
                     raise LayerIFError(f"{od.path} holds the {suite} benchmark run with other "
                                        f"settings ({diff}); use another --out")
                 info(f"{suite}: finished earlier, kept ({path})")
                 sections[suite] = saved
-                continue
-            result = _run(suite, st, lm_state, tasks_dir, log)
-            sections[suite] = {"settings": full, "result": result}
-            write_json(path, sections[suite])
+        for suite, st in settings.items():
+            if suite not in sections:
+                result = _run(suite, st, lm_state, tasks_dir, log)
+                sections[suite] = {"settings": full[suite], "result": result}
+                write_json(folder / f"{suite}.json", sections[suite])
+        sections = {suite: sections[suite] for suite in settings}
         with od.staging(exclusive=False) as stage:
             write_json(stage / "report.json", sections)
             (stage / "report.md").write_text(tables(sections))
