@@ -116,3 +116,22 @@ def first_changed_file(root, digests: Mapping[str, list], skip: str = "") -> str
         if got[k][1] != digests[k][1]:
             return f"file {k} does not match its checksum"
     return None
+
+
+def first_difference(saved: Mapping, now: Mapping, *, there: str = "there",
+                     plain: Mapping[str, str] | None = None, prefix: str = "") -> str | None:
+    """The first setting (keys sorted, nested mappings recursed, dotted names) whose value
+    differs between what was saved and what is asked now, as "key: X <there>, Y now"; a
+    top-level key in `plain` is described by its sentence instead. None when they agree.
+    The one way every resume in the project says why it is refused."""
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            d = first_difference(a, b, there=there, prefix=f"{prefix}{k}.")
+            if d:
+                return d
+        elif a != b:
+            if plain and not prefix and k in plain:
+                return plain[k]
+            return f"{prefix}{k}: {a!r} {there}, {b!r} now"
+    return None

@@ -89,3 +89,10 @@ def test_bench_cli_end_to_end_resumes_and_refuses(tiny_dir, tasks_dir, tmp_path,
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     one_line_error(run(capsys, *args[:-2], "--out", tmp_path / "mine"), "did not write")
     assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
+
+
+def test_the_cli_offers_the_runners_benchmarks():
+    """The CLI keeps its own copy of the names (parsing must not import jax): they agree."""
+    from layerif_jax.bench import runner
+    from layerif_jax.cli import bench as cli_bench
+    assert cli_bench.SUITES == runner.SUITES and cli_bench.LM_SUITES == runner.LM_SUITES

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from ..checksum import first_difference
 from ..errors import LayerIFError
 from ..io import OutputDir, write_json
 from ..notes import info
@@ -51,13 +52,6 @@ def settings_for(suites, quick: bool = False, overrides: dict | None = None) -> 
     return out
 
 
-def _differs(saved: dict, now: dict) -> str | None:
-    for k in sorted(set(saved) | set(now)):
-        if saved.get(k) != now.get(k):
-            return f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
-    return None
-
-
 def run_bench(out: str | Path, settings: dict, *, lm_setup: Callable | None = None,
               tasks_dir: Path | None = None, overwrite: bool = False, log=print) -> dict:
     """Run the benchmarks of `settings` ({suite: settings}, see `settings_for`) into
@@ -83,7 +77,7 @@ def run_bench(out: str | Path, settings: dict, *, lm_setup: Callable | None = No
             path = folder / f"{suite}.json"
             if path.is_file():
                 saved = json.loads(path.read_text())
-                diff = _differs(saved.get("settings", {}), full[suite])
+                diff = first_difference(saved.get("settings", {}), full[suite])
                 if diff:
                     raise LayerIFError(f"{od.path} holds the {suite} benchmark run with other "
                                        f"settings ({diff}); use another --out")

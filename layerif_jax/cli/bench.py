@@ -9,6 +9,8 @@ from ..errors import LayerIFError
 from .common import ESTIMATORS, Command, ModelArgs, OverwriteArgs, load_model_checked
 from .options import REQUIRED, input_path, opt, output_path, positive_int
 
+# the runner's names (bench/runner.py), repeated so that parsing imports no jax; a test
+# keeps them equal
 SUITES = ("lds-digits", "mislabel-digits", "estimators-lm", "class-detection")
 LM_SUITES = ("estimators-lm", "class-detection")
 

@@ -104,20 +104,6 @@ def _unflat(like, flat: dict[str, Any]):
     return jax.tree.unflatten(treedef, new)
 
 
-def _describe_diff(a: dict, b: dict, prefix="") -> str:
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _describe_diff(va, vb, prefix + k + ".")
-            if d:
-                return d
-        elif va != vb:
-            if k in _WHAT and not prefix:
-                return _WHAT[k]
-            return f"{prefix}{k}: checkpoint {va!r}, now {vb!r}"
-    return ""
-
-
 def _oneline(e: BaseException, limit: int = 160) -> str:
     msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return msg if len(msg) <= limit else msg[:limit] + "..."
@@ -158,7 +144,8 @@ def _restore(mngr, params, opt_state, fingerprint: dict, state_key: str, where: 
         except Exception as e:  # noqa: BLE001 - orbax raises many types
             damaged.append((s, f"unreadable metadata: {_oneline(e)}"))
             continue
-        diff = _describe_diff(meta.get("fingerprint", {}), fingerprint)
+        diff = checksum.first_difference(meta.get("fingerprint", {}), fingerprint,
+                                         there="in the checkpoint", plain=_WHAT)
         if diff:
             raise LayerIFError(f"{where} holds checkpoints of a different run ({diff}); "
                                f"use another output directory or delete {CHECKPOINT_DIR}/")

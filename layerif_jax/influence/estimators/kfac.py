@@ -111,9 +111,11 @@ def _fingerprint(ctx, name: str) -> dict:
 
 
 def _differs(saved: dict, now: dict) -> str | None:
-    for key in ("estimator", "n", "leaves", "shapes"):
-        if saved.get(key) != now[key]:
-            return f"{key}: {saved.get(key)!r} there, {now[key]!r} now"
+    from ...checksum import first_difference
+    keys = ("estimator", "n", "leaves", "shapes")
+    diff = first_difference({k: saved.get(k) for k in keys}, {k: now[k] for k in keys})
+    if diff:
+        return diff
     a, b = np.asarray(saved.get("grad_sq_norms", [])), np.asarray(now["grad_sq_norms"])
     if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=0):
         return "the training gradients differ (another model, adapter or training set)"
