@@ -39,9 +39,21 @@ SCRIPT = BUILD + textwrap.dedent("""
     # K-FAC factors are token sums over each device's rows, summed across the mesh
     ek_one = layer_scores(model, train, val, mesh=None, chunk_size=4, estimator="ekfac")
     ek_four = layer_scores(model, train, val, mesh="auto", chunk_size=4, estimator="ekfac")
+    # a run resumed from a save (restored with the mesh's shardings) gives the same scores
+    import json, pathlib, tempfile
+    ck = pathlib.Path(tempfile.mkdtemp()) / "progress"
+    kw = dict(mesh="auto", chunk_size=1, row_len=17, chunks_per_call=1, per_val=True,
+              checkpoint_dir=ck, checkpoint_every=2)
+    layer_scores(model, train, val, **kw)
+    meta = json.loads((ck / "progress.json").read_text())
+    meta["train"] = meta["train"][:1]
+    (ck / "progress.json").write_text(json.dumps(meta))
+    resumed = layer_scores(model, train, val, **kw)
+    assert resumed.meta["resumed_calls"] == 2, resumed.meta
     print("REL", rel(four.per_example, one.per_example), rel(four.per_val_layers, one.per_val_layers),
           rel(four_r.per_example, one.per_example), rel(four_g.per_val_layers, one.per_val_layers),
-          rel(ek_four.per_example, ek_one.per_example))
+          rel(ek_four.per_example, ek_one.per_example),
+          rel(resumed.per_val_layers, one.per_val_layers))
 """)
 
 # every process runs this with the same model and examples; each gets the whole result
@@ -63,9 +75,17 @@ MULTIHOST = textwrap.dedent("""
     vm = layer_scores(model, train, val, mesh="auto", engine="vmap", chunk_size=4)
     ex_one = layer_scores(model, train, val, mesh=None, estimator="exact")
     ex_two = layer_scores(model, train, val, mesh="auto", estimator="exact", chunk_size=4)
+    # both processes save to and restore from one folder (process 0 writes the listing)
+    ck = dict(checkpoint_dir=sys.argv[3], checkpoint_every=1)
+    saved = layer_scores(model, train, val, memory_budget=need // 2, **kw, **ck)
+    restored = layer_scores(model, train, val, memory_budget=need // 2, **kw, **ck)
+    import json, pathlib
+    listing = json.loads((pathlib.Path(sys.argv[3]) / "progress.json").read_text())
+    assert restored.meta["resumed_calls"] == listing["fingerprint"]["calls"][0] > 1, listing
     print("REL", rel(two.per_example, one.per_example), rel(two.per_val_layers, one.per_val_layers),
           rel(part.per_example, one.per_example), rel(vm.per_example, one.per_example),
-          rel(ex_two.per_example, ex_one.per_example))
+          rel(ex_two.per_example, ex_one.per_example), rel(saved.per_example, one.per_example),
+          rel(restored.per_example, one.per_example))
 """)
 
 
@@ -86,11 +106,12 @@ def test_four_host_devices_match_one():
     assert all(r < 1e-5 for r in rels), rels
 
 
-def test_two_processes_match_one_device():
+def test_two_processes_match_one_device(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST, str(i), str(port)], env=_env(2),
+    procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST, str(i), str(port),
+                               str(tmp_path / "progress")], env=_env(2),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = []
@@ -103,4 +124,4 @@ def test_two_processes_match_one_device():
     for p, (stdout, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr[-3000:]
         rels = _rels(stdout)
-        assert len(rels) == 5 and all(r < 1e-5 for r in rels), rels
+        assert len(rels) == 7 and all(r < 1e-5 for r in rels), rels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 from .common import (AGGREGATES, ESTIMATORS, Command, ModelArgs, OverwriteArgs, examples,
@@ -11,6 +12,7 @@ from .options import (REQUIRED, byte_size, data_file, input_path, key_value, opt
                       output_path, positive_float, positive_int)
 
 UNITS = ("tensor", "module", "block")
+PROGRESS_DIR = "progress"   # OUT/progress: the saved gradient passes of an unfinished run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +45,16 @@ class ScoresConfig(OverwriteArgs, ModelArgs):
                                     "512MiB, 1e9); recompute the rest", type=byte_size)
     bf16: bool = opt(False, "bfloat16 forward/backward, float32 sums")
     skip_zero_units: bool = opt(False, "skip units whose gradient is zero on every example")
+    checkpoint_every: int = opt(8, "save the gradient passes into OUT/progress every N "
+                                   "training calls: the same command resumes a killed run",
+                                type=positive_int)
 
 
-def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = None):
+def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = None,
+            checkpoint_dir=None):
     """(LayerScores, scores.json settings). `model` (with its LoRA) and `tok` may be given;
-    otherwise they are loaded from --model and --lora."""
+    otherwise they are loaded from --model and --lora. `checkpoint_dir`: where the
+    gradient passes are saved and resumed from (`influence.resume`)."""
     import jax.numpy as jnp
 
     from ..influence import get_estimator, layer_scores
@@ -68,7 +75,8 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
                        chunk_size=cfg.chunk_size, chunks_per_call=cfg.chunks_per_call,
                        memory_budget=cfg.memory_budget,
                        dtype=jnp.bfloat16 if cfg.bf16 else None, progress=rt.progress,
-                       skip_zero_units=cfg.skip_zero_units, estimator_options=options)
+                       skip_zero_units=cfg.skip_zero_units, estimator_options=options,
+                       checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every)
     info = {"model": source, "adapter": str(cfg.lora), "train": str(cfg.train),
             "val": str(cfg.val), "max_len": cfg.max_len, "mask_prompt": cfg.mask_prompt,
             "estimator_options": options}
@@ -83,7 +91,15 @@ def write(res, out, cfg: ScoresConfig, info: dict) -> None:
 
 def run(cfg: ScoresConfig, rt) -> None:
     with out_dir(cfg.out, "scores", cfg.overwrite) as out:
-        res, info = compute(cfg, rt)
+        progress = Path(out.path) / PROGRESS_DIR
+        if cfg.overwrite and PROGRESS_DIR in out.owned and progress.exists():
+            shutil.rmtree(progress)   # --overwrite: this command's earlier progress goes too
+        # the progress is this command's own entry, so a rerun resumes from it; the
+        # results' commit drops it (it is not written again)
+        from ..influence.resume import Checkpoint
+        ckpt = Checkpoint(out.claim([PROGRESS_DIR]) / PROGRESS_DIR, cfg.checkpoint_every,
+                          hint="choose another --out, or pass --overwrite to start over")
+        res, info = compute(cfg, rt, checkpoint_dir=ckpt)
         write(res, out, cfg, info)
     print(f"layer scores ({res.estimator}, {res.aggregate}) for {res.n_train} x {res.n_val} "
           f"examples in {res.seconds:.1f} s -> {Path(cfg.out) / 'scores.json'}")

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from .. import checksum
 from ..data import Example
 from ..errors import LayerIFError
 from ..io import parse_bytes
@@ -74,7 +75,8 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
                      skip_zero_units: bool = False, progress: bool = False,
                      estimator_options: dict | None = None,
                      curvature: str = "empirical_fisher", projection: int | None = None,
-                     projection_seed: int = 0) -> LayerScores:
+                     projection_seed: int = 0, checkpoint_dir=None,
+                     checkpoint_every: int = 8) -> LayerScores:
     """Per-example, per-layer influence of `train` on `val` for any JAX model.
 
     loss_fn(params, example) -> scalar: the loss of ONE example, an example being one
@@ -101,10 +103,15 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
     beneficial, and the layer scores S_l of `aggregate`. With several estimators
     (`estimator=["datainf", "cg"]`, options {name: {...}}) all run on the same gradients
     and a {name: LayerScores} comes back.
+    checkpoint_dir: a folder the gradient passes are saved to every `checkpoint_every`
+    training calls; the same call after a kill resumes from it (`resume`; another
+    model, data or settings are refused). The loss function's code is not
+    fingerprinted, only its name: keep the folder to one loss.
     """
     _check_chunk(chunk_size)
     s = _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
                   skip_zero_units, progress, estimator_options, curvature)
+    ckpt = _checkpoint(checkpoint_dir, checkpoint_every)
     part = make_partition(params, unit, layer_of)
     m = resolve_mesh(mesh)
     engine, part = _maybe_projected(
@@ -113,8 +120,32 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
     n, nv = num_examples(train), num_examples(val)
     if not n or not nv:
         raise LayerIFError("influence needs at least one training and one validation example")
+    identity = None if ckpt is None else {
+        "loss": _name_of(loss_fn),
+        "params": checksum.identity_digest(jax.tree.leaves(params)),
+        "train": _tree_digest(train), "val": _tree_digest(val), "unit": unit,
+        "projection": projection, "projection_seed": projection_seed, "curvature": curvature}
     return driver.run(engine, part, train, val, n, nv, s,
-                      {"devices": 1 if m is None else m.devices.size})
+                      {"devices": 1 if m is None else m.devices.size}, ckpt, identity)
+
+
+def _checkpoint(path, every):
+    from .resume import Checkpoint
+    if path is None or isinstance(path, Checkpoint):
+        return path
+    return Checkpoint(path, every)
+
+
+def _name_of(fn) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _tree_digest(tree) -> str:
+    import hashlib
+    h = hashlib.sha256(str(jax.tree.structure(tree)).encode())
+    for x in jax.tree.leaves(tree):
+        h.update(checksum.array_digest(x).encode())
+    return h.hexdigest()
 
 
 def _maybe_projected(engine, part, projection, seed, curvature):
@@ -203,7 +234,8 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
                  chunks_per_call: int = 4, progress: bool = False,
                  estimator_options: dict | None = None,
                  curvature: str = "empirical_fisher", projection: int | None = None,
-                 projection_seed: int = 0) -> LayerScores:
+                 projection_seed: int = 0, checkpoint_dir=None,
+                 checkpoint_every: int = 8) -> LayerScores:
     """Per-example, per-layer influence scores and the LayerIF layer scores S^(l) of an
     NNX model.
 
@@ -222,6 +254,9 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     shards the examples over all devices (parameters replicated), None: one device.
     estimator, estimator_options, curvature, projection: as in `influence_scores` (several
     estimators give a {name: LayerScores} from one set of gradients).
+    checkpoint_dir, checkpoint_every: the gradient passes saved every that many calls and
+    resumed after a kill (`resume`); a folder of another model (base weights or
+    adapter), data or settings is refused.
     """
     _check_chunk(chunk_size)
     if engine not in ENGINES:
@@ -230,7 +265,15 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
         raise LayerIFError("influence needs at least one training and one validation example")
     s = _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
                   skip_zero_units, progress, estimator_options, curvature)
+    ckpt = _checkpoint(checkpoint_dir, checkpoint_every)
     lm = isinstance(train, (list, tuple)) and train and isinstance(train[0], Example)
+    identity = None if ckpt is None else {
+        "model": checksum.identity_digest(jax.tree.leaves(nnx.state(model))),
+        "train": checksum.examples_digest(train) if lm else _tree_digest(train),
+        "val": checksum.examples_digest(val) if lm else _tree_digest(val),
+        "loss": None if loss_fn is None else _name_of(loss_fn),
+        "params": str(params), "layer_of": str(layer_of), "unit": unit, "dtype": str(dtype),
+        "projection": projection, "projection_seed": projection_seed, "curvature": curvature}
     packed_ok = (lm and loss_fn is None and params is nnx.LoRAParam and layer_of in ("auto", "stacked")
                  and packed_supports(model))
     if curvature != "empirical_fisher" and engine == "packed":
@@ -252,7 +295,8 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
                            chunks_per_call=chunks_per_call)
         _check_adapter(eng.params)
         part = make_partition(eng.params, unit, "stacked")
-        return driver.run(eng, part, list(train), list(val), len(train), len(val), s, meta)
+        return driver.run(eng, part, list(train), list(val), len(train), len(val), s, meta,
+                          ckpt, identity)
     graphdef, p, rest = nnx.split(model, params, ...)
     if params is nnx.LoRAParam:
         _check_adapter(p)
@@ -265,10 +309,12 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
         curvature)
     if lm and loss_fn is None:
         return driver.run(eng, part, lm_buckets(train, bucket_multiple),
-                          lm_buckets(val, bucket_multiple), len(train), len(val), s, meta)
+                          lm_buckets(val, bucket_multiple), len(train), len(val), s, meta,
+                          ckpt, identity)
     if lm:
         train, val = _as_dataset(train), _as_dataset(val)
-    return driver.run(eng, part, train, val, num_examples(train), num_examples(val), s, meta)
+    return driver.run(eng, part, train, val, num_examples(train), num_examples(val), s, meta,
+                      ckpt, identity)
 
 
 def _as_dataset(examples: Sequence[Example]) -> dict[str, Any]:

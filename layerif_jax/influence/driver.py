@@ -208,22 +208,60 @@ def validation_pass(engine, calls, m: int, per_val: bool, show: bool) -> list[ja
     return [sum(xs) for xs in zip(*parts)]
 
 
-def training_pass(engine, calls, v, keep_call, show: bool, factors: bool = False):
+def training_pass(engine, calls, v, keep_call, show: bool, factors: bool = False,
+                  checkpoint=None):
     """(kept gradients per call or None, ||g||^2 [n_pad, P], v . g [n_pad, M, P], the
-    K-FAC token sums of every call or None)."""
+    K-FAC token sums of every call or None). With a `resume.Checkpoint` the calls it
+    holds are restored, not recomputed, and the rest are saved as they finish."""
     kept, sq, vg, fins, sums = [], [], [], [], None
-    for k, b in enumerate(progress(calls, len(calls), "train grads", show)):
-        if factors:
-            g, fin, f = engine.grads_and_factors(b)
-            sums = f if sums is None else [a + c for a, c in zip(sums, f)]
-        else:
-            g, fin = engine.grads(b)
-        sq.append(_sq_norms(g))
-        vg.append(_dots(g, v))
-        fins.append(fin)
-        kept.append(g if keep_call[k] else None)
+    start = 0
+    if checkpoint is not None:
+        for sq_c, vg_c, fin_c, kept_c, sums_c in checkpoint.train_segments():
+            sq, vg, fins, kept = sq + sq_c, vg + vg_c, fins + fin_c, kept + kept_c
+            sums = sums_c if sums_c is not None else sums
+        start = checkpoint.train_done()
+    try:
+        for k, b in enumerate(progress(calls[start:], len(calls) - start, "train grads", show),
+                              start):
+            if factors:
+                g, fin, f = engine.grads_and_factors(b)
+                sums = f if sums is None else [a + c for a, c in zip(sums, f)]
+            else:
+                g, fin = engine.grads(b)
+            sq.append(_sq_norms(g))
+            vg.append(_dots(g, v))
+            fins.append(fin)
+            kept.append(g if keep_call[k] else None)
+            if checkpoint is not None:
+                checkpoint.train_step(k, sq[-1], vg[-1], fin, kept[-1], sums)
+        if checkpoint is not None:
+            checkpoint.finish_train(len(calls), sums)
+    except BaseException:
+        if checkpoint is not None:   # a clean stop (or an error) keeps the save in flight
+            checkpoint.settle()
+        raise
     raise_nonfinite(fins, calls, "training")
     return kept, jnp.concatenate(sq), jnp.concatenate(vg), sums
+
+
+def fingerprint(engine, tb, vb, keep_call, s: Settings, factors: bool, identity: dict) -> dict:
+    """What a run's saved gradient passes depend on (`resume`): the model, adapter and
+    data (`identity`, from the entry point), the engine and its call layout, the memory
+    plan, per_val and whether the K-FAC sums are taken. JSON-shaped."""
+    import hashlib
+    import json
+
+    from ..io import dumps
+    h = hashlib.sha256()
+    for b in tb + vb:
+        h.update(np.ascontiguousarray(b.index, np.int32).tobytes())
+        h.update(str(b.tokens).encode())
+    return json.loads(dumps({
+        "identity": identity, "engine": engine.name, **engine.describe(tb + vb),
+        "devices": 1 if engine.mesh is None else int(engine.mesh.devices.size),
+        "processes": jax.process_count(), "calls": [len(tb), len(vb)],
+        "call_layout": h.hexdigest(), "kept_calls": "".join("1" if k else "0" for k in keep_call),
+        "per_val": s.per_val, "kfac_sums": factors}))
 
 
 def damping(part: Partition, s: Settings, sq_u, n: int, uses_damping: bool):
@@ -285,7 +323,8 @@ class _Passes:
     factors: Any = None      # () -> K-FAC factors, computed once for every estimator
 
 
-def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings) -> _Passes:
+def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
+            checkpoint=None, identity: dict | None = None) -> _Passes:
     t0 = time.perf_counter()
     engine.plan([train, val])
     tb, vb = engine.chunks(train), engine.chunks(val)
@@ -295,11 +334,19 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings) ->
     need = 4 * d_total * int(offsets[-1])
     keep_call = keep_plan(tb, 4 * d_total, s.budget)
     say_memory_plan(tb, keep_call, need, s.budget, n)
-    v = validation_pass(engine, vb, m, s.per_val, s.progress)
+    want_factors = bool(_factor_users(s))
+    if checkpoint is not None:
+        checkpoint.open(fingerprint(engine, tb, vb, keep_call, s, want_factors, identity or {}),
+                        engine.mesh)
+    v = None if checkpoint is None else checkpoint.validation()
+    if v is None:
+        v = validation_pass(engine, vb, m, s.per_val, s.progress)
+        if checkpoint is not None:
+            checkpoint.save_validation(v)
     jax.block_until_ready(v)
     t_val = time.perf_counter()
-    want_factors = any(getattr(e, "needs_factors", False) for e in s.estimators or (s.estimator,))
-    kept, sq, vg, sums = training_pass(engine, tb, v, keep_call, s.progress, want_factors)
+    kept, sq, vg, sums = training_pass(engine, tb, v, keep_call, s.progress, want_factors,
+                                       checkpoint)
     sq_u, vg_u = core.to_units(sq, onehot), core.to_units(vg, onehot)  # [n_pad, (M,) L, U]
     uses = any(getattr(e, "uses_damping", True) for e in s.estimators or (s.estimator,))
     lam = damping(part, s, sq_u, n, uses)
@@ -317,17 +364,31 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings) ->
                    t_train - t0, factors)
 
 
+def _factor_users(s: Settings) -> list[str]:
+    """The estimators of the run that need the K-FAC token sums of the training pass."""
+    return [e.name for e in s.estimators or (s.estimator,) if getattr(e, "needs_factors", False)]
+
+
 def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
-        meta: dict[str, Any]):
+        meta: dict[str, Any], checkpoint=None, identity: dict | None = None):
     """All four passes (see the module docstring). `train`/`val`: what `engine.chunks`
     takes; n and m count the real examples. With `s.estimators` every one of them runs
-    on the same gradients and a {name: LayerScores} comes back."""
-    for e in s.estimators or (s.estimator,):   # before any work
-        if getattr(e, "needs_factors", False) and not hasattr(engine, "grads_and_factors"):
-            raise LayerIFError(no_factors(e.name))
-    p = _passes(engine, part, train, val, n, m, s)
-    out = {e.name: _score(e, engine, part, p, n, m, s, meta) for e in
-           (s.estimators or (s.estimator,))}
+    on the same gradients and a {name: LayerScores} comes back. `checkpoint`: a
+    `resume.Checkpoint` the gradient passes are saved to and resumed from; `identity`
+    (JSON: model, adapter, data digests) joins its fingerprint."""
+    users = _factor_users(s)
+    if users and not hasattr(engine, "grads_and_factors"):   # before any work
+        raise LayerIFError(no_factors(users[0]))
+    try:
+        p = _passes(engine, part, train, val, n, m, s, checkpoint, identity)
+        if checkpoint is not None:
+            meta = {**meta, "checkpoint_dir": str(checkpoint.path),
+                    "resumed_calls": checkpoint.resumed_calls}
+        out = {e.name: _score(e, engine, part, p, n, m, s, meta) for e in
+               (s.estimators or (s.estimator,))}
+    finally:
+        if checkpoint is not None:   # the last save, written while the estimators ran
+            checkpoint.close()
     return out if s.estimators else out[s.estimator.name]
 
 
