@@ -45,8 +45,7 @@ def _truncate(folder: Path, keep: int, validation: bool = True) -> None:
     (folder / PROGRESS).write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("engine,estimator,budget", [("packed", "datainf", "8GB"),
-                                                     ("packed", "ekfac", "8GB"),
+@pytest.mark.parametrize("engine,estimator,budget", [("packed", "ekfac", "8GB"),
                                                      ("vmap", "datainf", 2000)])
 def test_resumed_runs_equal_an_uninterrupted_one(tmp_path, engine, estimator, budget):
     model, train, val = _decoder()
@@ -62,7 +61,7 @@ def test_resumed_runs_equal_an_uninterrupted_one(tmp_path, engine, estimator, bu
     np.testing.assert_array_equal(full.per_val_layers, want.per_val_layers)
     if budget != "8GB":   # the memory plan recomputes some calls: they keep no gradients
         assert "0" in meta["fingerprint"]["kept_calls"]
-    for keep, validation in ((len(meta["train"]) - 1, True), (1, True), (0, True), (0, False)):
+    for keep, validation in ((len(meta["train"]) - 1, True), (1, True), (0, False)):
         _truncate(folder, keep, validation)
         got = layer_scores(model, train, val, checkpoint_dir=folder, checkpoint_every=2, **kw)
         assert got.meta["resumed_calls"] == (meta["train"][keep - 1]["end"] if keep else 0)
@@ -158,7 +157,8 @@ def test_cli_killed_at_several_points_resumes_to_the_same_scores(tiny_dir, adapt
 
     out = tmp_path / "run"
     argv = _scores_argv(tiny_dir, adapter, tmp_path, out)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # the killed runs share a compilation cache: only the first compiles
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "LAYERIF_COMPILE_CACHE": str(tmp_path / "jit")}
     cmd = [sys.executable, "-m", "layerif_jax.cli"]
     seen = []
     # SIGKILL after the validation pass, then after 2 and after 5 listed training saves

@@ -94,15 +94,19 @@ def run(cfg: ScoresConfig, rt) -> None:
         progress = Path(out.path) / PROGRESS_DIR
         if cfg.overwrite and PROGRESS_DIR in out.owned and progress.exists():
             shutil.rmtree(progress)   # --overwrite: this command's earlier progress goes too
-        # the progress is this command's own entry, so a rerun resumes from it; the
+        # the progress is this command's own entry (claimed when the passes begin, so
+        # a run refused before them leaves nothing), a rerun resumes from it, and the
         # results' commit drops it (it is not written again)
         from ..influence.resume import Checkpoint
-        ckpt = Checkpoint(out.claim([PROGRESS_DIR]) / PROGRESS_DIR, cfg.checkpoint_every,
-                          hint="choose another --out, or pass --overwrite to start over")
+        ckpt = Checkpoint(progress, cfg.checkpoint_every,
+                          hint="choose another --out, or pass --overwrite to start over",
+                          on_create=lambda: out.claim([PROGRESS_DIR]))
         res, info = compute(cfg, rt, checkpoint_dir=ckpt)
         write(res, out, cfg, info)
     print(f"layer scores ({res.estimator}, {res.aggregate}) for {res.n_train} x {res.n_val} "
           f"examples in {res.seconds:.1f} s -> {Path(cfg.out) / 'scores.json'}")
 
 
-COMMAND = Command("scores", "per-layer influence and LayerIF layer scores", ScoresConfig, run)
+COMMAND = Command("scores", "per-layer influence and LayerIF layer scores", ScoresConfig, run,
+                  stopped="no scores were written; the gradient passes done so far are kept "
+                          "in OUT/progress and the same command resumes from them")

@@ -90,13 +90,14 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | Path, every: int = 8, *,
-                 hint: str = "give another checkpoint dir (or remove it)"):
+                 hint: str = "give another checkpoint dir (or remove it)", on_create=None):
         if not isinstance(every, (int, np.integer)) or every < 1:
             raise LayerIFError(f"checkpoint every must be an integer >= 1 (training calls), "
                                f"got {every!r}")
         self.path = Path(path).expanduser().absolute()
         self.every = int(every)
         self.hint = hint
+        self.on_create = on_create   # called before the folder is made (e.g. OutputDir.claim)
         self.meta: dict = {}
         self._pending = None      # (name, record) of the save in flight
         self._buffer: list = []   # the calls since the last save
@@ -147,6 +148,8 @@ class Checkpoint:
         else:
             self.meta = {"fingerprint": fingerprint, "validation": None, "train": []}
             if jax.process_index() == 0:
+                if self.on_create is not None:
+                    self.on_create()
                 self.path.mkdir(parents=True, exist_ok=True)
                 write_json(self.path / PROGRESS, self.meta)
         _sync("opened")
