@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
+
+# What a trace is lowered for: (platform or None = jax's default backend, unroll the
+# layer scan). Set only while an ahead-of-time plan traces (`compiling_for`).
+_TARGET: contextvars.ContextVar[tuple[str | None, bool]] = contextvars.ContextVar(
+    "layerif_target", default=(None, False))
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str, *, unroll_layers: bool = False):
+    """Trace for `platform` ("tpu", "cuda", "cpu") rather than the default backend, e.g.
+    an ahead-of-time compile for a TPU from a CPU process: `precision()` answers for that
+    platform. unroll_layers: the decoders unroll their layer scan (a compiler's cost
+    analysis counts a loop body once; see `influence.plan`)."""
+    token = _TARGET.set((platform, unroll_layers))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_platform() -> str:
+    return _TARGET.get()[0] or jax.default_backend()
+
+
+def unroll_layers() -> bool:
+    return _TARGET.get()[1]
 
 
 def precision():
     """Full float32 for the influence sums: HIGHEST on GPU/TPU (no TF32 or bf16 passes);
     on CPU float32 dots are exact already and HIGHEST only selects a slower kernel."""
-    return None if jax.default_backend() == "cpu" else jax.lax.Precision.HIGHEST
+    return None if target_platform() == "cpu" else jax.lax.Precision.HIGHEST
 
 
 def mm(x: jax.Array, w: jax.Array) -> jax.Array:

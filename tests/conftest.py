@@ -16,6 +16,8 @@ import pytest
 # CLI runs in the tests do not write the user's compilation cache (a test of the cache
 # points it at a folder of its own).
 os.environ.setdefault("LAYERIF_COMPILE_CACHE", "off")
+# the tests run on the CPU (with libtpu installed for the plans, jax would try a TPU first)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # A small task in the paper's record format, and text in its vocabulary.
 TASK = [{"instruction": f"Is {i} even? Answer:", "input": "",

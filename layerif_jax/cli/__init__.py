@@ -17,14 +17,15 @@ import warnings
 from pathlib import Path
 
 from ..errors import LayerIFError
-from . import (allocate, alpha, bench, convert, evaluate, export, finetune, moe, prune,
-               run, scores)
+from . import (allocate, alpha, bench, convert, evaluate, export, finetune, moe, plan,
+               prune, run, scores)
 from .common import Command, Group, Runtime
 from .options import Parser, add_config, config_from
 
 COMMANDS: tuple[Command | Group, ...] = (
     run.COMMAND, finetune.COMMAND, scores.COMMAND, allocate.GROUP, alpha.COMMAND,
-    moe.GROUP, prune.COMMAND, evaluate.GROUP, convert.COMMAND, export.COMMAND, bench.COMMAND)
+    moe.GROUP, prune.COMMAND, evaluate.GROUP, convert.COMMAND, export.COMMAND, bench.COMMAND,
+    plan.COMMAND)
 
 _CACHE_ENV = "LAYERIF_COMPILE_CACHE"
 

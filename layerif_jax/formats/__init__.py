@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import dtypes
 from ..errors import LayerIFError
 from ..io import read_json
-from ..models.config import SUPPORTED
+from ..models.config import SUPPORTED, ModelConfig
 from ..models.decoder import Decoder
 from . import gguf, hf, native
 from .gguf import permute_rotary, unpermute_rotary
@@ -29,7 +29,7 @@ from .native import FORMAT_KEY, save as save_checkpoint
 
 gguf_config = gguf.config
 
-__all__ = ["load_model", "convert", "export_hf", "save_checkpoint", "gguf_config",
+__all__ = ["load_model", "load_config", "convert", "export_hf", "save_checkpoint", "gguf_config",
            "permute_rotary", "unpermute_rotary"]
 
 
@@ -41,9 +41,9 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-def load_model(path, dtype="float32") -> Decoder:
-    """Load a Hugging Face safetensors directory, a .gguf file or a project checkpoint."""
-    dt = dtypes.jnp_dtype(dtype)
+def _source(path) -> tuple[Path, dict | None]:
+    """(the checkpoint's path, its config.json) or (the .gguf file, None); refused when
+    missing, unreadable or of no known format."""
     p = Path(path).expanduser()
     if not p.exists():
         raise LayerIFError(f"checkpoint not found: {p}")
@@ -51,9 +51,9 @@ def load_model(path, dtype="float32") -> Decoder:
         raise LayerIFError(f"checkpoint not readable: {p}")
     if p.is_file():
         if is_gguf(p):
-            return gguf.read(p, dt)
+            return p, None
         if p.name == "config.json":
-            return load_model(p.parent, dt)
+            return _source(p.parent)
         raise LayerIFError(f"{p}: unknown checkpoint format (expected a .gguf file or a "
                            "directory with config.json)")
     cfg_path = p / "config.json"
@@ -66,12 +66,27 @@ def load_model(path, dtype="float32") -> Decoder:
         raise LayerIFError(f"{cfg_path}: expected a JSON object")
     from ..models.tokenizer import refuse_remote_code
     refuse_remote_code(p)
-    if FORMAT_KEY in meta:
-        return native.read(p, meta, dt)
-    if meta.get("model_type") not in SUPPORTED:
+    if FORMAT_KEY not in meta and meta.get("model_type") not in SUPPORTED:
         raise LayerIFError(f"{p}: unsupported architecture {meta.get('model_type')!r} "
                            f"(supported: {', '.join(SUPPORTED)})")
+    return p, meta
+
+
+def load_model(path, dtype="float32") -> Decoder:
+    """Load a Hugging Face safetensors directory, a .gguf file or a project checkpoint."""
+    dt = dtypes.jnp_dtype(dtype)
+    p, meta = _source(path)
+    if meta is None:
+        return gguf.read(p, dt)
+    if FORMAT_KEY in meta:
+        return native.read(p, meta, dt)
     return hf.read(p, dt)
+
+
+def load_config(path) -> ModelConfig:
+    """The ModelConfig of a checkpoint (as `load_model` takes), reading no tensor."""
+    p, meta = _source(path)
+    return gguf.config(p) if meta is None else ModelConfig.from_hf(meta)
 
 
 def _has_tokenizer_files(p: Path) -> bool:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..ops import mm
+from ..ops import mm, unroll_layers
 from .config import LINEARS, ModelConfig
 
 NEG_INF = -1e30  # finite: a fully masked (padding) query row must not give NaN
@@ -358,7 +358,8 @@ class Decoder(nnx.Module):
             return block(cfg, p, x, bias, pos_BT, inv_freq, lins, dtype), None
 
         x, _ = jax.lax.scan(body, self.embed(ids_BT, dtype),
-                            (self.layers.layer_arrays(), keys, layer_data, which))
+                            (self.layers.layer_arrays(), keys, layer_data, which),
+                            unroll=unroll_layers())
         return x
 
     # -- what the packed influence engine needs (influence.engines.packed) --------------

@@ -278,14 +278,20 @@ def zero_probes(model, rows: int, per_row: int, dtype=jnp.float32) -> dict[str, 
             for name, (d_in, r, d_out, _) in model.packed_lora().items()}
 
 
+def chunk_weights(seg_RT, tgt_RT, per_row: int) -> tuple[jax.Array, jax.Array]:
+    """(onehot [R, J, T] of each token's example, loss weight w [R, T]): position t
+    predicts token t+1 and weighs targets[t+1] / (the target tokens of its example), so
+    sum(nll * w) is the sum over the chunk's examples of each one's mean loss."""
+    oh_RJT = (seg_RT[:, None, :] == jnp.arange(per_row)[None, :, None]).astype(jnp.float32)
+    tgt = jnp.concatenate([tgt_RT[:, 1:], jnp.zeros_like(tgt_RT[:, :1])], 1).astype(jnp.float32)
+    n_tok_RJ = jnp.einsum("rjt,rt->rj", oh_RJT, tgt)
+    return oh_RJT, jnp.einsum("rjt,rj->rt", oh_RJT, 1.0 / jnp.maximum(n_tok_RJ, 1.0)) * tgt
+
+
 def _chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, mode: str):
     """probes -> the sum over the chunk's examples of each example's mean next-token
     loss, with every LoRA group probed (`probe_group_fn`, in `mode`)."""
-    oh_RJT = (seg_RT[:, None, :] == jnp.arange(per_row)[None, :, None]).astype(jnp.float32)
-    # position t predicts token t+1: weight it by targets[t+1] / (targets of its example)
-    tgt = jnp.concatenate([tgt_RT[:, 1:], jnp.zeros_like(tgt_RT[:, :1])], 1).astype(jnp.float32)
-    n_tok_RJ = jnp.einsum("rjt,rt->rj", oh_RJT, tgt)
-    w_RT = jnp.einsum("rjt,rj->rt", oh_RJT, 1.0 / jnp.maximum(n_tok_RJ, 1.0)) * tgt
+    oh_RJT, w_RT = chunk_weights(seg_RT, tgt_RT, per_row)
     scales = {n: s for n, (*_, s) in model.packed_lora().items()}
     group_fn = probe_group_fn(scales, oh_RJT, dtype or model.dtype, mode)
 

@@ -1,0 +1,94 @@
+"""`layerif plan`: the influence step of a run compiled for a TPU slice, on this machine
+(no TPU needed: the libtpu wheel's compiler), with per-device memory, FLOPs and a
+roofline (`influence.plan`). Compiler estimates, not measurements."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..errors import LayerIFError
+from .common import DEFAULT_MODEL, DTYPES, Command, LoraArgs, OverwriteArgs, out_file
+from .options import REQUIRED, byte_size, model_path, opt, output_path, positive_int
+
+
+def _topology(s: str) -> str:
+    from ..chips import parse_topology
+    try:
+        return str(parse_topology(s))
+    except LayerIFError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig(OverwriteArgs, LoraArgs):
+    topology: str = opt(REQUIRED, "the TPU slice, CHIP:AxB[xC] (v4, v5e, v5p, v6e), e.g. "
+                                  "v5e:2x4", type=_topology)
+    model: str | None = opt(None, "HF checkpoint dir, .gguf file or a `layerif convert` output "
+                                  "(only its configuration is read)", type=model_path,
+                            shown=DEFAULT_MODEL)
+    config: str | None = opt(None, "a config.json, or a model type whose transformers default "
+                                   "configuration to plan for (mistral: Mistral-7B, llama: "
+                                   "Llama-2-7B shapes)", shown="none")
+    n: int = opt(300, "training examples", type=positive_int)
+    m: int = opt(50, "validation examples", type=positive_int)
+    tokens: int = opt(128, "tokens per example", type=positive_int)
+    dtype: str = opt("bfloat16", "dtype of the weights and of the forward/backward",
+                     choices=DTYPES)
+    chunk_size: int = opt(8, "examples per packed chunk, over all devices (as `layerif "
+                             "scores --chunk-size`)", type=positive_int)
+    chunks_per_call: int = opt(1, "packed chunks per compiled call", type=positive_int)
+    memory_budget: str | None = opt(None, "bytes for kept training gradients over all "
+                                          "devices (e.g. 16GB)", type=byte_size,
+                                    shown="keep all")
+    no_costs: bool = opt(False, "memory only: skip the FLOP counts (two more small compiles)")
+    out: str | None = opt(None, "write the plan as JSON", type=output_path, shown="print only")
+
+    def __post_init__(self):
+        if self.model is not None and self.config is not None:
+            raise LayerIFError("give --model or --config, not both")
+        if self.tokens < 2:
+            raise LayerIFError(f"--tokens must be >= 2, got {self.tokens}")
+
+
+def model_config(cfg: PlanConfig):
+    """(name, ModelConfig) of --model or --config."""
+    from pathlib import Path
+
+    from ..models.config import SUPPORTED, ModelConfig
+    if cfg.config is None:
+        from ..formats import load_config
+        from ..io import default_model_path
+        source = cfg.model or str(default_model_path())
+        return source, load_config(source)
+    p = Path(cfg.config).expanduser()
+    if p.exists():
+        return str(p), ModelConfig.from_file(p / "config.json" if p.is_dir() else p)
+    if cfg.config not in SUPPORTED:
+        raise LayerIFError(f"--config {cfg.config!r} is neither a file nor a model type "
+                           f"(model types: {', '.join(SUPPORTED)})")
+    from transformers import AutoConfig
+    return (f"{cfg.config} (transformers' default configuration)",
+            ModelConfig.from_hf(AutoConfig.for_model(cfg.config).to_dict()))
+
+
+def run(cfg: PlanConfig, rt) -> None:
+    import jax
+    if not jax.config.jax_platforms:   # a plan never uses this machine's accelerators
+        jax.config.update("jax_platforms", "cpu")
+    from ..influence.plan import plan
+
+    with out_file(cfg.out, "plan", cfg.overwrite) as out:
+        name, mcfg = model_config(cfg)
+        p = plan(mcfg, cfg.lora_config(), topology_spec=cfg.topology, n=cfg.n, m=cfg.m,
+                 tokens=cfg.tokens, dtype=cfg.dtype, chunk_size=cfg.chunk_size,
+                 chunks_per_call=cfg.chunks_per_call, memory_budget=cfg.memory_budget,
+                 costs=not cfg.no_costs, model_name=name)
+        print("\n".join(p.lines()))
+        if out:
+            out.write_json(p.to_json())
+            print(f"plan -> {cfg.out}")
+
+
+COMMAND = Command("plan", "compile the influence step for a TPU slice here: per-device "
+                          "memory, FLOPs, roofline (compiler estimates)", PlanConfig, run)

@@ -1,0 +1,379 @@
+"""Ahead-of-time plans: the influence step of a run compiled for a real chip, without
+the chip.
+
+The real compiler of the chip (XLA:TPU from the `libtpu` wheel; see
+../shared/docs/ACCELERATORS.md) compiles the training call of the packed engine --
+per-example LoRA gradients of a chunk of packed rows, then ||g||^2 and v . g per layer
+piece -- from abstract inputs (`jax.ShapeDtypeStruct`s with the mesh's shardings; no
+parameter is ever allocated), and reports:
+
+- per-device bytes from `memory_analysis()`: arguments (weights, probes, one call's
+  token arrays, v), temporaries, outputs, plus the kept gradients of the training
+  examples of the device (the memory plan of `driver.keep_plan`), against the chip's
+  memory; whether it fits, and if not, a chunk size or memory budget that does;
+- FLOPs per device per call from `cost_analysis()`, and their ratio to one plain LoRA
+  forward+backward on the same chunks. The TPU compiler counts a loop body once, so
+  both come from compiles with the layer scan unrolled at depths 1 and 2 (one chunk a
+  call), extrapolated linearly in the depth;
+- a roofline: per call max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) from the
+  chip's published figures (`CHIPS`), times the calls of the run.
+
+These are compiler estimates, not measurements. Data parallelism only: every device
+holds the whole model (sharded weights are not implemented yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from .. import dtypes
+from ..chips import GiB, Chip, Topology, parse_topology
+from ..errors import LayerIFError
+from ..io import parse_bytes
+from ..models.config import ModelConfig
+from ..models.lora import LoraConfig
+from ..ops import compiling_for
+from . import core
+from .engines import packed
+
+def topology(spec) -> tuple[Chip, list]:
+    """'v5e:2x4' -> (the chip, the topology's devices), from libtpu's topology
+    description (no TPU needed)."""
+    topo = spec if isinstance(spec, Topology) else parse_topology(spec)
+    if jax.default_backend() != "tpu":
+        # libtpu as a compiler only: no lockfile (several such processes may run at once)
+        # and no queries of a cloud metadata server
+        for k, v in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost")):
+            os.environ.setdefault(k, v)
+    try:
+        from jax.experimental import topologies
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise LayerIFError("TPU plans need the libtpu wheel matching jax: pip install "
+                           "'jax[tpu]' (it compiles for TPUs on any machine)") from None
+    kw = {"chips_per_host_bounds": (1, 1, 1)} if topo.chips == 1 else {}
+    try:
+        desc = topologies.get_topology_desc(str(topo), platform="tpu", **kw)
+    except Exception as e:  # libtpu's own words (an impossible shape for the chip)
+        raise LayerIFError(f"topology {str(topo)!r}: {str(e).strip().splitlines()[0]}") from None
+    return topo.chip, list(desc.devices)
+
+
+def abstract_model(cfg: ModelConfig, lora: LoraConfig, dtype):
+    """The decoder with LoRA as shapes only (`nnx.eval_shape`: nothing is allocated)."""
+    from ..models.decoder import Decoder
+    from ..models.lora import apply_lora
+    return nnx.eval_shape(lambda: apply_lora(Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)), lora))
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The packed chunk shape of a run of examples of `tokens` tokens (`packed.plan`)."""
+    rows: int          # rows per device per chunk
+    row_len: int
+    slots: int         # example slots per device per chunk
+    per_row: int
+    examples: int      # examples a device really packs into one chunk
+
+    @staticmethod
+    def of(tokens: int, chunk_size: int, ndev: int) -> "Geometry":
+        rows, row_len, slots, per_row = packed.plan([tokens], chunk_size=-(-chunk_size // ndev))
+        fit = rows * min(per_row, row_len // tokens)
+        return Geometry(rows, row_len, slots, per_row, min(slots, fit))
+
+
+def _sds(tree, sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _step(graphdef, dtype, geo: Geometry, mesh):
+    """(lora, rest, ids, seg, pos, tgt, slot_pos, probes, v) -> (grads, ||g||^2, v . g,
+    finite): the training call of the packed engine and its sums, as one program."""
+    # a fresh jit, not the engine's cached one: tracing depends on `compiling_for`, which
+    # jax's trace caches do not see
+    fn = packed.compiled_fn.__wrapped__(graphdef, dtype, geo.slots, geo.per_row, mesh)
+
+    def step(lora, rest, ids, seg, pos, tgt, slot_pos, probes, v):
+        g, fin = fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes)
+        return g, core.sq_norms(g), core.dots(g, v), fin
+    return jax.jit(step)
+
+
+def _fwd_bwd(graphdef, dtype, per_row: int):
+    """One plain LoRA forward+backward of the same packed chunk (the FLOPs baseline)."""
+    def fb(lora, rest, ids, seg, pos, tgt):
+        def loss(lora):
+            model = nnx.merge(graphdef, lora, rest)
+            x = model.hidden_states(ids, seg >= 0, positions_BT=pos, segments_BT=seg,
+                                    dtype=dtype)
+            return jnp.sum(model.next_token_nll(x, ids) * packed.chunk_weights(seg, tgt, per_row)[1])
+        return jax.grad(loss)(lora)
+    return jax.jit(fb)
+
+
+def _step_args(model, geo: Geometry, k: int, ndev: int, rep, rows_sharding):
+    """Abstract inputs of `_step` for k chunks a call over ndev devices."""
+    _, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    R, T, J, L = geo.rows * ndev, geo.row_len, geo.per_row, model.cfg.num_layers
+    tok = lambda dt: jax.ShapeDtypeStruct((k, R, T), dt, sharding=rows_sharding)  # noqa: E731
+    probes = {n: (jax.ShapeDtypeStruct((L, R * J, di, r), jnp.float32, sharding=rows_sharding),
+                  jax.ShapeDtypeStruct((L, R * J, r, do), jnp.float32, sharding=rows_sharding))
+              for n, (di, r, do, _) in model.packed_lora().items()}
+    v = [jax.ShapeDtypeStruct((1, *x.shape), jnp.float32, sharding=rep)
+         for x in jax.tree.leaves(lora)]
+    return (_sds(lora, rep), _sds(rest, rep), tok(jnp.int32), tok(jnp.int32), tok(jnp.int32),
+            tok(jnp.bool_), jax.ShapeDtypeStruct((k, geo.slots * ndev), jnp.int32,
+                                                 sharding=rows_sharding), probes, v)
+
+
+def _costs(compiled) -> tuple[float, float]:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    if not ca or "flops" not in ca:
+        raise LayerIFError("the compiler gives no cost analysis for this platform")
+    return float(ca["flops"]), float(ca.get("bytes accessed", 0.0))
+
+
+def per_chunk_costs(cfg: ModelConfig, lora: LoraConfig, dtype, geo: Geometry, device,
+                    platform: str) -> dict[str, float]:
+    """FLOPs and bytes accessed of one device's chunk, for the influence step and for a
+    plain forward+backward: compiles at depths 1 and 2 with the layer scan unrolled,
+    extrapolated to cfg.num_layers (the compiler counts a loop body once)."""
+    one = SingleDeviceSharding(device)
+    out = {}
+    for depth in (1, 2):
+        c = dataclasses.replace(cfg, num_layers=depth,
+                                layer_types=None if cfg.layer_types is None
+                                else cfg.layer_types[:depth])
+        model = abstract_model(c, lora, dtype)
+        graphdef = nnx.graphdef(model)
+        args = _step_args(model, geo, 1, 1, one, one)
+        with compiling_for(platform, unroll_layers=True):
+            step = _step(graphdef, dtype, geo, None).lower(*args).compile()
+            chunk = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=one) for a in args[2:6]]
+            fb = _fwd_bwd(graphdef, dtype, geo.per_row).lower(*args[:2], *chunk).compile()
+        out[depth] = (*_costs(step), *_costs(fb))
+    L = cfg.num_layers
+    ext = [out[1][i] + (L - 1) * (out[2][i] - out[1][i]) for i in range(4)]
+    return dict(zip(("flops", "bytes", "fwd_bwd_flops", "fwd_bwd_bytes"), ext))
+
+
+def _size(b: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if b >= size / 10:
+            return f"{b / size:.2f} {unit}"
+    return f"{int(b)} bytes"
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `plan` found; bytes are per device, FLOPs per device per call."""
+    topology: str
+    chip: Chip
+    devices: int
+    model: str
+    n: int
+    m: int
+    tokens: int
+    dtype: str
+    chunk_size: int
+    chunks_per_call: int
+    geometry: Geometry
+    calls: dict[str, int]                 # {"train": .., "val": ..}
+    bytes: dict[str, int]                 # arguments, outputs, temporaries, kept gradients
+    kept_examples: int
+    fits: bool
+    compile_error: str | None
+    flops: float | None = None
+    fwd_bwd_flops: float | None = None
+    bytes_accessed: float | None = None
+    roofline_s: float | None = None
+    compile_s: float = 0.0
+    advice: str | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def lines(self) -> list[str]:
+        g, b = self.geometry, self.bytes
+        gi = _size
+        out = [f"plan: {self.model}, {self.n} x {self.m} examples of {self.tokens} tokens, "
+               f"{self.dtype}, on {self.topology} ({self.devices} x {self.chip.name}); "
+               "compiler estimates, not measurements",
+               f"  call: {self.chunks_per_call} chunk(s) of {g.rows} x {g.row_len} tokens per "
+               f"device, {g.examples} examples per device per chunk; "
+               f"{self.calls['train']} training + {self.calls['val']} validation calls",
+               f"  per device: arguments {gi(b['arguments'])}, zero probes "
+               f"{gi(b['probes'])}, temporaries "
+               f"{gi(b['temporaries'])}, outputs {gi(b['outputs'])}, kept gradients "
+               f"{gi(b['kept_gradients'])} ({self.kept_examples} of {self.n} examples) = "
+               f"{gi(self.total_bytes)} of {gi(self.chip.hbm)}: "
+               + ("fits" if self.fits else "does NOT fit")]
+        if self.compile_error:
+            out.append(f"  compiler: {self.compile_error}")
+        if self.flops is not None:
+            out.append(f"  FLOPs per device per call {self.flops:.4g}, "
+                       f"{self.flops / self.fwd_bwd_flops:.4f}x one LoRA forward+backward of "
+                       f"the same chunks; bytes accessed {self.bytes_accessed:.4g}")
+            out.append(f"  roofline ({self.chip.peak_flops / 1e12:g} TFLOP/s bf16, "
+                       f"{self.chip.bandwidth / 1e9:g} GB/s): at least {self.roofline_s:.3g} s "
+                       f"for {self.n} x {self.m}")
+        if self.advice:
+            out.append(f"  {self.advice}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["chip"] = dataclasses.asdict(self.chip)
+        d["total_bytes"] = self.total_bytes
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class _Memory:
+    """Per-device bytes of a compiled call, or (error set) what is known without it."""
+    arguments: int
+    outputs: int
+    temporaries: int
+    error: str | None = None
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs + self.temporaries
+
+
+def _shard_bytes(tree) -> int:
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _compile_call(model, geo, k, mesh, dtype, platform) -> _Memory:
+    """Memory of one training call over the mesh (`memory_analysis`); when the compiler
+    refuses it for want of memory, its message, the arguments' bytes from their shapes
+    and the temporaries it names."""
+    ndev = mesh.devices.size
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
+    args = _step_args(model, geo, k, ndev, rep, rows)
+    with compiling_for(platform):
+        try:
+            compiled = _step(nnx.graphdef(model), dtype, geo, mesh).lower(*args).compile()
+        except Exception as e:  # the compiler's own verdict (e.g. out of HBM)
+            msg = str(e).strip()
+            if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+                raise
+            temps = re.search(r"HLO temporaries \(([\d.]+)G\)", msg)
+            return _Memory(_shard_bytes(args[:7] + args[8:]), 0,
+                           int(float(temps.group(1)) * GiB) if temps else 0,
+                           msg.splitlines()[0][:400])
+    m = compiled.memory_analysis()
+    return _Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                   int(m.temp_size_in_bytes))
+
+
+def plan(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: str, n: int,
+         m: int, tokens: int, dtype="bfloat16", chunk_size: int = 8, chunks_per_call: int = 1,
+         memory_budget=None, costs: bool = True, advise: bool = True,
+         model_name: str | None = None) -> Plan:
+    """The plan of `layer_scores(engine="packed")` over n training and m validation
+    examples of `tokens` tokens each, on every device of `topology_spec` (data parallel),
+    compiled by the chip's own compiler. memory_budget: bytes for kept gradients over
+    all devices (None: keep all, as `layer_scores(memory_budget=None)`)."""
+    for what, x in (("n", n), ("m", m), ("tokens", tokens), ("chunk size", chunk_size),
+                    ("chunks per call", chunks_per_call)):
+        if int(x) < 1:
+            raise LayerIFError(f"{what} must be >= 1, got {x}")
+    if tokens < 2:
+        raise LayerIFError(f"an example needs at least 2 tokens, got {tokens}")
+    lora = lora or LoraConfig()
+    dt = dtypes.jnp_dtype(dtype)
+    budget = None if memory_budget is None else parse_bytes(memory_budget, "memory budget")
+    topo = parse_topology(topology_spec)
+    chip, devices = topology(topo)
+    ndev = len(devices)
+    mesh = Mesh(np.array(devices), ("data",))
+    geo = Geometry.of(tokens, chunk_size, ndev)
+    model = abstract_model(cfg, lora, dt)
+    per_call = ndev * geo.examples * chunks_per_call
+    calls = {"train": -(-n // per_call), "val": -(-m // per_call)}
+    t0 = time.perf_counter()
+    mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform)
+    compile_s = time.perf_counter() - t0
+    grad_bytes = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    rows_per_call = geo.slots * chunks_per_call          # per device, filler slots included
+    call_bytes = rows_per_call * grad_bytes             # one call's gradients on one device
+    keep_calls = calls["train"] if budget is None else min(
+        calls["train"], budget // max(1, call_bytes * ndev))
+    kept_examples = min(n, keep_calls * per_call)
+    # the zero probes: the engine keeps them on the devices, the compiled program does
+    # not count them (their values are unused, only their cotangents are taken)
+    probes = sum(model.cfg.num_layers * geo.rows * geo.per_row * 4 * (i * r + r * o)
+                 for i, r, o, _ in model.packed_lora().values())
+    # the call's own output gradients are counted once, in "outputs"
+    b = {"arguments": mem.arguments, "probes": probes, "outputs": mem.outputs,
+         "temporaries": mem.temporaries,
+         "kept_gradients": int(max(0, keep_calls - 1) * call_bytes)}
+    fits = mem.error is None and sum(b.values()) <= chip.hbm
+    p = Plan(str(topo), chip, ndev, model_name or cfg.model_type, n, m, tokens,
+             dtypes.name(dt), chunk_size, chunks_per_call, geo, calls, b, kept_examples, fits,
+             mem.error, compile_s=compile_s)
+    if costs:
+        c = per_chunk_costs(cfg, lora, dt, geo, devices[0], chip.platform)
+        p.flops = c["flops"] * chunks_per_call
+        p.fwd_bwd_flops = c["fwd_bwd_flops"] * chunks_per_call
+        p.bytes_accessed = c["bytes"] * chunks_per_call
+        per_call_s = max(p.flops / chip.peak_flops, p.bytes_accessed / chip.bandwidth)
+        recomputed = calls["train"] - keep_calls      # recomputed twice more (driver)
+        p.roofline_s = per_call_s * (calls["train"] + calls["val"] + 2 * recomputed)
+        p.meta["per_chunk"] = c
+    p.meta["call_bytes"] = call_bytes
+    if advise and not fits:
+        p.advice = _advice(p, call_bytes, lambda **kw: plan(
+            cfg, lora, topology_spec=topo, n=n, m=m, tokens=tokens, dtype=dtype,
+            memory_budget=memory_budget, costs=False, advise=False, model_name=model_name, **kw))
+    return p
+
+
+def _budget_advice(p: Plan, call_bytes: int) -> str | None:
+    """A memory budget for kept gradients under which `p` fits, if its call fits."""
+    room = p.chip.hbm - (p.total_bytes - p.bytes["kept_gradients"])
+    if p.compile_error is not None or room < 0:
+        return None
+    keep = int(room // call_bytes) + 1            # + the call's own output
+    mb = math.floor(keep * call_bytes * p.devices / 1e6)
+    return (f"--memory-budget {mb}MB (keeps about "
+            f"{min(p.n, keep * p.devices * p.geometry.examples * p.chunks_per_call)} of {p.n} "
+            "training gradients; the others are recomputed twice more)")
+
+
+def _advice(p: Plan, call_bytes: int, replan) -> str:
+    """A memory budget or a chunk size that fits, or why none does. replan(chunk_size=,
+    chunks_per_call=) -> the plan with those (memory only, no advice)."""
+    if (budget := _budget_advice(p, call_bytes)) is not None:
+        return f"fits with {budget}"
+    size = p.chunk_size
+    while size > p.devices or p.chunks_per_call > 1:
+        size = max(p.devices, size // 2) if p.chunks_per_call == 1 else size
+        q = replan(chunk_size=size, chunks_per_call=1)
+        flags = f"--chunk-size {size} --chunks-per-call 1"
+        if q.fits:
+            return f"fits with {flags}"
+        if (budget := _budget_advice(q, q.meta["call_bytes"])) is not None:
+            return f"fits with {flags} {budget}"
+        p = q
+    return ("no chunk size fits: every device holds the whole model and one chunk's "
+            "activations (sharded weights are not implemented yet); use a chip with more "
+            "memory")
