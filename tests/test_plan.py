@@ -113,8 +113,13 @@ def test_per_device_arguments_are_the_arrays_sizes():
 @needs_libtpu
 def test_kept_gradients_over_memory_name_a_budget_that_fits():
     n = 200_000   # 200k f32 LoRA gradients of 0.5 MiB: 97 GiB on one v5e
-    p = planmod.plan(CFG, LORA, topology_spec="v5e:1x1", n=n, m=8, tokens=64, chunk_size=4,
-                     costs=False)
+    # one compilation, two run sizes: only the calls and the kept gradients differ
+    small, p = planmod.plans(CFG, LORA, topology_spec="v5e:1x1", sizes=[(40, 8), (n, 8)],
+                             tokens=64, chunk_size=4, costs=False)
+    assert small.fits and small.calls == {"train": 10, "val": 2}
+    assert p.calls == {"train": n // 4, "val": 2}
+    assert {k: v for k, v in p.bytes.items() if k != "kept_gradients"} == {
+        k: v for k, v in small.bytes.items() if k != "kept_gradients"}
     assert not p.fits and p.compile_error is None
     assert p.bytes["kept_gradients"] > p.chip.hbm
     assert "--memory-budget" in p.advice

@@ -76,6 +76,9 @@ def run(cfg: PlanConfig, rt) -> None:
     import jax
     if not jax.config.jax_platforms:   # a plan never uses this machine's accelerators
         jax.config.update("jax_platforms", "cpu")
+    # ahead-of-time TPU programs cannot be read back from the persistent cache (no TPU
+    # client): do not write them there
+    jax.config.update("jax_enable_compilation_cache", False)
     from ..influence.plan import plan
 
     with out_file(cfg.out, "plan", cfg.overwrite) as out:

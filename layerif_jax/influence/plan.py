@@ -118,7 +118,8 @@ def _fwd_bwd(graphdef, dtype, per_row: int):
             model = nnx.merge(graphdef, lora, rest)
             x = model.hidden_states(ids, seg >= 0, positions_BT=pos, segments_BT=seg,
                                     dtype=dtype)
-            return jnp.sum(model.next_token_nll(x, ids) * packed.chunk_weights(seg, tgt, per_row)[1])
+            w = packed.chunk_weights(seg, tgt, per_row)[1]
+            return jnp.sum(model.next_token_nll(x, ids) * w)
         return jax.grad(loss)(lora)
     return jax.jit(fb)
 
@@ -285,15 +286,24 @@ def _compile_call(model, geo, k, mesh, dtype, platform) -> _Memory:
 
 
 def plan(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: str, n: int,
-         m: int, tokens: int, dtype="bfloat16", chunk_size: int = 8, chunks_per_call: int = 1,
-         memory_budget=None, costs: bool = True, advise: bool = True,
-         model_name: str | None = None) -> Plan:
+         m: int, tokens: int, **kw) -> Plan:
     """The plan of `layer_scores(engine="packed")` over n training and m validation
     examples of `tokens` tokens each, on every device of `topology_spec` (data parallel),
-    compiled by the chip's own compiler. memory_budget: bytes for kept gradients over
-    all devices (None: keep all, as `layer_scores(memory_budget=None)`)."""
-    for what, x in (("n", n), ("m", m), ("tokens", tokens), ("chunk size", chunk_size),
-                    ("chunks per call", chunks_per_call)):
+    compiled by the chip's own compiler; keywords as `plans`."""
+    return plans(cfg, lora, topology_spec=topology_spec, sizes=[(n, m)], tokens=tokens, **kw)[0]
+
+
+def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: str,
+          sizes, tokens: int, dtype="bfloat16", chunk_size: int = 8, chunks_per_call: int = 1,
+          memory_budget=None, costs: bool = True, advise: bool = True,
+          model_name: str | None = None) -> list[Plan]:
+    """One `Plan` per (n, m) of `sizes`, from ONE compilation of the call (the sizes change
+    only the number of calls and the kept gradients). memory_budget: bytes for kept
+    gradients over all devices (None: keep all, as `layer_scores(memory_budget=None)`)."""
+    sizes = [(int(n), int(m)) for n, m in sizes]
+    for what, x in ([("n", n) for n, _ in sizes] + [("m", m) for _, m in sizes]
+                    + [("tokens", tokens), ("chunk size", chunk_size),
+                       ("chunks per call", chunks_per_call)]):
         if int(x) < 1:
             raise LayerIFError(f"{what} must be >= 1, got {x}")
     if tokens < 2:
@@ -303,47 +313,55 @@ def plan(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: str
     budget = None if memory_budget is None else parse_bytes(memory_budget, "memory budget")
     topo = parse_topology(topology_spec)
     chip, devices = topology(topo)
-    ndev = len(devices)
     mesh = Mesh(np.array(devices), ("data",))
-    geo = Geometry.of(tokens, chunk_size, ndev)
+    geo = Geometry.of(tokens, chunk_size, len(devices))
     model = abstract_model(cfg, lora, dt)
-    per_call = ndev * geo.examples * chunks_per_call
-    calls = {"train": -(-n // per_call), "val": -(-m // per_call)}
     t0 = time.perf_counter()
     mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform)
     compile_s = time.perf_counter() - t0
-    grad_bytes = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-    rows_per_call = geo.slots * chunks_per_call          # per device, filler slots included
-    call_bytes = rows_per_call * grad_bytes             # one call's gradients on one device
-    keep_calls = calls["train"] if budget is None else min(
-        calls["train"], budget // max(1, call_bytes * ndev))
-    kept_examples = min(n, keep_calls * per_call)
+    c = per_chunk_costs(cfg, lora, dt, geo, devices[0], chip.platform) if costs else None
+    out = []
+    for n, m in sizes:
+        p = _account(Plan(str(topo), chip, len(devices), model_name or cfg.model_type, n, m,
+                          tokens, dtypes.name(dt), chunk_size, chunks_per_call, geo, {}, {}, 0,
+                          False, mem.error, compile_s=compile_s), model, mem, c, budget)
+        if advise and not p.fits:
+            p.advice = _advice(p, lambda n=n, m=m, **kw: plan(
+                cfg, lora, topology_spec=topo, n=n, m=m, tokens=tokens, dtype=dtype,
+                memory_budget=memory_budget, costs=False, advise=False,
+                model_name=model_name, **kw))
+        out.append(p)
+    return out
+
+
+def _account(p: Plan, model, mem: _Memory, costs: dict | None, budget: int | None) -> Plan:
+    """The run's calls, kept gradients, fit and roofline, from one compiled call."""
+    geo, k, ndev = p.geometry, p.chunks_per_call, p.devices
+    per_call = ndev * geo.examples * k
+    p.calls = {"train": -(-p.n // per_call), "val": -(-p.m // per_call)}
+    grad_bytes = 4 * sum(math.prod(x.shape)
+                         for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    call_bytes = geo.slots * k * grad_bytes    # one call's gradients on one device (fillers too)
+    keep_calls = p.calls["train"] if budget is None else min(
+        p.calls["train"], budget // max(1, call_bytes * ndev))
+    p.kept_examples = min(p.n, keep_calls * per_call)
     # the zero probes: the engine keeps them on the devices, the compiled program does
     # not count them (their values are unused, only their cotangents are taken)
     probes = sum(model.cfg.num_layers * geo.rows * geo.per_row * 4 * (i * r + r * o)
                  for i, r, o, _ in model.packed_lora().values())
     # the call's own output gradients are counted once, in "outputs"
-    b = {"arguments": mem.arguments, "probes": probes, "outputs": mem.outputs,
-         "temporaries": mem.temporaries,
-         "kept_gradients": int(max(0, keep_calls - 1) * call_bytes)}
-    fits = mem.error is None and sum(b.values()) <= chip.hbm
-    p = Plan(str(topo), chip, ndev, model_name or cfg.model_type, n, m, tokens,
-             dtypes.name(dt), chunk_size, chunks_per_call, geo, calls, b, kept_examples, fits,
-             mem.error, compile_s=compile_s)
-    if costs:
-        c = per_chunk_costs(cfg, lora, dt, geo, devices[0], chip.platform)
-        p.flops = c["flops"] * chunks_per_call
-        p.fwd_bwd_flops = c["fwd_bwd_flops"] * chunks_per_call
-        p.bytes_accessed = c["bytes"] * chunks_per_call
-        per_call_s = max(p.flops / chip.peak_flops, p.bytes_accessed / chip.bandwidth)
-        recomputed = calls["train"] - keep_calls      # recomputed twice more (driver)
-        p.roofline_s = per_call_s * (calls["train"] + calls["val"] + 2 * recomputed)
-        p.meta["per_chunk"] = c
+    p.bytes = {"arguments": mem.arguments, "probes": probes, "outputs": mem.outputs,
+               "temporaries": mem.temporaries,
+               "kept_gradients": int(max(0, keep_calls - 1) * call_bytes)}
+    p.fits = mem.error is None and p.total_bytes <= p.chip.hbm
     p.meta["call_bytes"] = call_bytes
-    if advise and not fits:
-        p.advice = _advice(p, call_bytes, lambda **kw: plan(
-            cfg, lora, topology_spec=topo, n=n, m=m, tokens=tokens, dtype=dtype,
-            memory_budget=memory_budget, costs=False, advise=False, model_name=model_name, **kw))
+    if costs is not None:
+        p.flops, p.fwd_bwd_flops = costs["flops"] * k, costs["fwd_bwd_flops"] * k
+        p.bytes_accessed = costs["bytes"] * k
+        per_call_s = max(p.flops / p.chip.peak_flops, p.bytes_accessed / p.chip.bandwidth)
+        recomputed = p.calls["train"] - keep_calls      # recomputed twice more (driver)
+        p.roofline_s = per_call_s * (p.calls["train"] + p.calls["val"] + 2 * recomputed)
+        p.meta["per_chunk"] = costs
     return p
 
 
@@ -359,10 +377,10 @@ def _budget_advice(p: Plan, call_bytes: int) -> str | None:
             "training gradients; the others are recomputed twice more)")
 
 
-def _advice(p: Plan, call_bytes: int, replan) -> str:
+def _advice(p: Plan, replan) -> str:
     """A memory budget or a chunk size that fits, or why none does. replan(chunk_size=,
     chunks_per_call=) -> the plan with those (memory only, no advice)."""
-    if (budget := _budget_advice(p, call_bytes)) is not None:
+    if (budget := _budget_advice(p, p.meta["call_bytes"])) is not None:
         return f"fits with {budget}"
     size = p.chunk_size
     while size > p.devices or p.chunks_per_call > 1:

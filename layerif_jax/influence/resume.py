@@ -183,11 +183,11 @@ class Checkpoint:
             tree = self._checkpointer().restore(where, abstract(record["layout"], None))
         except Exception as e:  # noqa: BLE001 - orbax raises many types
             raise LayerIFError(f"cannot read the saved progress in {where}: "
-                               f"{str(e).splitlines()[0]}") from None
+                               f"{str(e).splitlines()[0]}; {self.hint}") from None
         bad = checksum.first_mismatch(_host_flat(_small(tree)), record["digests"])
         if bad is not None:
             raise LayerIFError(f"the saved progress in {where} is damaged (checksum mismatch in "
-                               f"{bad}); remove {self.path} to start over")
+                               f"{bad}); {self.hint}")
         return tree
 
     def _save(self, name: str, tree: dict, extra: dict) -> dict:
