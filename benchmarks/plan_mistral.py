@@ -12,7 +12,6 @@ the JSON object of each. Compiler estimates, not measurements.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -23,6 +22,7 @@ def main(argv=None):
     ap.add_argument("--chunk-size", type=int, default=8)
     ap.add_argument("--sizes", default="300x50,3000x500")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--kernels", choices=("auto", "reference"), default="auto")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -37,7 +37,8 @@ def main(argv=None):
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     t0 = time.perf_counter()
     out = plans(cfg, LoraConfig(rank=8, alpha=16.0), topology_spec=args.topology, sizes=sizes,
-                tokens=args.tokens, chunk_size=args.chunk_size, model_name="Mistral-7B shape")
+                tokens=args.tokens, chunk_size=args.chunk_size, model_name="Mistral-7B shape",
+                kernels=args.kernels)
     for p in out:
         print("\n".join(p.lines()))
     for p in out:

@@ -163,12 +163,14 @@ def test_cli_plan_end_to_end(tmp_path, capsys):
     # memory only (the FLOP counts are the first test's)
     code, text, err = run(capsys, "plan", "--config", cfg, "--topology", "v5e:2x2", "--n", 40,
                           "--m", 8, "--tokens", 64, "--chunk-size", 16, "--out", out,
-                          "--no-costs")
+                          "--no-costs", "--kernels", "reference")
     assert code == 0, err
     assert ": fits" in text and "compiler estimates, not measurements" in text
+    assert "kernels reference" in text
     got = json.loads(out.read_text())
     assert got["devices"] == 4 and got["fits"] and got["calls"] == {"train": 3, "val": 1}
     assert got["topology"] == "v5e:2x2" and got["chip"]["name"] == "TPU v5e"
+    assert got["kernels"] == "reference"
     assert got["total_bytes"] == sum(got["bytes"].values()) and got["flops"] is None
     # bad input: one line, exit 2, before anything is compiled
     one_line_error(run(capsys, "plan", "--config", cfg, "--topology", "v7x:2"),

@@ -42,6 +42,9 @@ class PlanConfig(OverwriteArgs, LoraArgs):
                                           "devices (e.g. 16GB)", type=byte_size,
                                     shown="keep all")
     no_costs: bool = opt(False, "memory only: skip the FLOP counts (two more small compiles)")
+    kernels: str = opt("auto", "auto: the Pallas kernels written for the chip (as a run on it "
+                               "takes them); reference: their pure-JAX references",
+                       choices=("auto", "reference"))
     out: str | None = opt(None, "write the plan as JSON", type=output_path, shown="print only")
 
     def __post_init__(self):
@@ -86,7 +89,7 @@ def run(cfg: PlanConfig, rt) -> None:
         p = plan(mcfg, cfg.lora_config(), topology_spec=cfg.topology, n=cfg.n, m=cfg.m,
                  tokens=cfg.tokens, dtype=cfg.dtype, chunk_size=cfg.chunk_size,
                  chunks_per_call=cfg.chunks_per_call, memory_budget=cfg.memory_budget,
-                 costs=not cfg.no_costs, model_name=name)
+                 costs=not cfg.no_costs, model_name=name, kernels=cfg.kernels)
         print("\n".join(p.lines()))
         if out:
             out.write_json(p.to_json())

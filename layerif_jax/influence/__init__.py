@@ -20,7 +20,7 @@ def clear_caches() -> None:
 
     from .engines import general, packed
     jax.clear_caches()
-    packed.compiled_fn.cache_clear()
+    packed._cached_fn.cache_clear()
     general.clear_cache()
     api._nnx_loss.cache_clear()
 

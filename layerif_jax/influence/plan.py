@@ -37,6 +37,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+import kernels as kernels_mod
+
 from .. import dtypes
 from ..chips import GiB, Chip, Topology, parse_topology
 from ..errors import LayerIFError
@@ -103,7 +105,7 @@ def _step(graphdef, dtype, geo: Geometry, mesh):
     finite): the training call of the packed engine and its sums, as one program."""
     # a fresh jit, not the engine's cached one: tracing depends on `compiling_for`, which
     # jax's trace caches do not see
-    fn = packed.compiled_fn.__wrapped__(graphdef, dtype, geo.slots, geo.per_row, mesh)
+    fn = packed.build_fn(graphdef, dtype, geo.slots, geo.per_row, mesh)
 
     def step(lora, rest, ids, seg, pos, tgt, slot_pos, probes, v):
         g, fin = fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes)
@@ -203,6 +205,7 @@ class Plan:
     roofline_s: float | None = None
     compile_s: float = 0.0
     advice: str | None = None
+    kernels: str = "auto"                 # Pallas kernels ("auto") or their references
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -213,8 +216,8 @@ class Plan:
         g, b = self.geometry, self.bytes
         gi = _size
         out = [f"plan: {self.model}, {self.n} x {self.m} examples of {self.tokens} tokens, "
-               f"{self.dtype}, on {self.topology} ({self.devices} x {self.chip.name}); "
-               "compiler estimates, not measurements",
+               f"{self.dtype}, on {self.topology} ({self.devices} x {self.chip.name}), "
+               f"kernels {self.kernels}; compiler estimates, not measurements",
                f"  call: {self.chunks_per_call} chunk(s) of {g.rows} x {g.row_len} tokens per "
                f"device, {g.examples} examples per device per chunk; "
                f"{self.calls['train']} training + {self.calls['val']} validation calls",
@@ -262,16 +265,28 @@ def _shard_bytes(tree) -> int:
                for x in jax.tree.leaves(tree))
 
 
+def call_args(model, geo: Geometry, k: int, mesh) -> tuple:
+    """The abstract inputs of one training call of k chunks over the mesh."""
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
+    return _step_args(model, geo, k, mesh.devices.size, rep, rows)
+
+
+def lower_call(model, geo: Geometry, k: int, mesh, dtype, platform: str):
+    """The training call of the packed engine (per-example gradients of k chunks, then
+    ||g||^2 and v . g), lowered for `platform` over the mesh from abstract inputs: the
+    program a run on those devices executes (`.compile()` it with the chip's compiler)."""
+    with compiling_for(platform):
+        return _step(nnx.graphdef(model), dtype, geo, mesh).lower(*call_args(model, geo, k, mesh))
+
+
 def _compile_call(model, geo, k, mesh, dtype, platform) -> _Memory:
     """Memory of one training call over the mesh (`memory_analysis`); when the compiler
     refuses it for want of memory, its message, the arguments' bytes from their shapes
     and the temporaries it names."""
-    ndev = mesh.devices.size
-    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
-    args = _step_args(model, geo, k, ndev, rep, rows)
+    args = call_args(model, geo, k, mesh)
     with compiling_for(platform):
         try:
-            compiled = _step(nnx.graphdef(model), dtype, geo, mesh).lower(*args).compile()
+            compiled = lower_call(model, geo, k, mesh, dtype, platform).compile()
         except Exception as e:  # the compiler's own verdict (e.g. out of HBM)
             msg = str(e).strip()
             if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
@@ -296,10 +311,12 @@ def plan(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: str
 def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: str,
           sizes, tokens: int, dtype="bfloat16", chunk_size: int = 8, chunks_per_call: int = 1,
           memory_budget=None, costs: bool = True, advise: bool = True,
-          model_name: str | None = None) -> list[Plan]:
+          model_name: str | None = None, kernels: str = "auto") -> list[Plan]:
     """One `Plan` per (n, m) of `sizes`, from ONE compilation of the call (the sizes change
     only the number of calls and the kept gradients). memory_budget: bytes for kept
-    gradients over all devices (None: keep all, as `layer_scores(memory_budget=None)`)."""
+    gradients over all devices (None: keep all, as `layer_scores(memory_budget=None)`).
+    kernels: "auto" (the Pallas kernels of `kernels/` written for the chip, as a run on it
+    takes them) or "reference" (their pure-JAX references), see `kernels.use`."""
     sizes = [(int(n), int(m)) for n, m in sizes]
     for what, x in ([("n", n) for n, _ in sizes] + [("m", m) for _, m in sizes]
                     + [("tokens", tokens), ("chunk size", chunk_size),
@@ -317,19 +334,21 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
     geo = Geometry.of(tokens, chunk_size, len(devices))
     model = abstract_model(cfg, lora, dt)
     t0 = time.perf_counter()
-    mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform)
-    compile_s = time.perf_counter() - t0
-    c = per_chunk_costs(cfg, lora, dt, geo, devices[0], chip.platform) if costs else None
+    with kernels_mod.use(kernels):
+        mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform)
+        compile_s = time.perf_counter() - t0
+        c = per_chunk_costs(cfg, lora, dt, geo, devices[0], chip.platform) if costs else None
     out = []
     for n, m in sizes:
         p = _account(Plan(str(topo), chip, len(devices), model_name or cfg.model_type, n, m,
                           tokens, dtypes.name(dt), chunk_size, chunks_per_call, geo, {}, {}, 0,
-                          False, mem.error, compile_s=compile_s), model, mem, c, budget)
+                          False, mem.error, compile_s=compile_s, kernels=kernels), model, mem,
+                     c, budget)
         if advise and not p.fits:
             p.advice = _advice(p, lambda n=n, m=m, **kw: plan(
                 cfg, lora, topology_spec=topo, n=n, m=m, tokens=tokens, dtype=dtype,
                 memory_budget=memory_budget, costs=False, advise=False,
-                model_name=model_name, **kw))
+                model_name=model_name, kernels=kernels, **kw))
         out.append(p)
     return out
 

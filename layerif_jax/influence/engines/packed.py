@@ -37,9 +37,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import kernels
+from kernels import segment_grads
+
 from ...data import Example
 from ...errors import LayerIFError
-from ...ops import mm, precision
+from ...ops import mm, precision, target_platform
 from ..distributed import put
 
 
@@ -72,20 +75,22 @@ def _fold(kernel, a, b, scale: float, dtype) -> jax.Array:
     return jax.lax.optimization_barrier(w).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def probed_linears(x, params, probes, onehot_RJT, scales: tuple, dtype,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def probed_linears(x, params, probes, seg_RT, scales: tuple, dtype, per_row: int,
                    mode: str = "grads") -> tuple:
     """The LoRA maps that share the input x [R, T, I] (q, k, v or gate, up), as ONE
     GEMM against the concatenated folded kernels [W_m + s_m A_m B_m]: a tuple of y_m.
 
     params: ((W, A, B), ...) per map; probes: ((pA [R*J, I, r], pB [R*J, r, O]), ...),
     ZEROS. The probes stand for per-example offsets of each map's LoRA factors
-    (A + pA_e, B + pB_e for the tokens of example e = (row, j); onehot_RJT says
-    which tokens those are), so the gradient with respect to them at zero is the
+    (A + pA_e, B + pB_e for the tokens of example e = (row, j): those with
+    seg_RT == j in row r, j < per_row), so the gradient with respect to them at zero is the
     per-example LoRA gradient, and the backward computes it right there, per layer,
     from x and dy = dL/dy:
 
         dL_e/dB = s * sum_{t in e} (x_t A)^T dy_t,    dL_e/dA = s * sum_{t in e} x_t^T (dy_t B^T)
+
+    (`kernels.segment_grads`: on a TPU a Pallas kernel, elsewhere its pure-JAX reference).
 
     The forward ignores the probes' values (it is only differentiated at zero), and
     the cotangents of W, A and B are zeros: the path is differentiable with respect
@@ -98,48 +103,43 @@ def probed_linears(x, params, probes, onehot_RJT, scales: tuple, dtype,
     respect to x A), u u^T (u = x A) and (s dy)(s dy)^T (the gradient with respect to
     the LoRA output): the covariances of K-FAC for A and for B, from the same backward.
     """
-    return _probed_fwd(x, params, probes, onehot_RJT, scales, dtype, mode)[0]
+    return _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode)[0]
 
 
 def _folded_cat(params, scales, dtype):
     return jnp.concatenate([_fold(k, a, b, s, dtype) for (k, a, b), s in zip(params, scales)], 1)
 
 
-def _probed_fwd(x, params, probes, onehot_RJT, scales, dtype, mode="grads"):
+def _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode="grads"):
     y = mm(x, _folded_cat(params, scales, dtype))
     sizes = [k.shape[-1] for k, _, _ in params]
     ys = tuple(jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1))
-    return ys, (x, params, onehot_RJT)
+    return ys, (x, params, seg_RT)
 
 
-def _probed_bwd(scales, dtype, mode, res, dys):
-    x, params, oh = res
+def _probed_bwd(scales, dtype, per_row, mode, res, dys):
+    x, params, seg = res
     dx = mm(jnp.concatenate([dy.astype(dtype) for dy in dys], -1),
             _folded_cat(params, scales, dtype).T)
     prec = precision()
-    R, J, T = oh.shape
-    xf = x.astype(jnp.float32)
+    RJ = seg.shape[0] * per_row
     zeros = jax.tree.map(jnp.zeros_like, params)
     g_probes = []
     for (_, a, b), s, dy in zip(params, scales, dys):
-        dyf = dy.astype(jnp.float32)
-        u = jnp.einsum("rti,ik->rtk", xf, a.astype(jnp.float32), precision=prec)
-        du = s * jnp.einsum("rto,ko->rtk", dyf, b.astype(jnp.float32), precision=prec)
-        # masks on the skinny (rank-r) side, then one contraction over the row's tokens
-        gA = jnp.einsum("rjtk,rti->rjik", oh[..., None] * du[:, None], xf, precision=prec)
-        gB = s * jnp.einsum("rjtk,rto->rjko", oh[..., None] * u[:, None], dyf, precision=prec)
-        g_probes.append((gA.reshape(R * J, *gA.shape[2:]), gB.reshape(R * J, *gB.shape[2:])))
+        gA, gB = segment_grads.lora_grads(x, dy, seg, a, b, s, per_row,
+                                          platform=target_platform(), precision=prec)
+        g_probes.append((gA.reshape(RJ, *gA.shape[2:]), gB.reshape(RJ, *gB.shape[2:])))
     if mode == "both":
-        g_probes = [g + f for g, f in zip(g_probes, _factor_sums(xf, params, scales, dys, oh,
-                                                                    prec))]
-    return dx, zeros, tuple(g_probes), jnp.zeros_like(oh)
+        g_probes = [g + f for g, f in zip(g_probes, _factor_sums(
+            x.astype(jnp.float32), params, scales, dys, seg, prec))]
+    return dx, zeros, tuple(g_probes), np.zeros(seg.shape, jax.dtypes.float0)
 
 
-def _factor_sums(xf, params, scales, dys, oh, prec) -> tuple:
+def _factor_sums(xf, params, scales, dys, seg, prec) -> tuple:
     """Token sums of the K-FAC covariances of every map of a group (see probed_linears);
     padding tokens are masked out, and x x^T is formed once for the maps sharing x. Each
     sum is one 2-D GEMM over the chunk's tokens."""
-    mask = jnp.sum(oh, 1).reshape(-1, 1)                              # [R*T, 1]
+    mask = (seg >= 0).astype(jnp.float32).reshape(-1, 1)              # [R*T, 1]
     flat = lambda z: z.reshape(-1, z.shape[-1])                        # noqa: E731
     gram = lambda a, b: jnp.matmul(a.T, b, precision=prec)             # noqa: E731
     x2 = flat(xf)
@@ -156,7 +156,8 @@ def _factor_sums(xf, params, scales, dys, oh, prec) -> tuple:
 probed_linears.defvjp(_probed_fwd, _probed_bwd)
 
 
-def probe_group_fn(scales: dict[str, float], onehot_RJT, dtype, mode: str = "grads"):
+def probe_group_fn(scales: dict[str, float], seg_RT, per_row: int, dtype,
+                   mode: str = "grads"):
     """The `group_fn` hook: the LoRA maps of a group as one probed GEMM; maps without
     LoRA as plain GEMMs. `data` is the layer's probes {name: (pA, pB)}, with mode
     "both" followed by its zero K-FAC factors."""
@@ -164,8 +165,8 @@ def probe_group_fn(scales: dict[str, float], onehot_RJT, dtype, mode: str = "gra
         lora = [n for n in names if n in probes]
         ys = dict(zip(lora, probed_linears(
             h, tuple((p[n]["kernel"], p[n]["lora_a"], p[n]["lora_b"]) for n in lora),
-            tuple(probes[n] for n in lora), onehot_RJT, tuple(scales[n] for n in lora),
-            dtype, mode))) if lora else {}
+            tuple(probes[n] for n in lora), seg_RT, tuple(scales[n] for n in lora),
+            dtype, per_row, mode))) if lora else {}
         out = []
         for n in names:
             y = ys[n] if n in ys else mm(h, p[n]["kernel"].astype(dtype))
@@ -291,9 +292,9 @@ def chunk_weights(seg_RT, tgt_RT, per_row: int) -> tuple[jax.Array, jax.Array]:
 def _chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, mode: str):
     """probes -> the sum over the chunk's examples of each example's mean next-token
     loss, with every LoRA group probed (`probe_group_fn`, in `mode`)."""
-    oh_RJT, w_RT = chunk_weights(seg_RT, tgt_RT, per_row)
+    _, w_RT = chunk_weights(seg_RT, tgt_RT, per_row)
     scales = {n: s for n, (*_, s) in model.packed_lora().items()}
-    group_fn = probe_group_fn(scales, oh_RJT, dtype or model.dtype, mode)
+    group_fn = probe_group_fn(scales, seg_RT, per_row, dtype or model.dtype, mode)
 
     def loss(probes):
         x = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT, segments_BT=seg_RT,
@@ -372,11 +373,22 @@ class Group:
         return Group(arrays, index, k, tuple(chunks[0].ids.shape))
 
 
-@functools.lru_cache(maxsize=8)
 def compiled_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False):
+    """`build_fn`'s jit, cached for the current kernel setting (`kernels.use`): a jit's
+    trace cache does not see that setting, so each one gets its own jit."""
+    return _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, kernels.setting())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, _setting):
+    return build_fn(graphdef, dtype, slots, per_row, mesh, factors)
+
+
+def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False):
     """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...], probes)
     -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
-    with `factors` also the K-FAC token sums of the k chunks (summed over devices)."""
+    with `factors` also the K-FAC token sums of the k chunks (summed over devices). A
+    fresh jit every call (see `compiled_fn` for the cached one)."""
     fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype, factors=factors)
 
     def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):

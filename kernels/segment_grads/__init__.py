@@ -1,0 +1,78 @@
+"""Segment-summed per-example LoRA gradients of packed rows, read from x and dy once.
+
+For a LoRA map y = x W + s (x A) B over packed rows (seg: the example of each token
+within its row), every example e's gradients are
+
+    dA_e = s * sum_{t in e} x_t^T (dy_t B^T)       dB_e = s * sum_{t in e} (x_t A)^T dy_t
+
+both `segment_outer(seg, w, x)` = sum_{t in e} w_t^T x_t with a skinny (rank-k) w. The
+reference forms the J masked copies of w in HBM and contracts ([R, J, T, k]); the TPU
+kernel builds them in VMEM and runs one MXU matmul per tile (tpu.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._select import resolve
+from . import reference, tpu
+
+KERNEL_PLATFORMS = ("tpu",)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _outer(seg, w, x, num_segments, impl, interpret, precision):
+    if impl == "reference":
+        return reference.segment_outer(seg, w, x, num_segments, precision)
+    return tpu.segment_outer(seg, w, x, num_segments, interpret=interpret,
+                             precision=precision or jax.lax.Precision.HIGHEST)
+
+
+def _outer_fwd(seg, w, x, num_segments, impl, interpret, precision):
+    return _outer(seg, w, x, num_segments, impl, interpret, precision), (seg, w, x)
+
+
+def _outer_bwd(num_segments, impl, interpret, precision, res, c):
+    # bilinear in (w, x): the reference's own VJP, which never forms a per-token [k, N]
+    seg, w, x = res
+    _, vjp = jax.vjp(lambda w_, x_: reference.segment_outer(seg, w_, x_, num_segments,
+                                                            precision), w, x)
+    dw, dx = vjp(c)
+    return np.zeros(seg.shape, jax.dtypes.float0), dw.astype(w.dtype), dx.astype(x.dtype)
+
+
+_outer.defvjp(_outer_fwd, _outer_bwd)
+
+
+def segment_outer(seg_RT, w_RTK, x_RTN, num_segments: int, *, impl: str | None = None,
+                  interpret: bool | None = None, platform: str | None = None,
+                  precision=None) -> jax.Array:
+    """out[r, j] = sum_{t: seg[r, t] == j} w[r, t]^T x[r, t]: [R, J, k, N] float32.
+
+    seg [R, T] int (tokens with seg outside 0..J-1 belong to no example), w [R, T, k],
+    x [R, T, N] (any float dtype; the sums run in float32). Differentiable in w and x.
+    impl / interpret: see `kernels.use`; platform: what the trace is compiled for (None:
+    jax's default backend; an ahead-of-time compile for a TPU passes "tpu").
+    """
+    impl, interpret = resolve(impl, interpret, platform, KERNEL_PLATFORMS)
+    if seg_RT.ndim != 2 or w_RTK.shape[:2] != seg_RT.shape or x_RTN.shape[:2] != seg_RT.shape:
+        raise ValueError(f"segment_outer: seg [R, T], w [R, T, k] and x [R, T, N] must share "
+                         f"R and T, got {seg_RT.shape}, {w_RTK.shape}, {x_RTN.shape}")
+    return _outer(seg_RT, w_RTK, x_RTN, num_segments, impl, interpret, precision)
+
+
+def lora_grads(x_RTI, dy_RTO, seg_RT, a_IK, b_KO, scale: float, num_segments: int,
+               **kw) -> tuple[jax.Array, jax.Array]:
+    """(dA [R, J, I, k], dB [R, J, k, O]) float32: every example's LoRA gradients of one
+    map, from its input x and output gradient dy (see the module docstring)."""
+    prec = kw.get("precision")
+    xf, dyf = x_RTI.astype(jnp.float32), dy_RTO.astype(jnp.float32)
+    u = jnp.einsum("rti,ik->rtk", xf, a_IK.astype(jnp.float32), precision=prec)
+    du = scale * jnp.einsum("rto,ko->rtk", dyf, b_KO.astype(jnp.float32), precision=prec)
+    gA = jnp.swapaxes(segment_outer(seg_RT, du, x_RTI, num_segments, **kw), -1, -2)
+    gB = segment_outer(seg_RT, scale * u, dy_RTO, num_segments, **kw)
+    return gA, gB

@@ -1,0 +1,184 @@
+"""segment_outer / lora_grads: the Pallas kernel (interpreted on CPU, compiled for TPU
+with libtpu) and the pure-JAX reference against float64 NumPy sums over each example's
+tokens, forward and gradients, on random packed layouts: padding, empty example slots,
+one-token examples, several token and column tiles; float32 and bfloat16 inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels.segment_grads import lora_grads, segment_outer, tpu
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="TPU compiles need the libtpu wheel")
+
+
+def layout(rng, R, T, J):
+    """Rows of consecutive examples (as the packer writes them): random lengths, some one
+    token long, some slots left empty, padding (-1) at the end of a row."""
+    seg = np.full((R, T), -1, np.int32)
+    for r in range(R):
+        off = 0
+        for j in range(J):
+            if (r, j) == (0, 1) or rng.random() < 0.25:         # an empty slot
+                continue
+            one = (r, j) == (0, 0) or rng.random() < 0.3
+            t = 1 if one else int(rng.integers(2, max(3, T // J)))
+            seg[r, off:off + t] = j
+            off += t
+            if off >= T:
+                break
+    return seg
+
+
+def numpy_outer(seg, w, x, J):
+    w, x = np.asarray(w, np.float64), np.asarray(x, np.float64)
+    out = np.zeros((seg.shape[0], J, w.shape[-1], x.shape[-1]))
+    for r in range(seg.shape[0]):
+        for j in range(J):
+            tok = seg[r] == j
+            out[r, j] = w[r, tok].T @ x[r, tok]
+    return out
+
+
+# (R, T, k, N, J): one tile; several T tiles (640 = 5 x 128); two N tiles (2048 = 2 x 1024);
+# k not a multiple of 8 (padded); N not a multiple of 128 (taken whole)
+SHAPES = [(2, 128, 8, 256, 3), (2, 640, 3, 384, 6), (1, 256, 8, 2048, 4), (3, 200, 5, 72, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_against_float64(shape, dtype):
+    R, T, k, N, J = shape
+    rng = np.random.default_rng(sum(shape))
+    seg = layout(rng, R, T, J)
+    assert (seg[0] == 0).sum() == 1 and not (seg[0] == 1).any()
+    w = jnp.asarray(rng.normal(size=(R, T, k)), dtype)
+    x = jnp.asarray(rng.normal(size=(R, T, N)), dtype)
+    want = numpy_outer(seg, w.astype(jnp.float32), x.astype(jnp.float32), J)  # rounded inputs
+    scale = np.abs(want).max()
+    for impl in ("kernel", "reference"):
+        got = segment_outer(jnp.asarray(seg), w, x, J, impl=impl, interpret=True)
+        assert got.shape == (R, J, k, N) and got.dtype == jnp.float32
+        # float32 sums of the (bf16-rounded) inputs: a float32 rounding error per token
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6 * scale * T ** .5)
+    empty = [(r, j) for r in range(R) for j in range(J) if not (seg[r] == j).any()]
+    for r, j in empty:
+        assert not np.asarray(got[r, j]).any()
+
+
+def test_gradients_against_float64():
+    R, T, k, N, J = 2, 256, 3, 128, 4
+    rng = np.random.default_rng(7)
+    seg = layout(rng, R, T, J)
+    w, x = rng.normal(size=(R, T, k)), rng.normal(size=(R, T, N))
+    c = rng.normal(size=(R, J, k, N))
+    # d/dw sum(out * c) = c[seg_t] x_t and d/dx = w_t^T c[seg_t]; zero for padding tokens
+    cs = np.where((seg >= 0)[..., None, None], c[np.arange(R)[:, None], np.clip(seg, 0, J - 1)], 0)
+    dw_want = np.einsum("rtkn,rtn->rtk", cs, x)
+    dx_want = np.einsum("rtk,rtkn->rtn", w, cs)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)   # noqa: E731
+    for impl in ("kernel", "reference"):
+        f = lambda w_, x_: jnp.sum(segment_outer(jnp.asarray(seg), w_, x_, J, impl=impl,  # noqa: E731
+                                                 interpret=True) * f32(c))
+        dw, dx = jax.grad(f, argnums=(0, 1))(f32(w), f32(x))
+        np.testing.assert_allclose(np.asarray(dw), dw_want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(dx), dx_want, rtol=1e-5, atol=1e-4)
+
+
+def test_lora_grads_are_each_examples_lora_gradients():
+    R, T, I, O, k, J, s = 2, 128, 24, 40, 4, 3, 0.7
+    rng = np.random.default_rng(3)
+    seg = layout(rng, R, T, J)
+    x, dy = rng.normal(size=(R, T, I)), rng.normal(size=(R, T, O))
+    a, b = rng.normal(size=(I, k)), rng.normal(size=(k, O))
+    f32 = lambda z: jnp.asarray(z, jnp.float32)   # noqa: E731
+    gA, gB = lora_grads(f32(x), f32(dy), jnp.asarray(seg), f32(a), f32(b), s, J, impl="kernel",
+                        interpret=True)
+    for r in range(R):
+        for j in range(J):
+            tok = seg[r] == j
+            np.testing.assert_allclose(np.asarray(gA[r, j]), s * x[r, tok].T @ (dy[r, tok] @ b.T),
+                                       rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(np.asarray(gB[r, j]), s * (x[r, tok] @ a).T @ dy[r, tok],
+                                       rtol=1e-5, atol=1e-4)
+
+
+def _has_pallas(fn, *args) -> bool:
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_the_switch():
+    seg, w, x = jnp.zeros((1, 128), jnp.int32), jnp.ones((1, 128, 8)), jnp.ones((1, 128, 128))
+    run = lambda **kw: lambda s, w_, x_: segment_outer(s, w_, x_, 2, **kw)   # noqa: E731
+    assert not _has_pallas(run(), seg, w, x)                 # auto on CPU: the reference
+    assert _has_pallas(run(platform="tpu"), seg, w, x)       # auto for a TPU: the kernel
+    assert not _has_pallas(run(platform="tpu", impl="reference"), seg, w, x)
+    assert _has_pallas(run(interpret=True), seg, w, x)
+    with kernels.use("kernel", interpret=True):
+        assert _has_pallas(run(), seg, w, x)
+        assert not _has_pallas(run(impl="reference"), seg, w, x)   # the call's own choice
+    with kernels.use("reference"):
+        assert not _has_pallas(run(platform="tpu"), seg, w, x)
+    with pytest.raises(ValueError, match="no kernel of this op is written for cpu"):
+        run(impl="kernel")(seg, w, x)
+    with pytest.raises(ValueError, match="must be one of auto, kernel, reference"):
+        run(impl="pallas")(seg, w, x)
+    with pytest.raises(ValueError, match="must share R and T"):
+        segment_outer(seg, w[:, :64], x, 2)
+
+
+def test_tiles():
+    assert (tpu._tile(4096, 1024), tpu._tile(576, 1024), tpu._tile(640, 512),
+            tpu._tile(72, 1024)) == (1024, 576, 128, 72)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("chip", ["v5e", "v6e"])
+def test_compiles_for_tpu(chip):
+    """The Mosaic compiler accepts the kernel at a Mistral-7B map's shapes (bf16 x [R, T,
+    4096], rank 8; a 14336-wide output) and it appears in the compiled program."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from layerif_jax.influence.plan import topology
+    _, devs = topology(f"{chip}:1x1")
+    rep = NamedSharding(Mesh(np.array(devs[:1]), ("d",)), P())
+    S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)   # noqa: E731
+    R, T, I, O, k, J = 2, 256, 4096, 14336, 8, 8
+    f = jax.jit(lambda x, dy, s, a, b: lora_grads(x, dy, s, a, b, 2.0, J, platform="tpu"))
+    c = f.lower(S((R, T, I), jnp.bfloat16), S((R, T, O), jnp.bfloat16), S((R, T), jnp.int32),
+                S((I, k), jnp.bfloat16), S((k, O), jnp.bfloat16)).compile()
+    assert c.as_text().count('custom_call_target="tpu_custom_call"') == 2
+    m = c.memory_analysis()
+    # the [.., I, 8] gradient of A is not padded to 128 lanes (XLA picks its layout)
+    assert 0 <= m.output_size_in_bytes - R * J * k * (I + O) * 4 <= 1024
+
+
+@needs_libtpu
+@pytest.mark.parametrize("chip", ["v5e", "v6e"])
+def test_compiles_inside_the_influence_step(chip):
+    """The packed engine's training call for a 2x2 slice takes the kernel (twice per LoRA
+    map in the layer scan's body) and the TPU compiler accepts it; with
+    kernels.use("reference") the same call has none."""
+    from jax.sharding import Mesh
+
+    from layerif_jax.influence import plan as planmod
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.lora import LoraConfig
+    cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=128)
+    model = planmod.abstract_model(cfg, LoraConfig(rank=8, alpha=16.0), jnp.bfloat16)
+    _, devs = planmod.topology(f"{chip}:2x2")
+    mesh = Mesh(np.array(devs), ("data",))
+    geo = planmod.Geometry.of(64, 8, len(devs))
+    maps = len(model.packed_lora())
+    for impl, want in (("auto", 2 * maps), ("reference", 0)):
+        with kernels.use(impl):
+            hlo = planmod.lower_call(model, geo, 1, mesh, jnp.bfloat16, "tpu").compile().as_text()
+        assert hlo.count('custom_call_target="tpu_custom_call"') == want, impl
