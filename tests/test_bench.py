@@ -57,6 +57,7 @@ def test_digits_benchmarks_from_python(tmp_path):
     assert "| exact | gauss_newton | block |" in (out / "report.md").read_text()
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_bench_cli_end_to_end_resumes_and_refuses(tiny_dir, tasks_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "--model", tiny_dir, "--tasks-dir", tasks_dir, "--out", out,

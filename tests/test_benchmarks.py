@@ -9,6 +9,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +22,7 @@ def _load(name):
     return mod
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_bench_mistral_gpu_tiny(tmp_path, capsys):
     bench = _load("bench_mistral_gpu")
     out = tmp_path / "gpu.json"

@@ -139,6 +139,7 @@ def test_alpha_feeds_alphalora_and_alphapruning(tiny_dir, tmp_path, capsys):
     assert code == 0 and len(out.split()) == 2, err
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_run_full_then_moe_prune_eval_convert_export(tiny_dir, tmp_path, capsys):
     """`layerif run --full`, then every other command on what it wrote."""
     out = tmp_path / "run"
@@ -488,7 +489,8 @@ def _wait_for(p, needle, timeout=120):
     raise AssertionError(f"never saw {needle!r}: {buf}")
 
 
-@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130),
+                                      pytest.param("SIGTERM", 143, marks=pytest.mark.heavy)])
 def test_signals_stop_finetune_with_a_checkpoint(tiny_dir, tmp_path, sig, code):
     import signal
     data = tmp_path / "task.json"
@@ -617,6 +619,7 @@ def test_notes_on_surprises(tiny_dir, ft_dir, tmp_path, capsys):
     assert "every training gradient is recomputed" in err and "raise the memory budget" in err
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_outputs_follow_the_umask(tiny_dir, ft_dir, tmp_path):
     ft, data = ft_dir
     r = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); "
@@ -630,6 +633,7 @@ def test_outputs_follow_the_umask(tiny_dir, ft_dir, tmp_path):
         assert f.stat().st_mode & 0o777 == 0o644, f
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_persistent_compilation_cache(tiny_dir, ft_dir, tmp_path):
     ft, data = ft_dir
     cache = tmp_path / "cache"

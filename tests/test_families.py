@@ -51,7 +51,8 @@ def examples(rng, k):
             for t in rng.integers(3, 11, k)]
 
 
-@pytest.mark.parametrize("model_type", list(CONFIGS))
+@pytest.mark.parametrize("model_type", [m if m == "llama" else pytest.param(m, marks=pytest.mark.heavy)
+                                        for m in CONFIGS])   # leg 2 runs llama only
 def test_lora_influence_pruning_and_export(model_type, tmp_path):
     model = tiny(model_type)
     ids = jnp.asarray(np.random.default_rng(5).integers(0, 61, (2, 9)), jnp.int32)

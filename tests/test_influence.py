@@ -90,6 +90,7 @@ def test_layer_score_aggregates(setup):
         np.testing.assert_allclose(got.aggregated("top25")[l], p[:k].sum(), rtol=1e-5)
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_invariant_to_chunks_budget_and_buckets(setup):
     model, train, val, _, _ = setup
     base = layer_scores(model, train, val, chunk_size=13, mesh=None, engine="vmap", bucket_multiple=64)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 BUILD = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp
     from flax import nnx
@@ -98,6 +100,7 @@ def _rels(stdout):
     return [float(x) for x in stdout.split("REL")[1].split()]
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_four_host_devices_match_one():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=_env(4), capture_output=True,
                          text=True, timeout=600)

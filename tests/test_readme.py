@@ -4,6 +4,8 @@ folder); the last one needs SmolLM2."""
 import re
 from pathlib import Path
 
+import pytest
+
 import numpy as np
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -36,6 +38,7 @@ def test_api_blocks_run(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "tiny_scores" / "scores.json").is_file()
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_smollm2_block_runs(smollm2_gguf, tmp_path, monkeypatch):
     ns = _run(_blocks(), tmp_path, monkeypatch)
     L = ns["model"].cfg.num_layers

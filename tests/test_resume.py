@@ -148,6 +148,7 @@ def _main(capsys, *argv):
     return code, capsys.readouterr().err
 
 
+@pytest.mark.heavy   # leg 1 only (see .ci/run)
 def test_cli_killed_at_several_points_resumes_to_the_same_scores(tiny_dir, adapter, tmp_path,
                                                                    capsys):
     import shutil
