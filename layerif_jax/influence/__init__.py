@@ -20,7 +20,7 @@ def clear_caches() -> None:
 
     from .engines import general, packed
     jax.clear_caches()
-    packed._cached_fn.cache_clear()
+    packed.clear_cache()
     general.clear_cache()
     api._nnx_loss.cache_clear()
 

@@ -384,6 +384,11 @@ def _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, _setting):
     return build_fn(graphdef, dtype, slots, per_row, mesh, factors)
 
 
+def clear_cache() -> None:
+    """Forget the cached jits of `compiled_fn`."""
+    _cached_fn.cache_clear()
+
+
 def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False):
     """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...], probes)
     -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
