@@ -283,18 +283,17 @@ def _compile_call(model, geo, k, mesh, dtype, platform) -> _Memory:
     """Memory of one training call over the mesh (`memory_analysis`); when the compiler
     refuses it for want of memory, its message, the arguments' bytes from their shapes
     and the temporaries it names."""
-    args = call_args(model, geo, k, mesh)
-    with compiling_for(platform):
-        try:
-            compiled = lower_call(model, geo, k, mesh, dtype, platform).compile()
-        except Exception as e:  # the compiler's own verdict (e.g. out of HBM)
-            msg = str(e).strip()
-            if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
-                raise
-            temps = re.search(r"HLO temporaries \(([\d.]+)G\)", msg)
-            return _Memory(_shard_bytes(args[:7] + args[8:]), 0,
-                           int(float(temps.group(1)) * GiB) if temps else 0,
-                           msg.splitlines()[0][:400])
+    try:
+        compiled = lower_call(model, geo, k, mesh, dtype, platform).compile()
+    except Exception as e:  # the compiler's own verdict (e.g. out of HBM)
+        msg = str(e).strip()
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+            raise
+        temps = re.search(r"HLO temporaries \(([\d.]+)G\)", msg)
+        args = call_args(model, geo, k, mesh)
+        return _Memory(_shard_bytes(args[:7] + args[8:]), 0,
+                       int(float(temps.group(1)) * GiB) if temps else 0,
+                       msg.splitlines()[0][:400])
     m = compiled.memory_analysis()
     return _Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                    int(m.temp_size_in_bytes))
