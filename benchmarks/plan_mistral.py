@@ -7,6 +7,7 @@ topology and chunk size, accounted for every n x m of --sizes. Prints the plans,
 the JSON object of each. Compiler estimates, not measurements.
 
     python benchmarks/plan_mistral.py --topology v5e:2x4 --chunk-size 8 --sizes 300x50,3000x500
+    python benchmarks/plan_mistral.py --topology v5e:2x4 --chunk-size 128 --sharding fsdp
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def main(argv=None):
     ap.add_argument("--sizes", default="300x50,3000x500")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--kernels", choices=("auto", "reference"), default="auto")
+    ap.add_argument("--sharding", choices=("dp", "fsdp", "fsdp_tp"), default="dp")
+    ap.add_argument("--mesh", default=None, help="DATAxMODEL (default: all chips on data)")
+    ap.add_argument("--remat", action="store_true", help="every block recomputed in the backward")
+    ap.add_argument("--no-advice", action="store_true",
+                    help="do not re-plan smaller chunks when the plan does not fit")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -38,7 +44,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     out = plans(cfg, LoraConfig(rank=8, alpha=16.0), topology_spec=args.topology, sizes=sizes,
                 tokens=args.tokens, chunk_size=args.chunk_size, model_name="Mistral-7B shape",
-                kernels=args.kernels)
+                kernels=args.kernels, sharding=args.sharding, mesh_shape=args.mesh,
+                advise=not args.no_advice, remat=args.remat)
     for p in out:
         print("\n".join(p.lines()))
     for p in out:

@@ -72,6 +72,9 @@ def identity_digest(leaves: Iterable[Any], max_elems: int = 1 << 16) -> str:
         size = int(np.prod(shape)) if shape else 1
         stride = max(1, -(-size // max_elems))
         flat = x.reshape(-1)[::stride] if shape else x
+        if not getattr(flat, "is_fully_addressable", True):   # sharded across processes
+            from jax.experimental import multihost_utils
+            flat = multihost_utils.process_allgather(flat, tiled=True)
         h.update(_bytes(np.asarray(flat)))
     return h.hexdigest()
 

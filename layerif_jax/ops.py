@@ -35,6 +35,27 @@ def unroll_layers() -> bool:
     return _TARGET.get()[1]
 
 
+_REMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("layerif_remat", default=False)
+
+
+@contextlib.contextmanager
+def layer_remat(on: bool = True):
+    """While a program is traced: the decoders rematerialise every block in the backward
+    (`jax.checkpoint` of the layer scan's body, saving nothing inside it), so only the
+    residual stream between blocks is kept for the backward instead of every block's
+    activations, at the cost of recomputing the forward once. Enter it inside the traced
+    function: jax's trace caches do not see it."""
+    token = _REMAT.set(bool(on))
+    try:
+        yield
+    finally:
+        _REMAT.reset(token)
+
+
+def remat_layers() -> bool:
+    return _REMAT.get()
+
+
 def precision():
     """Full float32 for the influence sums: HIGHEST on GPU/TPU (no TF32 or bf16 passes);
     on CPU float32 dots are exact already and HIGHEST only selects a slower kernel."""

@@ -95,6 +95,90 @@ def test_finetune_scores_allocate(tiny_dir, ft_dir, tmp_path, capsys):
     assert list(per)[-1] == "layers.1.mlp.down_proj" and len(per) == 14
 
 
+def _scores_args(tiny_dir, ft_dir):
+    ft, data = ft_dir
+    return ["scores", "--model", tiny_dir, "--lora", ft, "--train", data, "--val", data,
+            "--n-train", 8, "--n-val", 3, "--chunk-size", 4]
+
+
+@pytest.mark.heavy   # leg 1 only (see .ci/run); tests/test_sharding.py runs a 2x4 mesh on both
+def test_scores_on_a_sharded_2x4_mesh_equal_one_device(tiny_dir, ft_dir, tmp_path, capsys):
+    common = _scores_args(tiny_dir, ft_dir)
+    code, _, err = run(capsys, *common, "--out", tmp_path / "one")
+    assert code == 0, err
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "layerif_jax.cli", "-q", *map(str, common),
+                        "--out", str(tmp_path / "tp"), "--mesh", "2x4", "--sharding", "fsdp_tp"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((tmp_path / "tp" / "scores.json").read_text())
+    assert s["mesh"] == "2x4" and s["sharding"] == "fsdp_tp" and s["devices"] == 8, s
+    one = np.load(tmp_path / "one" / "per_example.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "tp" / "per_example.npy"), one, rtol=1e-5,
+                               atol=1e-6 * np.abs(one).max())
+
+
+def test_scores_across_two_processes_equal_one_process(tiny_dir, ft_dir, tmp_path, capsys):
+    """Two `layerif scores` processes on localhost (gloo CPU collectives), one device
+    each, joined with --coordinator-address, the parameters split over both (FSDP, each
+    process reading its slices of the checkpoint): process 0 writes the results, equal
+    to a single-process run; process 1 writes nothing."""
+    import socket
+    common = _scores_args(tiny_dir, ft_dir) + ["--per-val", "--checkpoint-every", "1"]
+    code, _, err = run(capsys, *common, "--out", tmp_path / "one")
+    assert code == 0, err
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "layerif_jax.cli", "-q", "--coordinator-address",
+         f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
+         *map(str, common), "--out", str(tmp_path / "two"), "--sharding", "fsdp"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "layer scores" in outs[0][0] and "layer scores" not in outs[1][0]
+    s = json.loads((tmp_path / "two" / "scores.json").read_text())
+    assert s["devices"] == 2 and s["processes"] == 2 and s["sharding"] == "fsdp", s
+    one = np.load(tmp_path / "one" / "per_val_layers.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "per_val_layers.npy"), one,
+                               rtol=1e-5, atol=1e-6 * np.abs(one).max())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir())   # progress/ dropped, nothing else
+
+
+def test_multi_process_options_are_checked(tiny_dir, ft_dir, tmp_path, capsys):
+    common = _scores_args(tiny_dir, ft_dir) + ["--out", tmp_path / "x"]
+    one_line_error(run(capsys, "--num-processes", 2, *common), "go together")
+    one_line_error(run(capsys, "--coordinator-address", "localhost:1", "--num-processes", 2,
+                       "--process-id", 2, *common), "--process-id 2 is not below")
+    one_line_error(run(capsys, "--coordinator-address", "nohost", "--num-processes", 2,
+                       "--process-id", 0, *common), "HOST:PORT")
+    one_line_error(run(capsys, "--distributed", "--num-processes", 2, *common), "not both")
+    one_line_error(run(capsys, "--distributed", "plan", "--topology", "v5e:1x1", "--config",
+                       "mistral"), "`layerif plan` runs as one process")
+    assert not (tmp_path / "x").exists()
+
+
+def test_scores_refuses_a_mesh_it_cannot_build(tiny_dir, ft_dir, tmp_path, capsys):
+    common = _scores_args(tiny_dir, ft_dir)
+    out = tmp_path / "sc"
+    one_line_error(run(capsys, *common, "--out", out, "--mesh", "2by4"), "DATAxMODEL")
+    one_line_error(run(capsys, *common, "--out", out, "--mesh", "1x1"),
+                   "needs sharding='fsdp' or 'fsdp_tp'")
+    one_line_error(run(capsys, *common, "--out", out, "--mesh", "2x4", "--sharding", "fsdp"),
+                   "a 2x4 mesh needs 8 devices, there are 1")
+    assert not out.exists()
+
+
 def test_scores_with_an_iterative_estimator_and_its_options(tiny_dir, ft_dir, tmp_path, capsys):
     """--estimator cg with --estimator-options gives the exact estimator's scores (the
     same damped inverse) and records the options; unknown options and malformed ones are

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from layerif_jax.errors import LayerIFError
 from layerif_jax.influence import plan as planmod
 from layerif_jax.models.config import ModelConfig
 from layerif_jax.models.lora import LoraConfig
@@ -111,6 +112,33 @@ def test_per_device_arguments_are_the_arrays_sizes():
 
 
 @needs_libtpu
+def test_fsdp_splits_the_weights_and_remat_drops_the_temporaries():
+    from layerif_jax import sharding as shd
+    kw = dict(topology_spec="v5e:2x2", n=40, m=8, tokens=128, chunk_size=64, costs=False)
+    dp = planmod.plan(CFG, LORA, **kw)
+    fsdp = planmod.plan(CFG, LORA, sharding="fsdp", **kw)
+    remat = planmod.plan(CFG, LORA, sharding="fsdp", remat=True, **kw)
+    assert all(p.fits for p in (dp, fsdp, remat)) and fsdp.mesh == "4x1"
+    # FSDP: every array with a hidden ("embed") axis is split 4 ways, the rest stays whole
+    state = nnx.state(planmod.abstract_model(CFG, LORA, jnp.bfloat16))
+    whole = split = 0
+    for path, x in shd._paths(state):
+        b = x.size * x.dtype.itemsize
+        whole += b
+        split += b // 4 if "embed" in shd.logical_axes(path, x.ndim) else b
+    want = dp.bytes["arguments"] - whole + split
+    assert want <= fsdp.bytes["arguments"] <= want * 1.01 + 64 * 1024, (want, fsdp.bytes)
+    assert fsdp.bytes["arguments"] < dp.bytes["arguments"] / 2
+    # remat: the blocks' activations are recomputed in the backward, not kept
+    assert fsdp.bytes["temporaries"] > 50 * 2 ** 20, fsdp.bytes
+    assert remat.bytes["temporaries"] < fsdp.bytes["temporaries"] / 4, (remat.bytes, fsdp.bytes)
+    with pytest.raises(LayerIFError, match="needs sharding fsdp or fsdp_tp"):
+        planmod.plan(CFG, LORA, mesh_shape="2x2", **kw)
+    with pytest.raises(LayerIFError, match="needs 8 devices, there are 4"):
+        planmod.plan(CFG, LORA, sharding="fsdp_tp", mesh_shape="2x4", **kw)
+
+
+@needs_libtpu
 def test_kept_gradients_over_memory_name_a_budget_that_fits():
     n = 200_000   # 200k f32 LoRA gradients of 0.5 MiB: 97 GiB on one v5e
     # one compilation, two run sizes: only the calls and the kept gradients differ
@@ -154,6 +182,10 @@ def test_bad_topologies_are_named():
 
 
 @needs_libtpu
+def got_json(path):
+    return json.loads(path.read_text())
+
+
 def test_cli_plan_end_to_end(tmp_path, capsys):
     from test_cli import one_line_error, run
 
@@ -163,10 +195,12 @@ def test_cli_plan_end_to_end(tmp_path, capsys):
     # memory only (the FLOP counts are the first test's)
     code, text, err = run(capsys, "plan", "--config", cfg, "--topology", "v5e:2x2", "--n", 40,
                           "--m", 8, "--tokens", 64, "--chunk-size", 16, "--out", out,
-                          "--no-costs", "--kernels", "reference")
+                          "--no-costs", "--kernels", "reference", "--sharding", "fsdp_tp",
+                          "--mesh", "2x2", "--remat")
     assert code == 0, err
     assert ": fits" in text and "compiler estimates, not measurements" in text
-    assert "kernels reference" in text
+    assert "mesh 2x2 (fsdp_tp), kernels reference, remat" in text
+    assert got_json(out)["sharding"] == "fsdp_tp" and got_json(out)["remat"] is True
     got = json.loads(out.read_text())
     assert got["devices"] == 4 and got["fits"] and got["calls"] == {"train": 3, "val": 1}
     assert got["topology"] == "v5e:2x2" and got["chip"]["name"] == "TPU v5e"
@@ -177,5 +211,7 @@ def test_cli_plan_end_to_end(tmp_path, capsys):
                    "unknown topology 'v7x:2'")
     one_line_error(run(capsys, "plan", "--config", "nope", "--topology", "v5e:1x1"),
                    "neither a file nor a model type")
+    one_line_error(run(capsys, "plan", "--config", cfg, "--topology", "v5e:1x1", "--mesh",
+                       "2by2", "--sharding", "fsdp"), "DATAxMODEL")
     one_line_error(run(capsys, "plan", "--config", cfg, "--model", tmp_path, "--topology",
                        "v5e:1x1"), "--model or --config, not both")

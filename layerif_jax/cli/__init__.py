@@ -50,6 +50,70 @@ def _add_runtime(p: argparse.ArgumentParser, top: bool) -> None:
     p.add_argument("--no-compile-cache", action="store_true", default=d(False),
                    help="do not use the persistent compilation cache" if top
                    else argparse.SUPPRESS)
+    hide = (lambda h: h) if top else (lambda h: argparse.SUPPRESS)
+    p.add_argument("--distributed", action="store_true", default=d(False),
+                   help=hide("one of several processes: jax.distributed.initialize() finds "
+                             "the others (TPU pods, SLURM, ...); `layerif scores` only"))
+    p.add_argument("--coordinator-address", metavar="HOST:PORT", default=d(None),
+                   help=hide("one of several processes, started by hand: process 0's "
+                             "address (with --num-processes and --process-id)"))
+    p.add_argument("--num-processes", type=_count, metavar="N", default=d(None),
+                   help=hide("how many processes take part"))
+    p.add_argument("--process-id", type=_index, metavar="I", default=d(None),
+                   help=hide("this process's number, 0 .. N-1 (0 writes the results)"))
+
+
+def _count(s: str) -> int:
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return int(s)
+
+
+def _index(s: str) -> int:
+    if not s.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return int(s)
+
+
+def _distributed(ns, cmd: Command) -> dict | None:
+    """jax.distributed.initialize's arguments from the global options, checked (None: a
+    single process)."""
+    given = [ns.coordinator_address, ns.num_processes, ns.process_id]
+    if not ns.distributed and all(x is None for x in given):
+        return None
+    if not cmd.multi_process:
+        raise LayerIFError(f"`layerif {cmd.name}` runs as one process; --distributed, "
+                           "--coordinator-address, --num-processes and --process-id are "
+                           "for `layerif scores`")
+    if ns.distributed:
+        if any(x is not None for x in given):
+            raise LayerIFError("give --distributed (the cluster found by JAX) or "
+                               "--coordinator-address, --num-processes and --process-id, "
+                               "not both")
+        return {}
+    if any(x is None for x in given):
+        raise LayerIFError("--coordinator-address, --num-processes and --process-id go "
+                           "together")
+    host, _, port = ns.coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise LayerIFError(f"--coordinator-address must be HOST:PORT, got "
+                           f"{ns.coordinator_address!r}")
+    if ns.process_id >= ns.num_processes:
+        raise LayerIFError(f"--process-id {ns.process_id} is not below --num-processes "
+                           f"{ns.num_processes}")
+    return {"coordinator_address": ns.coordinator_address,
+            "num_processes": ns.num_processes, "process_id": ns.process_id}
+
+
+def _start_distributed(kw: dict) -> None:
+    import jax
+    # CPU processes exchange over gloo (GPUs and TPUs use their own collectives)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kw)
+    except Exception as e:  # noqa: BLE001 - the coordinator's own words
+        raise LayerIFError(f"cannot join the other processes: "
+                           f"{str(e).strip().splitlines()[0]}") from None
 
 
 def _add(sub, cmd: Command | Group) -> None:
@@ -108,6 +172,9 @@ def main(argv=None) -> int:
     try:
         with stop.graceful():
             cfg = config_from(cmd.config, ns)
+            dist = _distributed(ns, cmd)
+            if dist is not None:
+                _start_distributed(dist)
             try:
                 _use_compile_cache(cache)
             except OSError as e:

@@ -41,6 +41,7 @@ class Command:
     run: Callable[[Any], None]
     stopped: str = "nothing was written"   # what a stop (Ctrl-C, SIGTERM) leaves behind
     description: str = ""
+    multi_process: bool = False   # runs as one of several processes (jax.distributed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +136,13 @@ def load_tokenizer_of(source: str):
     return load_tokenizer(source)
 
 
-def load_model_checked(source: str, dtype: str, tokenizer=None):
-    """The model, checked against the tokenizer's vocabulary when one is given."""
+def load_model_checked(source: str, dtype: str, tokenizer=None, *, mesh=None,
+                       sharding: str = "fsdp"):
+    """The model, checked against the tokenizer's vocabulary when one is given; with a
+    mesh, loaded into the shards of `sharding` (`formats.load_model`)."""
     from ..formats import load_model
     from ..models.tokenizer import check_vocab
-    model = load_model(source, dtype)
+    model = load_model(source, dtype, mesh=mesh, sharding=sharding)
     if tokenizer is not None:
         check_vocab(tokenizer, model.cfg)
     return model

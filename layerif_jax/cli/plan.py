@@ -45,6 +45,13 @@ class PlanConfig(OverwriteArgs, LoraArgs):
     kernels: str = opt("auto", "auto: the Pallas kernels written for the chip (as a run on it "
                                "takes them); reference: their pure-JAX references",
                        choices=("auto", "reference"))
+    sharding: str = opt("dp", "how the parameters are laid out: dp (whole on every chip), "
+                              "fsdp (split over the data axis), fsdp_tp (and heads, MLP and "
+                              "vocabulary over the model axis)", choices=("dp", "fsdp", "fsdp_tp"))
+    mesh: str | None = opt(None, "DATAxMODEL mesh of the slice's chips (e.g. 2x4), with "
+                                 "--sharding fsdp or fsdp_tp", shown="all chips on data")
+    remat: bool = opt(False, "recompute every block in the backward (keeps only the residual "
+                             "stream between blocks)")
     out: str | None = opt(None, "write the plan as JSON", type=output_path, shown="print only")
 
     def __post_init__(self):
@@ -52,6 +59,9 @@ class PlanConfig(OverwriteArgs, LoraArgs):
             raise LayerIFError("give --model or --config, not both")
         if self.tokens < 2:
             raise LayerIFError(f"--tokens must be >= 2, got {self.tokens}")
+        if self.mesh is not None:
+            from ..sharding import make_mesh_shape
+            make_mesh_shape(self.mesh)
 
 
 def model_config(cfg: PlanConfig):
@@ -89,7 +99,8 @@ def run(cfg: PlanConfig, rt) -> None:
         p = plan(mcfg, cfg.lora_config(), topology_spec=cfg.topology, n=cfg.n, m=cfg.m,
                  tokens=cfg.tokens, dtype=cfg.dtype, chunk_size=cfg.chunk_size,
                  chunks_per_call=cfg.chunks_per_call, memory_budget=cfg.memory_budget,
-                 costs=not cfg.no_costs, model_name=name, kernels=cfg.kernels)
+                 costs=not cfg.no_costs, model_name=name, kernels=cfg.kernels,
+                 sharding=cfg.sharding, mesh_shape=cfg.mesh, remat=cfg.remat)
         print("\n".join(p.lines()))
         if out:
             out.write_json(p.to_json())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
@@ -48,6 +49,18 @@ class ScoresConfig(OverwriteArgs, ModelArgs):
     checkpoint_every: int = opt(8, "save the gradient passes into OUT/progress every N "
                                    "training calls: the same command resumes a killed run",
                                 type=positive_int)
+    mesh: str = opt("auto", "device mesh DATAxMODEL (e.g. 2x4; needs --sharding fsdp or "
+                            "fsdp_tp), or auto: every device on the data axis")
+    sharding: str = opt("dp", "parameters whole on every device (dp), split over the data "
+                              "axis (fsdp), and heads / MLP / vocabulary over the model axis "
+                              "(fsdp_tp)", choices=("dp", "fsdp", "fsdp_tp"))
+    remat: bool = opt(False, "recompute every block in the backward (keeps only the residual "
+                             "stream between blocks: less memory, the forward twice)")
+
+    def __post_init__(self):
+        if self.mesh != "auto":
+            from ..sharding import make_mesh_shape
+            make_mesh_shape(self.mesh)
 
 
 def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = None,
@@ -59,8 +72,11 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
 
     from ..influence import get_estimator, layer_scores
 
+    from ..influence.api import resolve_mesh
+
     options = dict(cfg.estimator_options)
     get_estimator(cfg.estimator, **options)   # unknown options refused before any work
+    mesh = resolve_mesh(cfg.mesh, cfg.sharding)   # the devices, before any model loads
     source = source or cfg.model_source()
     tok = tok or load_tokenizer_of(source)
     train = examples(tok, cfg.train, cfg.n_train, cfg.max_len, cfg.mask_prompt,
@@ -68,7 +84,10 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
     val = examples(tok, cfg.val, cfg.n_val, cfg.max_len, cfg.mask_prompt, "validation records")
     if model is None:
         from ..formats.peft import load_adapter
-        model = load_model_checked(source, cfg.dtype, tok)
+        # a sharded preset loads every parameter straight into its shards
+        sharded = mesh is not None and cfg.sharding != "dp"
+        model = load_model_checked(source, cfg.dtype, tok, mesh=mesh if sharded else None,
+                                   sharding=cfg.sharding)
         load_adapter(model, cfg.lora)
     res = layer_scores(model, train, val, estimator=cfg.estimator, aggregate=cfg.aggregate,
                        unit=cfg.unit, damping=cfg.damping, per_val=cfg.per_val,
@@ -76,10 +95,11 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
                        memory_budget=cfg.memory_budget,
                        dtype=jnp.bfloat16 if cfg.bf16 else None, progress=rt.progress,
                        skip_zero_units=cfg.skip_zero_units, estimator_options=options,
-                       checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every)
+                       checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every,
+                       mesh=mesh, sharding=cfg.sharding, remat=cfg.remat)
     info = {"model": source, "adapter": str(cfg.lora), "train": str(cfg.train),
             "val": str(cfg.val), "max_len": cfg.max_len, "mask_prompt": cfg.mask_prompt,
-            "estimator_options": options}
+            "estimator_options": options, "mesh": cfg.mesh, "sharding": cfg.sharding}
     return res, info
 
 
@@ -90,7 +110,16 @@ def write(res, out, cfg: ScoresConfig, info: dict) -> None:
 
 
 def run(cfg: ScoresConfig, rt) -> None:
-    with out_dir(cfg.out, "scores", cfg.overwrite) as out:
+    import jax
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        return _follow(cfg, rt)
+    with contextlib.ExitStack() as stack:
+        try:
+            out = stack.enter_context(out_dir(cfg.out, "scores", cfg.overwrite))
+        except BaseException:
+            _agree(False)   # the other processes stop too
+            raise
+        _agree(True)   # the output is ours: the other processes go on
         progress = Path(out.path) / PROGRESS_DIR
         if cfg.overwrite and PROGRESS_DIR in out.owned and progress.exists():
             shutil.rmtree(progress)   # --overwrite: this command's earlier progress goes too
@@ -102,11 +131,47 @@ def run(cfg: ScoresConfig, rt) -> None:
                           hint="choose another --out, or pass --overwrite to start over",
                           on_create=lambda: out.claim([PROGRESS_DIR]))
         res, info = compute(cfg, rt, checkpoint_dir=ckpt)
+        _sync("scores-computed")
         write(res, out, cfg, info)
     print(f"layer scores ({res.estimator}, {res.aggregate}) for {res.n_train} x {res.n_val} "
           f"examples in {res.seconds:.1f} s -> {Path(cfg.out) / 'scores.json'}")
 
 
+def _follow(cfg: ScoresConfig, rt) -> None:
+    """A process other than the first of a multi-process run: the same passes on its own
+    devices' rows (saving into the same OUT/progress), and nothing written besides: the
+    first process holds OUT and writes the results."""
+    from ..errors import LayerIFError
+    from ..influence.resume import Checkpoint
+    if not _agree(False):
+        raise LayerIFError(f"process 0 could not open {cfg.out} (its error says why)")
+    ckpt = Checkpoint(Path(cfg.out).expanduser().absolute() / PROGRESS_DIR,
+                      cfg.checkpoint_every, hint="choose another --out, or pass --overwrite "
+                                                 "to start over")
+    compute(cfg, rt, checkpoint_dir=ckpt)
+    _sync("scores-computed")
+
+
+def _agree(ok: bool) -> bool:
+    """Process 0's `ok` in every process (one process: `ok`). Process 0 says whether it
+    holds the output before any process starts the passes; if opening it failed, its
+    error ends process 0 and this answer ends the others."""
+    import jax
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _sync(tag: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"layerif-{tag}")
+
+
 COMMAND = Command("scores", "per-layer influence and LayerIF layer scores", ScoresConfig, run,
                   stopped="no scores were written; the gradient passes done so far are kept "
-                          "in OUT/progress and the same command resumes from them")
+                          "in OUT/progress and the same command resumes from them",
+                  multi_process=True)

@@ -72,15 +72,37 @@ def _source(path) -> tuple[Path, dict | None]:
     return p, meta
 
 
-def load_model(path, dtype="float32") -> Decoder:
-    """Load a Hugging Face safetensors directory, a .gguf file or a project checkpoint."""
+def load_model(path, dtype="float32", *, mesh=None, sharding: str = "fsdp") -> Decoder:
+    """Load a Hugging Face safetensors directory, a .gguf file or a project checkpoint.
+
+    mesh: a ("data", "model") mesh (`sharding.make_mesh`) to load onto, every parameter
+    laid out as the `sharding` preset says. A Hugging Face directory is read straight
+    into its shards (each process reads only the slices its devices hold); a GGUF file
+    (whose quantised blocks dequantise whole) and a project checkpoint are read whole on
+    the host, then put into their shards."""
     dt = dtypes.jnp_dtype(dtype)
     p, meta = _source(path)
+    if mesh is not None:
+        from ..sharding import as_2d, check_preset
+        mesh = as_2d(mesh)
+        check_preset(sharding)
     if meta is None:
-        return gguf.read(p, dt)
+        return _put_model(gguf.read(p, dt), mesh, sharding)
     if FORMAT_KEY in meta:
-        return native.read(p, meta, dt)
-    return hf.read(p, dt)
+        return _put_model(native.read(p, meta, dt), mesh, sharding)
+    return hf.read(p, dt, mesh, sharding)
+
+
+def _put_model(model: Decoder, mesh, preset: str) -> Decoder:
+    if mesh is None:
+        return model
+    from flax import nnx
+
+    from ..influence.distributed import put
+    from ..sharding import shardings
+    state = nnx.state(model)
+    nnx.update(model, put(state, shardings(state, mesh, preset)))
+    return model
 
 
 def load_config(path) -> ModelConfig:

@@ -17,7 +17,7 @@ from ..io import parse_bytes, write_json
 from ..models.config import ModelConfig
 from ..models.decoder import Decoder
 from ..models.lora import merged_kernel
-from ..models.params import get_var, hf_table, model_from_tensors
+from ..models.params import get_var, hf_table, model_from_tensors, sharded_model_from_tensors
 from . import safetensors as safetensors_io
 from .common import lora_info, oneline, output_dir
 
@@ -25,8 +25,10 @@ ADAPTER_DIR = "adapter"
 DEFAULT_SHARD_BYTES = 5 * 1000**3  # transformers' "5GB"
 
 
-def read(path: Path, dtype) -> Decoder:
-    """A Hugging Face directory -> Decoder (tensors read one at a time)."""
+def read(path: Path, dtype, mesh=None, sharding: str = "fsdp") -> Decoder:
+    """A Hugging Face directory -> Decoder (tensors read one at a time). With a mesh,
+    straight into the shards of `sharding` (`layerif_jax.sharding`): each process reads
+    only the slices its devices hold."""
     cfg = ModelConfig.from_file(path / "config.json")
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
@@ -59,6 +61,11 @@ def read(path: Path, dtype) -> Decoder:
     for f, st in opened.items():  # the files' own headers, not the index, say what is there
         for k in st.keys():
             where.setdefault(k, f)
+    if mesh is not None:
+        return sharded_model_from_tensors(
+            cfg, list(where), lambda k: opened[where[k]].shape(k),
+            lambda k, idx: opened[where[k]].get_slice(k, idx), mesh=mesh, sharding=sharding,
+            dtype=dtype, source=str(path))
     return model_from_tensors(cfg, list(where), lambda k: opened[where[k]].get(k),
                               dtype=dtype, source=str(path))
 

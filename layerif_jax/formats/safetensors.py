@@ -87,6 +87,22 @@ class SafetensorsFile:
                                f"{name} is short of {hi - lo - len(buf)} bytes")
         return np.frombuffer(buf, dtype=dt).reshape(info["shape"])
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the header (nothing read)."""
+        return tuple(self._header[name]["shape"])
+
+    def get_slice(self, name: str, index: tuple) -> np.ndarray:
+        """tensor[index] (basic slices), reading only the bytes it covers (a memory map)."""
+        info = self._header[name]
+        dt = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+        lo = info["data_offsets"][0]
+        mm = np.memmap(self.path, dtype=dt, mode="r", offset=self._base + lo,
+                       shape=tuple(info["shape"]))
+        try:
+            return np.array(mm[index])
+        finally:
+            del mm
+
     def digests(self) -> dict[str, str] | None:
         raw = self.metadata.get(DIGEST_KEY)
         if raw is None:

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from .. import checksum
+from .. import sharding as shd
 from ..data import Example
 from ..errors import LayerIFError
 from ..io import parse_bytes
@@ -28,16 +29,24 @@ from .partition import make_partition, path_str
 ENGINES = ("auto", "packed", "vmap")
 
 
-def resolve_mesh(mesh):
-    """'auto': a 1-D mesh over every device (None with one device); a Mesh as given."""
-    if isinstance(mesh, Mesh) and mesh.devices.ndim != 1:
-        raise LayerIFError(f"influence shards examples over a 1-D mesh, got axes {mesh.axis_names}")
-    if mesh is None or isinstance(mesh, Mesh):
-        return mesh
-    if mesh == "auto":
+def resolve_mesh(mesh, sharding: str = "dp"):
+    """'auto': every device on the data axis (None with one device); "DxM" (e.g. "2x4"):
+    a ("data", "model") mesh of the devices; a Mesh as given. A 2-D mesh needs a sharded
+    preset (`layerif_jax.sharding`); so does a model axis."""
+    shd.check_preset(sharding)
+    if isinstance(mesh, str) and mesh != "auto":
+        mesh = shd.make_mesh(mesh)
+    elif mesh == "auto":
         devs = jax.devices()
-        return Mesh(np.array(devs), ("data",)) if len(devs) > 1 else None
-    raise LayerIFError(f"mesh must be a jax.sharding.Mesh, 'auto' or None, got {mesh!r}")
+        if len(devs) == 1:
+            return None
+        mesh = Mesh(np.array(devs), ("data",)) if sharding == "dp" else shd.make_mesh("auto")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise LayerIFError(f"mesh must be a jax.sharding.Mesh, 'auto', 'DxM' or None, got "
+                           f"{mesh!r}")
+    if mesh is not None and mesh.devices.ndim != 1:
+        shd.check_mesh(mesh, sharding)
+    return mesh
 
 
 def _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
@@ -235,7 +244,8 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
                  estimator_options: dict | None = None,
                  curvature: str = "empirical_fisher", projection: int | None = None,
                  projection_seed: int = 0, checkpoint_dir=None,
-                 checkpoint_every: int = 8) -> LayerScores:
+                 checkpoint_every: int = 8, sharding: str = "dp",
+                 remat: bool = False) -> LayerScores:
     """Per-example, per-layer influence scores and the LayerIF layer scores S^(l) of an
     NNX model.
 
@@ -251,7 +261,12 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     dtype: compute dtype of the forward/backward of the project's decoders (influence sums
     stay float32). damping: a fixed lambda (default: adaptive per unit, damping_scale x
     mean ||g||^2 / d). chunks_per_call: packed chunks per compiled call. mesh: 'auto'
-    shards the examples over all devices (parameters replicated), None: one device.
+    shards the examples over all devices, "DxM" (e.g. "2x4") or a ("data", "model") Mesh
+    a 2-D mesh, None: one device. sharding (packed engine): "dp" (parameters whole on
+    every device), "fsdp" (their hidden dimension split over "data" too) or "fsdp_tp"
+    (also heads, MLP and vocabulary over "model"); the table is `layerif_jax.sharding`.
+    remat (packed engine): recompute every block in the backward, keeping only the
+    residual stream between blocks (less memory per call, the forward computed twice).
     estimator, estimator_options, curvature, projection: as in `influence_scores` (several
     estimators give a {name: LayerScores} from one set of gradients).
     checkpoint_dir, checkpoint_every: the gradient passes saved every that many calls and
@@ -286,13 +301,21 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     if engine == "packed" and not packed_ok:
         raise LayerIFError("engine='packed' needs one of the project's decoders, tokenised "
                            "examples, LoRA parameters and the default loss: use engine='vmap'")
-    m = resolve_mesh(mesh)
+    m = resolve_mesh(mesh, sharding)
+    if remat and not (engine != "vmap" and packed_ok):
+        raise LayerIFError("remat=True needs the packed engine (the project's decoders, "
+                           "tokenised examples, LoRA, the default loss)")
+    if sharding != "dp" and not (engine != "vmap" and packed_ok):
+        raise LayerIFError(f"sharding={sharding!r} needs the packed engine (the project's "
+                           "decoders, tokenised examples, LoRA, the default loss); the vmap "
+                           "engine takes sharding='dp'")
     dt = jnp.dtype(dtype) if dtype is not None else None
     meta = {"devices": 1 if m is None else m.devices.size,
-            "dtype": str(dt or getattr(model, "dtype", "float32"))}
+            "dtype": str(dt or getattr(model, "dtype", "float32")), "remat": bool(remat),
+            "processes": jax.process_count()}
     if engine != "vmap" and packed_ok:
         eng = PackedEngine(model, dtype=dt, mesh=m, chunk_size=chunk_size, row_len=row_len,
-                           chunks_per_call=chunks_per_call)
+                           chunks_per_call=chunks_per_call, sharding=sharding, remat=remat)
         _check_adapter(eng.params)
         part = make_partition(eng.params, unit, "stacked")
         return driver.run(eng, part, list(train), list(val), len(train), len(val), s, meta,

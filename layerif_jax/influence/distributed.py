@@ -15,15 +15,21 @@ from jax.experimental import multihost_utils
 
 
 def put(tree, sharding):
-    """Host data that is identical in every process -> arrays laid out as `sharding`."""
-    if jax.process_count() == 1 or sharding.is_fully_addressable:
+    """Host data that is identical in every process -> arrays laid out as `sharding` (one
+    sharding for every leaf, or a tree of them like `tree`). Across processes each
+    process makes only the shards its own devices hold."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    if jax.process_count() == 1 or all(s.is_fully_addressable for s in jax.tree.leaves(sharding)):
         return jax.device_put(tree, sharding)
 
-    def one(x):
+    def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:   # already global
+            return x if x.sharding.is_equivalent_to(s, x.ndim) else jax.device_put(x, s)
         x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
-    return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, sharding)
 
 
 def to_host(x, dtype=None) -> np.ndarray:

@@ -40,12 +40,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 import kernels as kernels_mod
 
 from .. import dtypes
+from .. import sharding as shd
 from ..chips import GiB, Chip, Topology, parse_topology
 from ..errors import LayerIFError
 from ..io import parse_bytes
 from ..models.config import ModelConfig
 from ..models.lora import LoraConfig
-from ..ops import compiling_for
+from ..ops import compiling_for, layer_remat
 from . import core
 from .engines import packed
 
@@ -97,15 +98,19 @@ class Geometry:
 
 
 def _sds(tree, sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    """Abstract arrays of `tree`, laid out as `sharding` (one, or a tree like `tree`)."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, sharding)
 
 
-def _step(graphdef, dtype, geo: Geometry, mesh):
+def _step(graphdef, dtype, geo: Geometry, mesh, sharding: str = "dp", remat: bool = False):
     """(lora, rest, ids, seg, pos, tgt, slot_pos, probes, v) -> (grads, ||g||^2, v . g,
     finite): the training call of the packed engine and its sums, as one program."""
     # a fresh jit, not the engine's cached one: tracing depends on `compiling_for`, which
     # jax's trace caches do not see
-    fn = packed.build_fn(graphdef, dtype, geo.slots, geo.per_row, mesh)
+    fn = packed.build_fn(graphdef, dtype, geo.slots, geo.per_row, mesh, False, sharding, remat)
 
     def step(lora, rest, ids, seg, pos, tgt, slot_pos, probes, v):
         g, fin = fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes)
@@ -113,8 +118,9 @@ def _step(graphdef, dtype, geo: Geometry, mesh):
     return jax.jit(step)
 
 
-def _fwd_bwd(graphdef, dtype, per_row: int):
-    """One plain LoRA forward+backward of the same packed chunk (the FLOPs baseline)."""
+def _fwd_bwd(graphdef, dtype, per_row: int, remat: bool = False):
+    """One plain LoRA forward+backward of the same packed chunk (the FLOPs baseline), with
+    every block rematerialised or not."""
     def fb(lora, rest, ids, seg, pos, tgt):
         def loss(lora):
             model = nnx.merge(graphdef, lora, rest)
@@ -122,13 +128,16 @@ def _fwd_bwd(graphdef, dtype, per_row: int):
                                     dtype=dtype)
             w = packed.chunk_weights(seg, tgt, per_row)[1]
             return jnp.sum(model.next_token_nll(x, ids) * w)
-        return jax.grad(loss)(lora)
+        with layer_remat(remat):
+            return jax.grad(loss)(lora)
     return jax.jit(fb)
 
 
-def _step_args(model, geo: Geometry, k: int, ndev: int, rep, rows_sharding):
-    """Abstract inputs of `_step` for k chunks a call over ndev devices."""
+def _step_args(model, geo: Geometry, k: int, ndev: int, rep, rows_sharding, params=None):
+    """Abstract inputs of `_step` for k chunks a call over ndev data shards; params:
+    (lora, rest) shardings (default: `rep`)."""
     _, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    sh_lora, sh_rest = params if params is not None else (rep, rep)
     R, T, J, L = geo.rows * ndev, geo.row_len, geo.per_row, model.cfg.num_layers
     tok = lambda dt: jax.ShapeDtypeStruct((k, R, T), dt, sharding=rows_sharding)  # noqa: E731
     probes = {n: (jax.ShapeDtypeStruct((L, R * J, di, r), jnp.float32, sharding=rows_sharding),
@@ -136,7 +145,7 @@ def _step_args(model, geo: Geometry, k: int, ndev: int, rep, rows_sharding):
               for n, (di, r, do, _) in model.packed_lora().items()}
     v = [jax.ShapeDtypeStruct((1, *x.shape), jnp.float32, sharding=rep)
          for x in jax.tree.leaves(lora)]
-    return (_sds(lora, rep), _sds(rest, rep), tok(jnp.int32), tok(jnp.int32), tok(jnp.int32),
+    return (_sds(lora, sh_lora), _sds(rest, sh_rest), tok(jnp.int32), tok(jnp.int32), tok(jnp.int32),
             tok(jnp.bool_), jax.ShapeDtypeStruct((k, geo.slots * ndev), jnp.int32,
                                                  sharding=rows_sharding), probes, v)
 
@@ -150,10 +159,11 @@ def _costs(compiled) -> tuple[float, float]:
 
 
 def per_chunk_costs(cfg: ModelConfig, lora: LoraConfig, dtype, geo: Geometry, device,
-                    platform: str) -> dict[str, float]:
+                    platform: str, remat: bool = False) -> dict[str, float]:
     """FLOPs and bytes accessed of one device's chunk, for the influence step and for a
-    plain forward+backward: compiles at depths 1 and 2 with the layer scan unrolled,
-    extrapolated to cfg.num_layers (the compiler counts a loop body once)."""
+    plain forward+backward (with remat: also for a rematerialised one): compiles at depths
+    1 and 2 with the layer scan unrolled, extrapolated to cfg.num_layers (the compiler
+    counts a loop body once)."""
     one = SingleDeviceSharding(device)
     out = {}
     for depth in (1, 2):
@@ -164,13 +174,15 @@ def per_chunk_costs(cfg: ModelConfig, lora: LoraConfig, dtype, geo: Geometry, de
         graphdef = nnx.graphdef(model)
         args = _step_args(model, geo, 1, 1, one, one)
         with compiling_for(platform, unroll_layers=True):
-            step = _step(graphdef, dtype, geo, None).lower(*args).compile()
+            step = _step(graphdef, dtype, geo, None, remat=remat).lower(*args).compile()
             chunk = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=one) for a in args[2:6]]
-            fb = _fwd_bwd(graphdef, dtype, geo.per_row).lower(*args[:2], *chunk).compile()
-        out[depth] = (*_costs(step), *_costs(fb))
+            fbs = [_fwd_bwd(graphdef, dtype, geo.per_row, r).lower(*args[:2], *chunk).compile()
+                   for r in ((False, True) if remat else (False,))]
+        out[depth] = tuple(c for x in (step, *fbs) for c in _costs(x))
     L = cfg.num_layers
-    ext = [out[1][i] + (L - 1) * (out[2][i] - out[1][i]) for i in range(4)]
-    return dict(zip(("flops", "bytes", "fwd_bwd_flops", "fwd_bwd_bytes"), ext))
+    names = ("flops", "bytes", "fwd_bwd_flops", "fwd_bwd_bytes")
+    names += ("fwd_bwd_remat_flops", "fwd_bwd_remat_bytes") if remat else ()
+    return {k: out[1][i] + (L - 1) * (out[2][i] - out[1][i]) for i, k in enumerate(names)}
 
 
 def _size(b: float) -> str:
@@ -206,7 +218,15 @@ class Plan:
     compile_s: float = 0.0
     advice: str | None = None
     kernels: str = "auto"                 # Pallas kernels ("auto") or their references
+    sharding: str = "dp"                  # the preset of `layerif_jax.sharding`
+    remat: bool = False                   # every block recomputed in the backward
+    mesh: str = ""                        # DATAxMODEL
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def data_shards(self) -> int:
+        """How many ways the examples are split (the mesh's data axis)."""
+        return int(self.mesh.split("x")[0]) if self.mesh else self.devices
 
     @property
     def total_bytes(self) -> int:
@@ -217,7 +237,9 @@ class Plan:
         gi = _size
         out = [f"plan: {self.model}, {self.n} x {self.m} examples of {self.tokens} tokens, "
                f"{self.dtype}, on {self.topology} ({self.devices} x {self.chip.name}), "
-               f"kernels {self.kernels}; compiler estimates, not measurements",
+               f"mesh {self.mesh or self.devices} ({self.sharding}), kernels {self.kernels}"
+               f"{', remat' if self.remat else ''}; "
+               "compiler estimates, not measurements",
                f"  call: {self.chunks_per_call} chunk(s) of {g.rows} x {g.row_len} tokens per "
                f"device, {g.examples} examples per device per chunk; "
                f"{self.calls['train']} training + {self.calls['val']} validation calls",
@@ -230,9 +252,13 @@ class Plan:
         if self.compile_error:
             out.append(f"  compiler: {self.compile_error}")
         if self.flops is not None:
+            remat = self.meta.get("per_chunk", {}).get("fwd_bwd_remat_flops")
             out.append(f"  FLOPs per device per call {self.flops:.4g}, "
                        f"{self.flops / self.fwd_bwd_flops:.4f}x one LoRA forward+backward of "
-                       f"the same chunks; bytes accessed {self.bytes_accessed:.4g}")
+                       f"the same chunks"
+                       + (f" ({self.flops / (remat * self.chunks_per_call):.4f}x one with the "
+                          "same remat)" if remat else "")
+                       + f"; bytes accessed {self.bytes_accessed:.4g}")
             out.append(f"  roofline ({self.chip.peak_flops / 1e12:g} TFLOP/s bf16, "
                        f"{self.chip.bandwidth / 1e9:g} GB/s): at least {self.roofline_s:.3g} s "
                        f"for {self.n} x {self.m}")
@@ -265,32 +291,40 @@ def _shard_bytes(tree) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def call_args(model, geo: Geometry, k: int, mesh) -> tuple:
-    """The abstract inputs of one training call of k chunks over the mesh."""
+def call_args(model, geo: Geometry, k: int, mesh, sharding: str = "dp") -> tuple:
+    """The abstract inputs of one training call of k chunks over the mesh; the
+    parameters laid out as the `sharding` preset says (`layerif_jax.sharding`)."""
     rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
-    return _step_args(model, geo, k, mesh.devices.size, rep, rows)
+    params = None
+    if sharding != "dp":
+        _, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+        params = (shd.shardings(lora, mesh, sharding), shd.shardings(rest, mesh, sharding))
+    return _step_args(model, geo, k, shd.data_size(mesh), rep, rows, params)
 
 
-def lower_call(model, geo: Geometry, k: int, mesh, dtype, platform: str):
+def lower_call(model, geo: Geometry, k: int, mesh, dtype, platform: str,
+               sharding: str = "dp", remat: bool = False):
     """The training call of the packed engine (per-example gradients of k chunks, then
     ||g||^2 and v . g), lowered for `platform` over the mesh from abstract inputs: the
     program a run on those devices executes (`.compile()` it with the chip's compiler)."""
     with compiling_for(platform):
-        return _step(nnx.graphdef(model), dtype, geo, mesh).lower(*call_args(model, geo, k, mesh))
+        return _step(nnx.graphdef(model), dtype, geo, mesh, sharding, remat).lower(
+            *call_args(model, geo, k, mesh, sharding))
 
 
-def _compile_call(model, geo, k, mesh, dtype, platform) -> _Memory:
+def _compile_call(model, geo, k, mesh, dtype, platform, sharding="dp",
+                  remat=False) -> _Memory:
     """Memory of one training call over the mesh (`memory_analysis`); when the compiler
     refuses it for want of memory, its message, the arguments' bytes from their shapes
     and the temporaries it names."""
     try:
-        compiled = lower_call(model, geo, k, mesh, dtype, platform).compile()
+        compiled = lower_call(model, geo, k, mesh, dtype, platform, sharding, remat).compile()
     except Exception as e:  # the compiler's own verdict (e.g. out of HBM)
         msg = str(e).strip()
         if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
             raise
         temps = re.search(r"HLO temporaries \(([\d.]+)G\)", msg)
-        args = call_args(model, geo, k, mesh)
+        args = call_args(model, geo, k, mesh, sharding)
         return _Memory(_shard_bytes(args[:7] + args[8:]), 0,
                        int(float(temps.group(1)) * GiB) if temps else 0,
                        msg.splitlines()[0][:400])
@@ -310,12 +344,17 @@ def plan(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: str
 def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: str,
           sizes, tokens: int, dtype="bfloat16", chunk_size: int = 8, chunks_per_call: int = 1,
           memory_budget=None, costs: bool = True, advise: bool = True,
-          model_name: str | None = None, kernels: str = "auto") -> list[Plan]:
+          model_name: str | None = None, kernels: str = "auto", sharding: str = "dp",
+          mesh_shape=None, remat: bool = False) -> list[Plan]:
     """One `Plan` per (n, m) of `sizes`, from ONE compilation of the call (the sizes change
     only the number of calls and the kept gradients). memory_budget: bytes for kept
     gradients over all devices (None: keep all, as `layer_scores(memory_budget=None)`).
     kernels: "auto" (the Pallas kernels of `kernels/` written for the chip, as a run on it
-    takes them) or "reference" (their pure-JAX references), see `kernels.use`."""
+    takes them) or "reference" (their pure-JAX references), see `kernels.use`.
+    sharding: "dp", "fsdp" or "fsdp_tp" (`layerif_jax.sharding`) over a ("data", "model")
+    mesh of the slice's chips, mesh_shape "DxM" (default: every chip on "data"). remat:
+    every block recomputed in the backward (`ops.layer_remat`)."""
+    shd.check_preset(sharding)
     sizes = [(int(n), int(m)) for n, m in sizes]
     for what, x in ([("n", n) for n, _ in sizes] + [("m", m) for _, m in sizes]
                     + [("tokens", tokens), ("chunk size", chunk_size),
@@ -329,32 +368,44 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
     budget = None if memory_budget is None else parse_bytes(memory_budget, "memory budget")
     topo = parse_topology(topology_spec)
     chip, devices = topology(topo)
-    mesh = Mesh(np.array(devices), ("data",))
-    geo = Geometry.of(tokens, chunk_size, len(devices))
+    if sharding == "dp" and mesh_shape not in (None, f"{len(devices)}x1"):
+        raise LayerIFError(f"mesh {mesh_shape} needs sharding fsdp or fsdp_tp ('dp' splits "
+                           "only the examples)")
+    mesh = (Mesh(np.array(devices), ("data",)) if sharding == "dp"
+            else shd.check_mesh(shd.make_mesh(mesh_shape or "auto", devices), sharding))
+    ndata = shd.data_size(mesh)
+    geo = Geometry.of(tokens, chunk_size, ndata)
     model = abstract_model(cfg, lora, dt)
     t0 = time.perf_counter()
     with kernels_mod.use(kernels):
-        mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform)
+        mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform, sharding,
+                            remat)
         compile_s = time.perf_counter() - t0
-        c = per_chunk_costs(cfg, lora, dt, geo, devices[0], chip.platform) if costs else None
+        c = (per_chunk_costs(cfg, lora, dt, geo, devices[0], chip.platform, remat)
+             if costs else None)
     out = []
     for n, m in sizes:
         p = _account(Plan(str(topo), chip, len(devices), model_name or cfg.model_type, n, m,
                           tokens, dtypes.name(dt), chunk_size, chunks_per_call, geo, {}, {}, 0,
-                          False, mem.error, compile_s=compile_s, kernels=kernels), model, mem,
-                     c, budget)
+                          False, mem.error, compile_s=compile_s, kernels=kernels,
+                          sharding=sharding, remat=remat, mesh="x".join(map(str, mesh.devices.shape))
+                          if mesh.devices.ndim == 2 else f"{len(devices)}x1"),
+                     model, mem, c, budget, ndata)
         if advise and not p.fits:
             p.advice = _advice(p, lambda n=n, m=m, **kw: plan(
                 cfg, lora, topology_spec=topo, n=n, m=m, tokens=tokens, dtype=dtype,
                 memory_budget=memory_budget, costs=False, advise=False,
-                model_name=model_name, kernels=kernels, **kw))
+                model_name=model_name, kernels=kernels, sharding=sharding,
+                mesh_shape=mesh_shape, remat=remat, **kw))
         out.append(p)
     return out
 
 
-def _account(p: Plan, model, mem: _Memory, costs: dict | None, budget: int | None) -> Plan:
-    """The run's calls, kept gradients, fit and roofline, from one compiled call."""
-    geo, k, ndev = p.geometry, p.chunks_per_call, p.devices
+def _account(p: Plan, model, mem: _Memory, costs: dict | None, budget: int | None,
+             ndev: int) -> Plan:
+    """The run's calls, kept gradients, fit and roofline, from one compiled call; ndev
+    data shards (each holds its rows' gradients, whole over the model axis)."""
+    geo, k = p.geometry, p.chunks_per_call
     per_call = ndev * geo.examples * k
     p.calls = {"train": -(-p.n // per_call), "val": -(-p.m // per_call)}
     grad_bytes = 4 * sum(math.prod(x.shape)
@@ -389,9 +440,9 @@ def _budget_advice(p: Plan, call_bytes: int) -> str | None:
     if p.compile_error is not None or room < 0:
         return None
     keep = int(room // call_bytes) + 1            # + the call's own output
-    mb = math.floor(keep * call_bytes * p.devices / 1e6)
+    mb = math.floor(keep * call_bytes * p.data_shards / 1e6)
     return (f"--memory-budget {mb}MB (keeps about "
-            f"{min(p.n, keep * p.devices * p.geometry.examples * p.chunks_per_call)} of {p.n} "
+            f"{min(p.n, keep * p.data_shards * p.geometry.examples * p.chunks_per_call)} of {p.n} "
             "training gradients; the others are recomputed twice more)")
 
 
@@ -401,8 +452,8 @@ def _advice(p: Plan, replan) -> str:
     if (budget := _budget_advice(p, p.meta["call_bytes"])) is not None:
         return f"fits with {budget}"
     size = p.chunk_size
-    while size > p.devices or p.chunks_per_call > 1:
-        size = max(p.devices, size // 2) if p.chunks_per_call == 1 else size
+    while size > p.data_shards or p.chunks_per_call > 1:
+        size = max(p.data_shards, size // 2) if p.chunks_per_call == 1 else size
         q = replan(chunk_size=size, chunks_per_call=1)
         flags = f"--chunk-size {size} --chunks-per-call 1"
         if q.fits:
@@ -410,6 +461,9 @@ def _advice(p: Plan, replan) -> str:
         if (budget := _budget_advice(q, q.meta["call_bytes"])) is not None:
             return f"fits with {flags} {budget}"
         p = q
-    return ("no chunk size fits: every device holds the whole model and one chunk's "
-            "activations (sharded weights are not implemented yet); use a chip with more "
-            "memory")
+    if p.sharding == "dp":
+        return ("no chunk size fits: every device holds the whole model and one chunk's "
+                "activations; shard the weights (--sharding fsdp or fsdp_tp) or use a chip "
+                "with more memory")
+    return (f"no chunk size fits with {p.sharding} on a {p.mesh} mesh; try another mesh "
+            "shape or sharding, more chips or a chip with more memory")

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from .. import checksum
 from ..errors import LayerIFError
+from ..sharding import data_size
 from ..io import read_json, write_json
 from ..notes import info
 from .distributed import to_host
@@ -174,7 +175,7 @@ class Checkpoint:
                 return {k: abstract(v, key or k) for k, v in layout.items()}
             shape, dtype = layout
             sharding = rep if key in ("v", "sums") or not shape else rows
-            if sharding is rows and self.mesh is not None and shape[0] % self.mesh.devices.size:
+            if sharding is rows and self.mesh is not None and shape[0] % data_size(self.mesh):
                 sharding = rep
             return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
 

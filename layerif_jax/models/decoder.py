@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..ops import mm, unroll_layers
+from ..ops import mm, remat_layers, unroll_layers
+from ..sharding import constrain
 from .config import LINEARS, ModelConfig
 
 NEG_INF = -1e30  # finite: a fully masked (padding) query row must not give NaN
@@ -355,8 +356,12 @@ class Decoder(nnx.Module):
             lins = (plain_lins(p, lora=lora, key=key, dtype=dtype) if group_fn is None
                     else (lambda names, h: group_fn(p, data, names, h)))
             bias = biases[0] if biases.shape[0] == 1 else biases[w]
-            return block(cfg, p, x, bias, pos_BT, inv_freq, lins, dtype), None
+            x = block(cfg, p, x, bias, pos_BT, inv_freq, lins, dtype)
+            return constrain(x, ("rows", "length", "act_embed")), None
 
+        if remat_layers():   # keep only the residual stream between blocks (ops.layer_remat)
+            body = jax.checkpoint(body, prevent_cse=False,
+                                  policy=jax.checkpoint_policies.nothing_saveable)
         x, _ = jax.lax.scan(body, self.embed(ids_BT, dtype),
                             (self.layers.layer_arrays(), keys, layer_data, which),
                             unroll=unroll_layers())

@@ -99,6 +99,63 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
     return abstract
 
 
+def sharded_model_from_tensors(cfg: ModelConfig, names: Iterable[str],
+                               shape_of: Callable[[str], tuple],
+                               get_slice: Callable[[str, tuple], np.ndarray], *, mesh,
+                               sharding: str, dtype=jnp.float32,
+                               source: str = "checkpoint") -> Decoder:
+    """The model straight into its shards: every parameter laid out on `mesh` as the
+    `sharding` preset says (`layerif_jax.sharding`), each process reading only the slices
+    of the tensors its own devices hold (`get_slice(name, index)`, e.g. a memory map),
+    never a whole tensor it does not own. Shapes are checked from the headers first
+    (`shape_of`), every misfit reported in one error, as `model_from_tensors` does."""
+    from .. import sharding as shd
+
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    names = set(names)
+    missing: list[str] = []
+    mismatched: list[str] = []
+    used: set[str] = set()
+    npdt = dtypes.numpy_dtype(dtype)
+    plan = []
+    for pattern, path, per_layer, transpose in hf_table(cfg):
+        want = tuple(get_var(abstract, path).shape)
+        keys = [pattern.format(l=l) for l in (range(cfg.num_layers) if per_layer else [None])]
+        used.update(k for k in keys if k in names)
+        if any(k not in names for k in keys):
+            missing += [k for k in keys if k not in names]
+            continue
+        one = want[1:] if per_layer else want
+        for k in keys:
+            got = tuple(shape_of(k))
+            if (got[::-1] if transpose else got) != one:
+                mismatched.append(f"{k}: checkpoint {got}, model expects "
+                                  f"{one[::-1] if transpose else one}")
+        plan.append((path, keys, per_layer, transpose, want))
+    unexpected = sorted(n for n in names - used
+                        if not n.endswith("rotary_emb.inv_freq")
+                        and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if missing or mismatched or unexpected:
+        raise LayerIFError(_fit_report(cfg, source, names, missing, mismatched, unexpected))
+    for path, keys, per_layer, transpose, want in plan:
+        check_stop()
+        sh = shd.sharding_of(".".join(path), want, mesh, sharding)
+
+        def block(index, keys=keys, per_layer=per_layer, transpose=transpose, want=want):
+            index = tuple(index) + (slice(None),) * (len(want) - len(index))
+            layers = range(*index[0].indices(want[0])) if per_layer else [0]
+            inner = index[1:] if per_layer else index
+            parts = []
+            for l in layers:
+                t = get_slice(keys[l], inner[::-1] if transpose else inner)
+                parts.append((t.T if transpose else t).astype(npdt))
+            return np.stack(parts) if per_layer else parts[0]
+
+        get_var(abstract, path).set_value(jax.make_array_from_callback(want, sh, block))
+    abstract.lora_config = None
+    return abstract
+
+
 def _fit_report(cfg, source, names, missing, mismatched, unexpected) -> str:
     """One line: how many keys are missing / mismatched / unexpected, the first few of
     each, and the layer count the weights hold when it is not the config's."""

@@ -40,9 +40,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import kernels
 from kernels import segment_grads
 
+from ... import sharding as shd
 from ...data import Example
 from ...errors import LayerIFError
-from ...ops import mm, precision, target_platform
+from ...ops import layer_remat, mm, precision, target_platform
 from ..distributed import put
 
 
@@ -373,15 +374,17 @@ class Group:
         return Group(arrays, index, k, tuple(chunks[0].ids.shape))
 
 
-def compiled_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False):
+def compiled_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
+                sharding: str = "dp", remat: bool = False):
     """`build_fn`'s jit, cached for the current kernel setting (`kernels.use`): a jit's
     trace cache does not see that setting, so each one gets its own jit."""
-    return _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, kernels.setting())
+    return _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat,
+                      kernels.setting())
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, _setting):
-    return build_fn(graphdef, dtype, slots, per_row, mesh, factors)
+def _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat, _setting):
+    return build_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat)
 
 
 def clear_cache() -> None:
@@ -389,14 +392,30 @@ def clear_cache() -> None:
     _cached_fn.cache_clear()
 
 
-def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False):
+def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
+             sharding: str = "dp", remat: bool = False):
     """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...], probes)
     -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
     with `factors` also the K-FAC token sums of the k chunks (summed over devices). A
-    fresh jit every call (see `compiled_fn` for the cached one)."""
-    fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype, factors=factors)
+    fresh jit every call (see `compiled_fn` for the cached one).
 
-    def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
+    Over a mesh each data shard packs and differentiates its own rows and slots. With
+    sharding "dp" that is a `shard_map` over the data axis (parameters whole on every
+    device); with a sharded preset (`layerif_jax.sharding`) the same per-shard function
+    is vmapped over the data shards and XLA partitions the parameters as the rules say
+    (gathering an FSDP layer where it is used, splitting heads and MLP under TP).
+
+    remat: every block is recomputed in the backward (`ops.layer_remat`): the call keeps
+    the residual stream between blocks, not every block's activations.
+    """
+    grad_fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype,
+                             factors=factors)
+
+    def fn(*args):   # traced here, so the setting is seen by the decoder
+        with layer_remat(remat):
+            return grad_fn(*args)
+
+    def local_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
         arrays = (ids, seg, pos, tgt, slot_pos)
         slot_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
         if not factors:
@@ -410,15 +429,46 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False):
         shapes = jax.eval_shape(lambda: fn(lora, rest, *(x[0] for x in arrays), probes))[2]
         sums, (g, fin) = jax.lax.scan(step, [jnp.zeros(x.shape, x.dtype) for x in shapes],
                                       arrays)
-        sums = sums if mesh is None else jax.lax.psum(sums, mesh.axis_names[0])
         return [slot_major(x) for x in g], slot_major(fin), sums
 
-    if mesh is not None:  # each device packs and differentiates its own rows and slots
-        ax = mesh.axis_names[0]
-        group_fn = jax.shard_map(
-            group_fn, mesh=mesh, in_specs=(P(), P(), *(P(None, ax),) * 6),
-            out_specs=(P(ax), P(ax)) + ((P(),) if factors else ()), check_vma=False)
+    if mesh is None:
+        return jax.jit(local_fn)
+    if sharding != "dp":
+        return _gspmd_fn(local_fn, mesh, factors, sharding)
+
+    def group_fn(*args):
+        out = local_fn(*args)
+        return out if not factors else (*out[:2], jax.lax.psum(out[2], mesh.axis_names[0]))
+
+    ax = mesh.axis_names[0]
+    group_fn = jax.shard_map(
+        group_fn, mesh=mesh, in_specs=(P(), P(), *(P(None, ax),) * 6),
+        out_specs=(P(ax), P(ax)) + ((P(),) if factors else ()), check_vma=False)
     return jax.jit(group_fn)
+
+
+def _gspmd_fn(local_fn, mesh, factors: bool, preset: str):
+    """The per-shard `local_fn` vmapped over the D data shards of a ("data", "model") mesh,
+    the mapped axis on "data"; the output in the shard_map's order (shard-major rows)."""
+    D = int(mesh.shape["data"])
+
+    def split(x, axis):   # [..., D * r, ...] -> [D, ..., r, ...]
+        x = x.reshape(*x.shape[:axis], D, -1, *x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
+        arrays = tuple(split(a, 1) for a in (ids, seg, pos, tgt, slot_pos))
+        # the reference of the segment sums: a Pallas call is a custom call XLA cannot
+        # partition (vmapped over the shards, every device would gather all their rows)
+        with shd.activation_rules(mesh, preset), kernels.use("reference"):
+            out = jax.vmap(lambda a, p: local_fn(lora, rest, *a, p), spmd_axis_name="data")(
+                arrays, jax.tree.map(lambda p: split(p, 1), probes))
+        merge = lambda x: x.reshape(-1, *x.shape[2:])   # noqa: E731
+        g, fin = [merge(x) for x in out[0]], merge(out[1])
+        return (g, fin) if not factors else (g, fin, [jnp.sum(x, 0) for x in out[2]])
+
+    rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    return jax.jit(group_fn, out_shardings=(rows, rows) + ((rep,) if factors else ()))
 
 
 def zero_factors(model) -> dict[str, tuple]:
@@ -437,7 +487,8 @@ class PackedEngine:
     name = "packed"
 
     def __init__(self, model, *, dtype, mesh: Mesh | None, chunk_size: int,
-                 row_len: int | None, chunks_per_call: int = 1):
+                 row_len: int | None, chunks_per_call: int = 1, sharding: str = "dp",
+                 remat: bool = False):
         if not supports(model):
             raise LayerIFError(f"{type(model).__name__} does not implement the packed engine's "
                                "interface (packed_lora, hidden_states(group_fn=...), "
@@ -446,14 +497,22 @@ class PackedEngine:
             raise LayerIFError(f"chunks per call must be >= 1, got {chunks_per_call}")
         self.model, self.chunks_per_call = model, chunks_per_call
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.LoRAParam, ...)
-        self.dtype, self.mesh = dtype, mesh
-        self.ndev = 1 if mesh is None else mesh.devices.size
+        self.sharding = shd.check_preset(sharding) if mesh is not None else "dp"
+        if mesh is not None and (self.sharding != "dp" or mesh.devices.ndim != 1):
+            mesh = shd.check_mesh(shd.as_2d(mesh), self.sharding)
+        self.dtype, self.mesh, self.remat = dtype, mesh, bool(remat)
+        self.ndev = shd.data_size(mesh)
         self.chunk_size, self.row_len = chunk_size, row_len
         if mesh is not None:
-            rep = NamedSharding(mesh, P())
-            self.params = put(self.params, rep)
-            self.rest = put(self.rest, rep)
-            self._group_shard = NamedSharding(mesh, P(None, mesh.axis_names[0]))
+            data = mesh.axis_names[0]
+            if self.sharding == "dp":
+                rep = NamedSharding(mesh, P())
+                self.params, self.rest = put(self.params, rep), put(self.rest, rep)
+            else:   # every dimension checked against its mesh axis before anything is put
+                sh_p = shd.shardings(self.params, mesh, self.sharding)
+                sh_r = shd.shardings(self.rest, mesh, self.sharding)
+                self.params, self.rest = put(self.params, sh_p), put(self.rest, sh_r)
+            self._group_shard = NamedSharding(mesh, P(None, data))
 
     def plan(self, example_sets: Sequence[Sequence[Example]]) -> None:
         """Fix the chunk shapes once for all example sets (one compilation)."""
@@ -463,7 +522,7 @@ class PackedEngine:
             lengths, chunk_size=per_dev, row_len=self.row_len)
         self.slots = self.slots_local * self.ndev
         self.fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
-                              self.mesh)
+                              self.mesh, False, self.sharding, self.remat)
         self.probes = zero_probes(self.model, self.rows * self.ndev, self.per_row)
         if self.mesh is not None:
             self.probes = put(self.probes, self._group_shard)
@@ -493,7 +552,7 @@ class PackedEngine:
         """`grads` plus the K-FAC token sums of the call ([left, right] per leaf), from
         the same backward: the covariance products are the only extra work."""
         fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
-                         self.mesh, True)
+                         self.mesh, True, self.sharding, self.remat)
         return fn(self.params, self.rest, *self._put(c.arrays), self.probes)
 
     def kfac_factors(self, sums: list, calls: Sequence[Group], n: int) -> list:
@@ -507,4 +566,5 @@ class PackedEngine:
 
     def describe(self, calls: Sequence[Group]) -> dict[str, Any]:
         return {"chunk_slots": self.slots, "chunk_shapes": sorted({c.chunk_shape for c in calls}),
+                "sharding": self.sharding,
                 "chunks": sum(c.num_chunks for c in calls)}
