@@ -135,7 +135,7 @@ def test_scores_across_two_processes_equal_one_process(tiny_dir, ft_dir, tmp_pat
                JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "layerif_jax.cli", "-q", "--coordinator-address",
-         f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
+         f"localhost:{port}", "--process-count", "2", "--process-id", str(i),
          *map(str, common), "--out", str(tmp_path / "two"), "--sharding", "fsdp"], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
@@ -155,14 +155,37 @@ def test_scores_across_two_processes_equal_one_process(tiny_dir, ft_dir, tmp_pat
         p.name for p in (tmp_path / "one").iterdir())   # progress/ dropped, nothing else
 
 
+def test_no_command_option_is_ambiguous_with_a_global_one():
+    """argparse matches every option string against the global options first: a command
+    option that is a prefix of two of them (`plan --n` and --no-compile-cache with a
+    --num-processes) would be refused as ambiguous."""
+    import argparse
+
+    from layerif_jax.cli import build_parser
+    top = build_parser()
+    glob = [s for a in top._actions for s in a.option_strings if s.startswith("--")]
+
+    def options(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    yield from options(sp)
+            else:
+                yield from (s for s in a.option_strings if s.startswith("--"))
+
+    bad = sorted({s for s in options(top) if s not in glob
+                  and sum(g.startswith(s) for g in glob) > 1})
+    assert not bad, bad
+
+
 def test_multi_process_options_are_checked(tiny_dir, ft_dir, tmp_path, capsys):
     common = _scores_args(tiny_dir, ft_dir) + ["--out", tmp_path / "x"]
-    one_line_error(run(capsys, "--num-processes", 2, *common), "go together")
-    one_line_error(run(capsys, "--coordinator-address", "localhost:1", "--num-processes", 2,
+    one_line_error(run(capsys, "--process-count", 2, *common), "go together")
+    one_line_error(run(capsys, "--coordinator-address", "localhost:1", "--process-count", 2,
                        "--process-id", 2, *common), "--process-id 2 is not below")
-    one_line_error(run(capsys, "--coordinator-address", "nohost", "--num-processes", 2,
+    one_line_error(run(capsys, "--coordinator-address", "nohost", "--process-count", 2,
                        "--process-id", 0, *common), "HOST:PORT")
-    one_line_error(run(capsys, "--distributed", "--num-processes", 2, *common), "not both")
+    one_line_error(run(capsys, "--distributed", "--process-count", 2, *common), "not both")
     one_line_error(run(capsys, "--distributed", "plan", "--topology", "v5e:1x1", "--config",
                        "mistral"), "`layerif plan` runs as one process")
     assert not (tmp_path / "x").exists()

@@ -229,7 +229,7 @@ def test_remat_recomputes_the_blocks_and_gives_the_same_scores():
     call = eng.chunks(ex)[0]
     for on in (False, True):
         fn = packed.build_fn(graphdef, None, eng.slots_local, eng.per_row, None, remat=on)
-        text = str(jax.make_jaxpr(fn)(lora, rest, *call.arrays, eng.probes))
+        text = str(jax.make_jaxpr(fn)(lora, rest, *call.arrays))
         assert ("checkpoint" in text or "remat" in text) == on
     with pytest.raises(LayerIFError, match="remat=True needs the packed engine"):
         layer_scores(model, ex[:6], ex[6:], mesh=None, engine="vmap", remat=True)

@@ -50,17 +50,18 @@ def _add_runtime(p: argparse.ArgumentParser, top: bool) -> None:
     p.add_argument("--no-compile-cache", action="store_true", default=d(False),
                    help="do not use the persistent compilation cache" if top
                    else argparse.SUPPRESS)
-    hide = (lambda h: h) if top else (lambda h: argparse.SUPPRESS)
-    p.add_argument("--distributed", action="store_true", default=d(False),
-                   help=hide("one of several processes: jax.distributed.initialize() finds "
-                             "the others (TPU pods, SLURM, ...); `layerif scores` only"))
-    p.add_argument("--coordinator-address", metavar="HOST:PORT", default=d(None),
-                   help=hide("one of several processes, started by hand: process 0's "
-                             "address (with --num-processes and --process-id)"))
-    p.add_argument("--num-processes", type=_count, metavar="N", default=d(None),
-                   help=hide("how many processes take part"))
-    p.add_argument("--process-id", type=_index, metavar="I", default=d(None),
-                   help=hide("this process's number, 0 .. N-1 (0 writes the results)"))
+    if not top:   # before the command name only: a command's own --n must stay unambiguous
+        return
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes: jax.distributed.initialize() finds the "
+                        "others (TPU pods, SLURM, ...); `layerif scores` only")
+    p.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="one of several processes, started by hand: process 0's address "
+                        "(with --process-count and --process-id)")
+    p.add_argument("--process-count", type=_count, metavar="N",
+                   help="how many processes take part")
+    p.add_argument("--process-id", type=_index, metavar="I",
+                   help="this process's number, 0 .. N-1 (0 writes the results)")
 
 
 def _count(s: str) -> int:
@@ -78,31 +79,31 @@ def _index(s: str) -> int:
 def _distributed(ns, cmd: Command) -> dict | None:
     """jax.distributed.initialize's arguments from the global options, checked (None: a
     single process)."""
-    given = [ns.coordinator_address, ns.num_processes, ns.process_id]
+    given = [ns.coordinator_address, ns.process_count, ns.process_id]
     if not ns.distributed and all(x is None for x in given):
         return None
     if not cmd.multi_process:
         raise LayerIFError(f"`layerif {cmd.name}` runs as one process; --distributed, "
-                           "--coordinator-address, --num-processes and --process-id are "
+                           "--coordinator-address, --process-count and --process-id are "
                            "for `layerif scores`")
     if ns.distributed:
         if any(x is not None for x in given):
             raise LayerIFError("give --distributed (the cluster found by JAX) or "
-                               "--coordinator-address, --num-processes and --process-id, "
+                               "--coordinator-address, --process-count and --process-id, "
                                "not both")
         return {}
     if any(x is None for x in given):
-        raise LayerIFError("--coordinator-address, --num-processes and --process-id go "
+        raise LayerIFError("--coordinator-address, --process-count and --process-id go "
                            "together")
     host, _, port = ns.coordinator_address.rpartition(":")
     if not host or not port.isdigit():
         raise LayerIFError(f"--coordinator-address must be HOST:PORT, got "
                            f"{ns.coordinator_address!r}")
-    if ns.process_id >= ns.num_processes:
-        raise LayerIFError(f"--process-id {ns.process_id} is not below --num-processes "
-                           f"{ns.num_processes}")
+    if ns.process_id >= ns.process_count:
+        raise LayerIFError(f"--process-id {ns.process_id} is not below --process-count "
+                           f"{ns.process_count}")
     return {"coordinator_address": ns.coordinator_address,
-            "num_processes": ns.num_processes, "process_id": ns.process_id}
+            "num_processes": ns.process_count, "process_id": ns.process_id}
 
 
 def _start_distributed(kw: dict) -> None:

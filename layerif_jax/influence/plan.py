@@ -106,14 +106,14 @@ def _sds(tree, sharding):
 
 
 def _step(graphdef, dtype, geo: Geometry, mesh, sharding: str = "dp", remat: bool = False):
-    """(lora, rest, ids, seg, pos, tgt, slot_pos, probes, v) -> (grads, ||g||^2, v . g,
-    finite): the training call of the packed engine and its sums, as one program."""
+    """(lora, rest, ids, seg, pos, tgt, slot_pos, v) -> (grads, ||g||^2, v . g, finite):
+    the training call of the packed engine and its sums, as one program."""
     # a fresh jit, not the engine's cached one: tracing depends on `compiling_for`, which
     # jax's trace caches do not see
     fn = packed.build_fn(graphdef, dtype, geo.slots, geo.per_row, mesh, False, sharding, remat)
 
-    def step(lora, rest, ids, seg, pos, tgt, slot_pos, probes, v):
-        g, fin = fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes)
+    def step(lora, rest, ids, seg, pos, tgt, slot_pos, v):
+        g, fin = fn(lora, rest, ids, seg, pos, tgt, slot_pos)
         return g, core.sq_norms(g), core.dots(g, v), fin
     return jax.jit(step)
 
@@ -138,16 +138,13 @@ def _step_args(model, geo: Geometry, k: int, ndev: int, rep, rows_sharding, para
     (lora, rest) shardings (default: `rep`)."""
     _, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     sh_lora, sh_rest = params if params is not None else (rep, rep)
-    R, T, J, L = geo.rows * ndev, geo.row_len, geo.per_row, model.cfg.num_layers
+    R, T = geo.rows * ndev, geo.row_len
     tok = lambda dt: jax.ShapeDtypeStruct((k, R, T), dt, sharding=rows_sharding)  # noqa: E731
-    probes = {n: (jax.ShapeDtypeStruct((L, R * J, di, r), jnp.float32, sharding=rows_sharding),
-                  jax.ShapeDtypeStruct((L, R * J, r, do), jnp.float32, sharding=rows_sharding))
-              for n, (di, r, do, _) in model.packed_lora().items()}
     v = [jax.ShapeDtypeStruct((1, *x.shape), jnp.float32, sharding=rep)
          for x in jax.tree.leaves(lora)]
     return (_sds(lora, sh_lora), _sds(rest, sh_rest), tok(jnp.int32), tok(jnp.int32), tok(jnp.int32),
             tok(jnp.bool_), jax.ShapeDtypeStruct((k, geo.slots * ndev), jnp.int32,
-                                                 sharding=rows_sharding), probes, v)
+                                                 sharding=rows_sharding), v)
 
 
 def _costs(compiled) -> tuple[float, float]:
@@ -243,8 +240,7 @@ class Plan:
                f"  call: {self.chunks_per_call} chunk(s) of {g.rows} x {g.row_len} tokens per "
                f"device, {g.examples} examples per device per chunk; "
                f"{self.calls['train']} training + {self.calls['val']} validation calls",
-               f"  per device: arguments {gi(b['arguments'])}, zero probes "
-               f"{gi(b['probes'])}, temporaries "
+               f"  per device: arguments {gi(b['arguments'])}, temporaries "
                f"{gi(b['temporaries'])}, outputs {gi(b['outputs'])}, kept gradients "
                f"{gi(b['kept_gradients'])} ({self.kept_examples} of {self.n} examples) = "
                f"{gi(self.total_bytes)} of {gi(self.chip.hbm)}: "
@@ -325,7 +321,7 @@ def _compile_call(model, geo, k, mesh, dtype, platform, sharding="dp",
             raise
         temps = re.search(r"HLO temporaries \(([\d.]+)G\)", msg)
         args = call_args(model, geo, k, mesh, sharding)
-        return _Memory(_shard_bytes(args[:7] + args[8:]), 0,
+        return _Memory(_shard_bytes(args), 0,
                        int(float(temps.group(1)) * GiB) if temps else 0,
                        msg.splitlines()[0][:400])
     m = compiled.memory_analysis()
@@ -414,12 +410,8 @@ def _account(p: Plan, model, mem: _Memory, costs: dict | None, budget: int | Non
     keep_calls = p.calls["train"] if budget is None else min(
         p.calls["train"], budget // max(1, call_bytes * ndev))
     p.kept_examples = min(p.n, keep_calls * per_call)
-    # the zero probes: the engine keeps them on the devices, the compiled program does
-    # not count them (their values are unused, only their cotangents are taken)
-    probes = sum(model.cfg.num_layers * geo.rows * geo.per_row * 4 * (i * r + r * o)
-                 for i, r, o, _ in model.packed_lora().values())
     # the call's own output gradients are counted once, in "outputs"
-    p.bytes = {"arguments": mem.arguments, "probes": probes, "outputs": mem.outputs,
+    p.bytes = {"arguments": mem.arguments, "outputs": mem.outputs,
                "temporaries": mem.temporaries,
                "kept_gradients": int(max(0, keep_calls - 1) * call_bytes)}
     p.fits = mem.error is None and p.total_bytes <= p.chip.hbm

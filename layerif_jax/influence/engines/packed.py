@@ -272,8 +272,9 @@ def plan(lengths: Sequence[int], *, chunk_size: int, row_len: int | None = None)
 
 def zero_probes(model, rows: int, per_row: int, dtype=jnp.float32) -> dict[str, tuple]:
     """The zero probes {LoRA map: (pA [L, R*J, I, r], pB [L, R*J, r, O])}, one pair per
-    example position (row, j) of a chunk: made once and passed in, since a broadcast of
-    zeros inside the jitted function costs a full write every call."""
+    example position (row, j) of a chunk. Made inside the jitted function: the forward
+    never reads their values, so XLA drops them and only their cotangents exist (no
+    device holds [L, R*J, I, r] zeros; measured on CPU, no slower than passing them in)."""
     L = model.cfg.num_layers
     return {name: (jnp.zeros((L, rows * per_row, d_in, r), dtype),
                    jnp.zeros((L, rows * per_row, r, d_out), dtype))
@@ -305,20 +306,21 @@ def _chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, mode
 
 
 def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None, factors: bool = False):
-    """(lora, rest, ids, segments, positions, targets, slot_pos, probes)
+    """(lora, rest, ids, segments, positions, targets, slot_pos)
     -> (grads [E, L, ...] like lora, finite_E), and with `factors` also the token sums
     of the K-FAC covariances of every LoRA leaf, [left, right] per leaf in leaf order
     (A: x x^T and du du^T; B: u u^T and dy dy^T, see `probed_linears`).
 
-    Pure and jit-able; one forward and one batched backward per chunk. `probes` are
-    zeros from `zero_probes`; their gradient is the per-example LoRA gradient of
+    Pure and jit-able; one forward and one batched backward per chunk. The probes are
+    zeros (`zero_probes`, made here); their gradient is the per-example LoRA gradient of
     every example position (row, j), computed inside the backward of each layer
     (`probed_linears`), so no [L, tokens, d] cotangent is ever stacked. A gather then
     puts the R*J positions into the E slots.
     """
 
-    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E, probes):
+    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E):
         model = nnx.merge(graphdef, lora, rest)
+        probes = zero_probes(model, ids_RT.shape[0], per_row)
         if factors:   # made inside: only their cotangents are kept
             zeros = zero_factors(model)
             probes = {k: p + zeros[k] for k, p in probes.items()}
@@ -394,7 +396,7 @@ def clear_cache() -> None:
 
 def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
              sharding: str = "dp", remat: bool = False):
-    """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...], probes)
+    """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...])
     -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
     with `factors` also the K-FAC token sums of the k chunks (summed over devices). A
     fresh jit every call (see `compiled_fn` for the cached one).
@@ -415,18 +417,18 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
         with layer_remat(remat):
             return grad_fn(*args)
 
-    def local_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
+    def local_fn(lora, rest, ids, seg, pos, tgt, slot_pos):
         arrays = (ids, seg, pos, tgt, slot_pos)
         slot_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
         if not factors:
-            g, fin = jax.lax.map(lambda a: fn(lora, rest, *a, probes), arrays)
+            g, fin = jax.lax.map(lambda a: fn(lora, rest, *a), arrays)
             return [slot_major(x) for x in g], slot_major(fin)
 
         def step(acc, a):   # the factor sums accumulate in the carry, never stacked
-            g, fin, f = fn(lora, rest, *a, probes)
+            g, fin, f = fn(lora, rest, *a)
             return [x + y for x, y in zip(acc, f)], (g, fin)
 
-        shapes = jax.eval_shape(lambda: fn(lora, rest, *(x[0] for x in arrays), probes))[2]
+        shapes = jax.eval_shape(lambda: fn(lora, rest, *(x[0] for x in arrays)))[2]
         sums, (g, fin) = jax.lax.scan(step, [jnp.zeros(x.shape, x.dtype) for x in shapes],
                                       arrays)
         return [slot_major(x) for x in g], slot_major(fin), sums
@@ -442,7 +444,7 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
 
     ax = mesh.axis_names[0]
     group_fn = jax.shard_map(
-        group_fn, mesh=mesh, in_specs=(P(), P(), *(P(None, ax),) * 6),
+        group_fn, mesh=mesh, in_specs=(P(), P(), *(P(None, ax),) * 5),
         out_specs=(P(ax), P(ax)) + ((P(),) if factors else ()), check_vma=False)
     return jax.jit(group_fn)
 
@@ -456,13 +458,12 @@ def _gspmd_fn(local_fn, mesh, factors: bool, preset: str):
         x = x.reshape(*x.shape[:axis], D, -1, *x.shape[axis + 1:])
         return jnp.moveaxis(x, axis, 0)
 
-    def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos, probes):
+    def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos):
         arrays = tuple(split(a, 1) for a in (ids, seg, pos, tgt, slot_pos))
         # the reference of the segment sums: a Pallas call is a custom call XLA cannot
         # partition (vmapped over the shards, every device would gather all their rows)
         with shd.activation_rules(mesh, preset), kernels.use("reference"):
-            out = jax.vmap(lambda a, p: local_fn(lora, rest, *a, p), spmd_axis_name="data")(
-                arrays, jax.tree.map(lambda p: split(p, 1), probes))
+            out = jax.vmap(lambda a: local_fn(lora, rest, *a), spmd_axis_name="data")(arrays)
         merge = lambda x: x.reshape(-1, *x.shape[2:])   # noqa: E731
         g, fin = [merge(x) for x in out[0]], merge(out[1])
         return (g, fin) if not factors else (g, fin, [jnp.sum(x, 0) for x in out[2]])
@@ -523,9 +524,6 @@ class PackedEngine:
         self.slots = self.slots_local * self.ndev
         self.fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
                               self.mesh, False, self.sharding, self.remat)
-        self.probes = zero_probes(self.model, self.rows * self.ndev, self.per_row)
-        if self.mesh is not None:
-            self.probes = put(self.probes, self._group_shard)
 
     def chunks(self, examples: Sequence[Example]) -> list[Group]:
         chunks = self.packed_chunks(examples)
@@ -546,14 +544,14 @@ class PackedEngine:
         return arrays if self.mesh is None else tuple(put(a, self._group_shard) for a in arrays)
 
     def grads(self, c: Group) -> tuple[list[jax.Array], jax.Array]:
-        return self.fn(self.params, self.rest, *self._put(c.arrays), self.probes)
+        return self.fn(self.params, self.rest, *self._put(c.arrays))
 
     def grads_and_factors(self, c: Group) -> tuple[list[jax.Array], jax.Array, list]:
         """`grads` plus the K-FAC token sums of the call ([left, right] per leaf), from
         the same backward: the covariance products are the only extra work."""
         fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
                          self.mesh, True, self.sharding, self.remat)
-        return fn(self.params, self.rest, *self._put(c.arrays), self.probes)
+        return fn(self.params, self.rest, *self._put(c.arrays))
 
     def kfac_factors(self, sums: list, calls: Sequence[Group], n: int) -> list:
         """The K-FAC factors of every LoRA leaf (float64, left [L, a, a], right [L, b, b])
