@@ -51,6 +51,43 @@ def get_var(model, path) -> nnx.Variable:
     return obj
 
 
+class _Fit:
+    """The checkpoint's keys against the model's table: the rows whose keys are all
+    there, and every missing, mismatched and unexpected key, reported in ONE error."""
+
+    def __init__(self, cfg: ModelConfig, abstract, names: Iterable[str], source: str):
+        self.cfg, self.source, self.names = cfg, source, set(names)
+        self.missing: list[str] = []
+        self.mismatched: list[str] = []
+        self.used: set[str] = set()
+        self.rows = []   # (path, keys, per_layer, transpose, shape)
+        for pattern, path, per_layer, transpose in hf_table(cfg):
+            keys = [pattern.format(l=l) for l in (range(cfg.num_layers) if per_layer
+                                                  else [None])]
+            self.used.update(k for k in keys if k in self.names)
+            if any(k not in self.names for k in keys):
+                self.missing += [k for k in keys if k not in self.names]
+                continue
+            self.rows.append((path, keys, per_layer, transpose,
+                              tuple(get_var(abstract, path).shape)))
+
+    def check(self, key: str, got: tuple, want: tuple) -> bool:
+        """Whether the checkpoint's (transposed) `got` is the model's `want` (noted if not)."""
+        if tuple(got) == tuple(want):
+            return True
+        self.mismatched.append(f"{key}: checkpoint {tuple(got)}, model expects {tuple(want)}")
+        return False
+
+    def raise_misfits(self) -> None:
+        cfg = self.cfg
+        unexpected = sorted(n for n in self.names - self.used
+                            if not n.endswith("rotary_emb.inv_freq")
+                            and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+        if self.missing or self.mismatched or unexpected:
+            raise LayerIFError(_fit_report(cfg, self.source, self.names, self.missing,
+                                           self.mismatched, unexpected))
+
+
 def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
                        get: Callable[[str], np.ndarray], *, dtype=jnp.float32,
                        source: str = "checkpoint") -> Decoder:
@@ -60,39 +97,20 @@ def model_from_tensors(cfg: ModelConfig, names: Iterable[str],
     reported in one error. Only one stacked parameter is staged on the host at a time.
     """
     abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    names = set(names)
-    missing: list[str] = []
-    mismatched: list[str] = []
-    used: set[str] = set()
+    fit = _Fit(cfg, abstract, names, source)
     npdt = dtypes.numpy_dtype(dtype)
     fills: list[tuple[tuple[str, ...], np.ndarray]] = []
-    for pattern, path, per_layer, transpose in hf_table(cfg):
-        var = get_var(abstract, path)
-        want = tuple(var.shape)
-        layers = range(cfg.num_layers) if per_layer else [None]
-        keys = [pattern.format(l=l) for l in layers]
-        present = [k for k in keys if k in names]
-        used.update(present)
-        if len(present) < len(keys):
-            missing += [k for k in keys if k not in names]
-            continue
+    for path, keys, per_layer, transpose, want in fit.rows:
         buf = np.empty(want, npdt)
         for i, k in enumerate(keys):
             check_stop()  # a long load stops between two tensors on SIGINT / SIGTERM
             t = get(k)
             t = t.T if transpose else t
             slot = buf[i] if per_layer else buf
-            if tuple(t.shape) != slot.shape:
-                mismatched.append(f"{k}: checkpoint {tuple(t.shape)}, model expects "
-                                  f"{slot.shape}")
-                continue
-            slot[...] = t.astype(npdt)
+            if fit.check(k, t.shape, slot.shape):
+                slot[...] = t.astype(npdt)
         fills.append((path, buf))
-    unexpected = sorted(n for n in names - used
-                        if not n.endswith("rotary_emb.inv_freq")
-                        and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
-    if missing or mismatched or unexpected:
-        raise LayerIFError(_fit_report(cfg, source, names, missing, mismatched, unexpected))
+    fit.raise_misfits()
     for path, buf in fills:
         get_var(abstract, path).set_value(jnp.asarray(buf))
     abstract.lora_config = None
@@ -112,32 +130,15 @@ def sharded_model_from_tensors(cfg: ModelConfig, names: Iterable[str],
     from .. import sharding as shd
 
     abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    names = set(names)
-    missing: list[str] = []
-    mismatched: list[str] = []
-    used: set[str] = set()
+    fit = _Fit(cfg, abstract, names, source)
     npdt = dtypes.numpy_dtype(dtype)
-    plan = []
-    for pattern, path, per_layer, transpose in hf_table(cfg):
-        want = tuple(get_var(abstract, path).shape)
-        keys = [pattern.format(l=l) for l in (range(cfg.num_layers) if per_layer else [None])]
-        used.update(k for k in keys if k in names)
-        if any(k not in names for k in keys):
-            missing += [k for k in keys if k not in names]
-            continue
+    for _, keys, per_layer, transpose, want in fit.rows:
         one = want[1:] if per_layer else want
         for k in keys:
             got = tuple(shape_of(k))
-            if (got[::-1] if transpose else got) != one:
-                mismatched.append(f"{k}: checkpoint {got}, model expects "
-                                  f"{one[::-1] if transpose else one}")
-        plan.append((path, keys, per_layer, transpose, want))
-    unexpected = sorted(n for n in names - used
-                        if not n.endswith("rotary_emb.inv_freq")
-                        and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
-    if missing or mismatched or unexpected:
-        raise LayerIFError(_fit_report(cfg, source, names, missing, mismatched, unexpected))
-    for path, keys, per_layer, transpose, want in plan:
+            fit.check(k, got[::-1] if transpose else got, one)
+    fit.raise_misfits()
+    for path, keys, per_layer, transpose, want in fit.rows:
         check_stop()
         sh = shd.sharding_of(".".join(path), want, mesh, sharding)
 
