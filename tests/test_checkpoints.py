@@ -323,6 +323,12 @@ def test_errors(tmp_path, llama_dir, tiny_hf_model):
     assert "\n" not in msg
     assert "1 missing keys (model.layers.1.mlp.up_proj.weight)" in msg
     assert "model.layers.2.self_attn.o_proj.weight" in msg and "shape" in msg
+    # read into shards (headers only before any tensor): the same one line
+    import jax
+    from layerif_jax.sharding import make_mesh
+    with pytest.raises(LayerIFError) as ei2:
+        load_model(bad, mesh=make_mesh((1, 1), jax.devices()[:1]), sharding="fsdp")
+    assert str(ei2.value) == msg
 
     (bad / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(LayerIFError, match="cannot read"):
