@@ -101,24 +101,6 @@ def _scores_args(tiny_dir, ft_dir):
             "--n-train", 8, "--n-val", 3, "--chunk-size", 4]
 
 
-@pytest.mark.heavy   # leg 1 only (see .ci/run); tests/test_sharding.py runs a 2x4 mesh on both
-def test_scores_on_a_sharded_2x4_mesh_equal_one_device(tiny_dir, ft_dir, tmp_path, capsys):
-    common = _scores_args(tiny_dir, ft_dir)
-    code, _, err = run(capsys, *common, "--out", tmp_path / "one")
-    assert code == 0, err
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "layerif_jax.cli", "-q", *map(str, common),
-                        "--out", str(tmp_path / "tp"), "--mesh", "2x4", "--sharding", "fsdp_tp"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    s = json.loads((tmp_path / "tp" / "scores.json").read_text())
-    assert s["mesh"] == "2x4" and s["sharding"] == "fsdp_tp" and s["devices"] == 8, s
-    one = np.load(tmp_path / "one" / "per_example.npy")
-    np.testing.assert_allclose(np.load(tmp_path / "tp" / "per_example.npy"), one, rtol=1e-5,
-                               atol=1e-6 * np.abs(one).max())
-
-
 def test_scores_across_two_processes_equal_one_process(tiny_dir, ft_dir, tmp_path, capsys):
     """Two `layerif scores` processes on localhost (gloo CPU collectives), one device
     each, joined with --coordinator-address, the parameters split over both (FSDP, each
@@ -136,7 +118,8 @@ def test_scores_across_two_processes_equal_one_process(tiny_dir, ft_dir, tmp_pat
     procs = [subprocess.Popen(
         [sys.executable, "-m", "layerif_jax.cli", "-q", "--coordinator-address",
          f"localhost:{port}", "--process-count", "2", "--process-id", str(i),
-         *map(str, common), "--out", str(tmp_path / "two"), "--sharding", "fsdp"], env=env,
+         *map(str, common), "--out", str(tmp_path / "two"), "--mesh", "2x1", "--sharding",
+         "fsdp"], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         outs = [p.communicate(timeout=600) for p in procs]
@@ -147,7 +130,8 @@ def test_scores_across_two_processes_equal_one_process(tiny_dir, ft_dir, tmp_pat
         assert p.returncode == 0, stderr[-3000:]
     assert "layer scores" in outs[0][0] and "layer scores" not in outs[1][0]
     s = json.loads((tmp_path / "two" / "scores.json").read_text())
-    assert s["devices"] == 2 and s["processes"] == 2 and s["sharding"] == "fsdp", s
+    assert s["devices"] == 2 and s["processes"] == 2, s
+    assert s["mesh"] == "2x1" and s["sharding"] == "fsdp", s
     one = np.load(tmp_path / "one" / "per_val_layers.npy")
     np.testing.assert_allclose(np.load(tmp_path / "two" / "per_val_layers.npy"), one,
                                rtol=1e-5, atol=1e-6 * np.abs(one).max())

@@ -109,6 +109,7 @@ def test_four_host_devices_match_one():
     assert all(r < 1e-5 for r in rels), rels
 
 
+@pytest.mark.heavy   # leg 1 only; leg 2 runs two processes through the CLI (test_cli.py)
 def test_two_processes_match_one_device(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
