@@ -10,9 +10,10 @@ its state path: the decoder's layout is one table, `PARAM_AXES`), and ONE table 
 - "fsdp_tp": FSDP plus tensor parallelism; heads, kv heads, the MLP's inner dimension
   and the vocabulary split over "model".
 
-Names not in a preset are replicated. Activations carry names too (`constrain`): the
-residual stream, attention heads and the MLP's inner activations, constrained only while
-a sharded program is traced (`activation_rules`).
+Names not in a preset are replicated. Activations carry names too (`constrain`, used for
+the residual stream between blocks), constrained only while a sharded program is traced
+(`activation_rules`); inside a block XLA propagates the parameters' layout (heads and the
+MLP's inner activations split under TP).
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 # logical axis -> mesh axis, per preset (absent: replicated). "batch" is the examples'
-# axis; "rows" the rows of one data shard (the engine maps the shards over "data"); act_*
-# name activations.
+# axis; "rows" the rows of one data shard (the engine maps the shards over "data");
+# act_embed the residual stream's hidden axis (replicated in every preset).
 RULES: dict[str, dict[str, str]] = {
     "dp": {"batch": "data"},
     "fsdp": {"batch": "data", "embed": "data"},
     "fsdp_tp": {"batch": "data", "embed": "data", "heads": "model", "kv_heads": "model",
-                "mlp": "model", "vocab": "model", "act_heads": "model", "act_mlp": "model"},
+                "mlp": "model", "vocab": "model"},
 }
 PRESETS = tuple(RULES)
 

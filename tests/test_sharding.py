@@ -69,6 +69,15 @@ def test_bad_mesh_shapes_and_presets_are_named():
         shd.logical_axes("mlp.w1", 2)
 
 
+def test_influence_scores_keeps_its_parameters_whole():
+    from layerif_jax.influence import influence_scores
+    params = {"layers": [{"w": np.ones(3, np.float32)}, {"w": np.ones(3, np.float32)}]}
+    data = {"x": np.ones((4, 3), np.float32)}
+    loss = lambda p, ex: sum(jax.numpy.sum(b["w"] * ex["x"]) for b in p["layers"])  # noqa
+    with pytest.raises(LayerIFError, match="influence_scores splits the examples over a 1-D"):
+        influence_scores(loss, params, data, data, layer_of=r"layers\.(\d+)\.", mesh="2x1")
+
+
 def test_a_mesh_axis_is_used_once_per_array():
     # fsdp_tp puts "embed" on data and "vocab" on model; a made-up array with two embed axes
     # takes data once

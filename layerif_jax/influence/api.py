@@ -122,6 +122,11 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
                   skip_zero_units, progress, estimator_options, curvature)
     ckpt = _checkpoint(checkpoint_dir, checkpoint_every)
     part = make_partition(params, unit, layer_of)
+    if (isinstance(mesh, Mesh) and mesh.devices.ndim != 1) or (
+            isinstance(mesh, str) and mesh != "auto"):
+        raise LayerIFError("influence_scores splits the examples over a 1-D mesh (its "
+                           "parameters whole on every device); sharded parameters are "
+                           "layer_scores(..., sharding=...) on the project's decoders")
     m = resolve_mesh(mesh)
     engine, part = _maybe_projected(
         GeneralEngine(loss_fn, params, part, mesh=m, chunk_size=chunk_size), part,
