@@ -111,15 +111,17 @@ def write(res, out, cfg: ScoresConfig, info: dict) -> None:
 
 def run(cfg: ScoresConfig, rt) -> None:
     import jax
+
+    from ..influence.distributed import agree, sync
     if jax.process_count() > 1 and jax.process_index() != 0:
         return _follow(cfg, rt)
     with contextlib.ExitStack() as stack:
         try:
             out = stack.enter_context(out_dir(cfg.out, "scores", cfg.overwrite))
         except BaseException:
-            _agree(False)   # the other processes stop too
+            agree(False)   # process 0 could not open OUT: the other processes stop too
             raise
-        _agree(True)   # the output is ours: the other processes go on
+        agree(True)   # the output is ours: the other processes go on
         progress = Path(out.path) / PROGRESS_DIR
         if cfg.overwrite and PROGRESS_DIR in out.owned and progress.exists():
             shutil.rmtree(progress)   # --overwrite: this command's earlier progress goes too
@@ -131,7 +133,7 @@ def run(cfg: ScoresConfig, rt) -> None:
                           hint="choose another --out, or pass --overwrite to start over",
                           on_create=lambda: out.claim([PROGRESS_DIR]))
         res, info = compute(cfg, rt, checkpoint_dir=ckpt)
-        _sync("scores-computed")
+        sync("scores-computed")
         write(res, out, cfg, info)
     print(f"layer scores ({res.estimator}, {res.aggregate}) for {res.n_train} x {res.n_val} "
           f"examples in {res.seconds:.1f} s -> {Path(cfg.out) / 'scores.json'}")
@@ -142,33 +144,15 @@ def _follow(cfg: ScoresConfig, rt) -> None:
     devices' rows (saving into the same OUT/progress), and nothing written besides: the
     first process holds OUT and writes the results."""
     from ..errors import LayerIFError
+    from ..influence.distributed import agree, sync
     from ..influence.resume import Checkpoint
-    if not _agree(False):
+    if not agree(False):
         raise LayerIFError(f"process 0 could not open {cfg.out} (its error says why)")
     ckpt = Checkpoint(Path(cfg.out).expanduser().absolute() / PROGRESS_DIR,
                       cfg.checkpoint_every, hint="choose another --out, or pass --overwrite "
                                                  "to start over")
     compute(cfg, rt, checkpoint_dir=ckpt)
-    _sync("scores-computed")
-
-
-def _agree(ok: bool) -> bool:
-    """Process 0's `ok` in every process (one process: `ok`). Process 0 says whether it
-    holds the output before any process starts the passes; if opening it failed, its
-    error ends process 0 and this answer ends the others."""
-    import jax
-    if jax.process_count() == 1:
-        return ok
-    import numpy as np
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-
-
-def _sync(tag: str) -> None:
-    import jax
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"layerif-{tag}")
+    sync("scores-computed")
 
 
 COMMAND = Command("scores", "per-layer influence and LayerIF layer scores", ScoresConfig, run,

@@ -83,9 +83,8 @@ def load_model(path, dtype="float32", *, mesh=None, sharding: str = "fsdp") -> D
     dt = dtypes.jnp_dtype(dtype)
     p, meta = _source(path)
     if mesh is not None:
-        from ..sharding import as_2d, check_preset
-        mesh = as_2d(mesh)
-        check_preset(sharding)
+        from ..sharding import as_2d, check_mesh
+        mesh = check_mesh(as_2d(mesh), sharding)
     if meta is None:
         return _put_model(gguf.read(p, dt), mesh, sharding)
     if FORMAT_KEY in meta:

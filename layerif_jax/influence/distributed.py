@@ -37,3 +37,16 @@ def to_host(x, dtype=None) -> np.ndarray:
     if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x, dtype)
+
+
+def sync(tag: str) -> None:
+    """A barrier of every process (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"layerif-{tag}")
+
+
+def agree(ok: bool) -> bool:
+    """Process 0's `ok`, in every process (one process: `ok`)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))

@@ -35,19 +35,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from .. import checksum
 from ..errors import LayerIFError
-from ..sharding import data_size
 from ..io import read_json, write_json
 from ..notes import info
-from .distributed import to_host
+from ..sharding import data_size
+from .distributed import sync, to_host
 
 PROGRESS = "progress.json"
 VERSION = 1
-
-
-def _sync(tag: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"layerif-resume-{tag}")
 
 
 def _shardings(mesh):
@@ -122,7 +116,7 @@ class Checkpoint:
             except Exception as e:  # noqa: BLE001 - damaged or foreign JSON
                 raise LayerIFError(f"cannot read {self.path / PROGRESS}: "
                                    f"{str(e).splitlines()[0]}") from None
-        _sync("looked")   # every process has looked before any writes
+        sync("resume-looked")   # every process has looked before any writes
         if meta is not None:
             saved = meta.get("fingerprint", {})
             # what the run is about (model, data) before how it was laid out
@@ -153,7 +147,7 @@ class Checkpoint:
                     self.on_create()
                 self.path.mkdir(parents=True, exist_ok=True)
                 write_json(self.path / PROGRESS, self.meta)
-        _sync("opened")
+        sync("resume-opened")
         return self
 
     def _checkpointer(self):
@@ -165,7 +159,7 @@ class Checkpoint:
     def _write_meta(self) -> None:
         if jax.process_index() == 0:
             write_json(self.path / PROGRESS, self.meta)
-        _sync("meta")
+        sync("resume-meta")
 
     def _restore(self, record: dict) -> dict:
         rows, rep = _shardings(self.mesh)
