@@ -1,5 +1,6 @@
-"""Ahead-of-time plans of all-layer DataInf on a Mistral-7B shape for TPU slices, from
-this CPU (`layerif_jax.influence.plan`; the libtpu wheel: `pip install -e ".[plan]"`).
+"""Ahead-of-time plans of all-layer DataInf on a Mistral-7B shape for TPU slices and NVIDIA
+GPUs, from this CPU (`layerif_jax.influence.plan`; the libtpu wheel: `pip install -e
+".[plan]"`; the JAX CUDA plugin: `pip install -e ".[plan-gpu]"`).
 
 transformers' default MistralConfig (the Mistral-7B-v0.1 shapes), bfloat16 weights,
 LoRA r 8 on all 7 maps of the 32 blocks, 128-token examples; one compilation per
@@ -7,7 +8,8 @@ topology and chunk size, accounted for every n x m of --sizes. Prints the plans,
 the JSON object of each. Compiler estimates, not measurements.
 
     python benchmarks/plan_mistral.py --topology v5e:2x4 --chunk-size 8 --sizes 300x50,3000x500
-    python benchmarks/plan_mistral.py --topology v5e:2x4 --chunk-size 128 --sharding fsdp
+    python benchmarks/plan_mistral.py --topology v5e:2x4 --chunk-size 128 --sharding fsdp --remat mlp
+    python benchmarks/plan_mistral.py --topology h200 --chunk-size 16
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def main(argv=None):
     ap.add_argument("--kernels", choices=("auto", "reference"), default="auto")
     ap.add_argument("--sharding", choices=("dp", "fsdp", "fsdp_tp"), default="dp")
     ap.add_argument("--mesh", default=None, help="DATAxMODEL (default: all chips on data)")
-    ap.add_argument("--remat", action="store_true", help="every block recomputed in the backward")
+    ap.add_argument("--remat", choices=("full", "mlp"), default=None,
+                    help="blocks recomputed in the backward: full, or the MLP half only")
     ap.add_argument("--no-advice", action="store_true",
                     help="do not re-plan smaller chunks when the plan does not fit")
     args = ap.parse_args(argv)

@@ -35,24 +35,41 @@ def unroll_layers() -> bool:
     return _TARGET.get()[1]
 
 
-_REMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("layerif_remat", default=False)
+REMAT = ("full", "mlp")
+_REMAT: contextvars.ContextVar[str | None] = contextvars.ContextVar("layerif_remat",
+                                                                    default=None)
+
+
+def remat_mode(on) -> str | None:
+    """False/None -> None; True -> "mlp" (the default policy); "full" | "mlp" as given."""
+    if on is None or on is False:
+        return None
+    if on is True:
+        return "mlp"
+    if on not in REMAT:
+        raise ValueError(f"remat must be True, False or one of {', '.join(REMAT)}, got {on!r}")
+    return on
 
 
 @contextlib.contextmanager
-def layer_remat(on: bool = True):
-    """While a program is traced: the decoders rematerialise every block in the backward
-    (`jax.checkpoint` of the layer scan's body, saving nothing inside it), so only the
-    residual stream between blocks is kept for the backward instead of every block's
-    activations, at the cost of recomputing the forward once. Enter it inside the traced
+def layer_remat(on=True):
+    """While a program is traced: the decoders rematerialise their blocks in the backward
+    (`jax.checkpoint` of the layer scan's body) instead of keeping every block's
+    activations. "full": nothing inside a block is kept, only the residual stream between
+    blocks, and the whole forward is recomputed once (about +50% FLOPs for LoRA, whose
+    backward costs about one forward). "mlp" (True): the attention half's projections and
+    output are kept, the MLP half (its two big input maps and the gated product) is
+    recomputed: about +25% FLOPs for a fraction of the memory. Enter it inside the traced
     function: jax's trace caches do not see it."""
-    token = _REMAT.set(bool(on))
+    token = _REMAT.set(remat_mode(on))
     try:
         yield
     finally:
         _REMAT.reset(token)
 
 
-def remat_layers() -> bool:
+def remat_layers() -> str | None:
+    """None, "full" or "mlp" (`layer_remat`)."""
     return _REMAT.get()
 
 

@@ -1,6 +1,7 @@
-"""Ahead-of-time plans compiled by the real TPU compiler (the libtpu wheel, no TPU):
-FLOPs against a hand count and against a fully unrolled compile, per-device bytes
-against the arrays' own sizes, the advice of a plan that does not fit, and the CLI."""
+"""Ahead-of-time plans compiled by the real TPU compiler (the libtpu wheel, no TPU) and the
+real GPU compiler (the JAX CUDA plugin, no GPU): FLOPs against a hand count and against a
+fully unrolled compile, per-device bytes against the arrays' own sizes, the advice of a
+plan that does not fit, and the CLI."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from layerif_jax.ops import compiling_for
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="plans need the libtpu wheel "
                                                          "(pip install 'jax[tpu]')")
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+needs_cuda_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="GPU plans need the JAX "
+                                       "CUDA plugin (pip install 'jax[cuda12-local]')")
 
 # dimensions in multiples of 128 (no TPU tile padding to blur the byte counts)
 CFG = ModelConfig(model_type="llama", vocab_size=2048, hidden_size=512, intermediate_size=1024,
@@ -61,6 +65,7 @@ def _device():
 
 
 @needs_libtpu
+@pytest.mark.heavy   # leg 1 only; on leg 2 the GPU plan's test checks the hand count
 def test_flops_match_a_hand_count_and_a_fully_unrolled_compile():
     geo = planmod.Geometry.of(64, 4, 1)
     assert (geo.rows, geo.row_len, geo.examples) == (2, 128, 4)
@@ -115,7 +120,7 @@ def test_fsdp_splits_the_weights_and_remat_drops_the_temporaries():
     ndev = 4
     kw = dict(topology_spec="v5e:2x2", n=40, m=8, tokens=128, chunk_size=64, costs=False)
     fsdp = planmod.plan(CFG, LORA, sharding="fsdp", **kw)
-    remat = planmod.plan(CFG, LORA, sharding="fsdp", remat=True, **kw)
+    remat = planmod.plan(CFG, LORA, sharding="fsdp", remat="full", **kw)
     assert fsdp.fits and remat.fits and fsdp.mesh == "4x1"
     # FSDP: every array with a hidden ("embed") axis is split 4 ways, the rest stays whole
     model = planmod.abstract_model(CFG, LORA, jnp.bfloat16)
@@ -130,10 +135,57 @@ def test_fsdp_splits_the_weights_and_remat_drops_the_temporaries():
     # remat: the blocks' activations are recomputed in the backward, not kept
     assert fsdp.bytes["temporaries"] > 50 * 2 ** 20, fsdp.bytes
     assert remat.bytes["temporaries"] < fsdp.bytes["temporaries"] / 4, (remat.bytes, fsdp.bytes)
+    # remat "mlp" keeps the attention half: between the two in memory (data parallel: under
+    # fsdp XLA:TPU reports the same temporaries for "mlp" as for "full")...
+    dp = {r: planmod.plan(CFG, LORA, remat=r, **kw) for r in (False, True, "full")}
+    t = {r: p.bytes["temporaries"] for r, p in dp.items()}
+    assert dp[True].remat == "mlp" and t["full"] < t[True] < t[False] / 2, t
+    # ... and in FLOPs: each block's gate and up maps (2 x 2 N d_model d_ff) and attention
+    # scores (2 N T d_model) run twice, not the whole forward
+    geo = planmod.Geometry.of(64, 4, 1)
+    c = planmod.per_chunk_costs(CFG, LORA, jnp.bfloat16, geo, _device(), "tpu", remat="mlp")
+    N = geo.rows * geo.row_len
+    twice = (4 * N * 512 * 1024 + 2 * N * geo.row_len * 512) * CFG.num_layers
+    extra = c["fwd_bwd_remat_flops"] - c["fwd_bwd_flops"]
+    assert twice <= extra <= 1.15 * twice, (c, twice)
+    # the influence step costs one forward+backward with the same remat
+    assert c["flops"] == pytest.approx(c["fwd_bwd_remat_flops"], rel=0.03)
     with pytest.raises(LayerIFError, match="needs sharding fsdp or fsdp_tp"):
         planmod.plan(CFG, LORA, mesh_shape="2x2", **kw)
     with pytest.raises(LayerIFError, match="needs 8 devices, there are 4"):
         planmod.plan(CFG, LORA, sharding="fsdp_tp", mesh_shape="2x4", **kw)
+    with pytest.raises(LayerIFError, match="remat must be True, False or one of full, mlp"):
+        planmod.plan(CFG, LORA, remat="attention", **kw)
+
+
+@needs_cuda_plugin
+def test_gpu_plans_compile_for_an_h200_and_count_flops_like_the_tpu():
+    """XLA:GPU compiles the step for H200s from the committed target description; the
+    arguments are the arrays' sizes (no tile padding on a GPU), FSDP + TP splits them, and
+    the FLOPs (XLA:CPU's count, the GPU compiler reports none) match the hand count."""
+    from layerif_jax import sharding as shd
+    chip, devices = planmod.topology("h200x4")
+    assert chip.platform == "cuda" and len(devices) == 4
+    assert "H200" in devices[0].device_kind
+    kw = dict(topology_spec="h200x4", n=40, m=8, tokens=64, chunk_size=16)
+    dp = planmod.plan(CFG, LORA, costs=False, **kw)
+    assert dp.fits and dp.compile_error is None and dp.chip.name == "NVIDIA H200 SXM"
+    model = planmod.abstract_model(CFG, LORA, jnp.bfloat16)
+    want = _arg_bytes(model, dp.geometry, 4)
+    assert want <= dp.bytes["arguments"] <= want + 64 * 1024, (want, dp.bytes)
+    tp = planmod.plan(CFG, LORA, costs=False, sharding="fsdp_tp", mesh_shape="2x2", **kw)
+    mesh = shd.make_mesh("2x2", devices)
+    shards = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in
+                 jax.tree.leaves(planmod.call_args(model, tp.geometry, 1, mesh, "fsdp_tp")))
+    assert shards <= tp.bytes["arguments"] <= shards + 64 * 1024, (shards, tp.bytes)
+    assert tp.bytes["arguments"] < dp.bytes["arguments"] / 2
+    # one chip: FLOPs are about one forward+backward, and the products counted by hand
+    one = planmod.plan(CFG, LORA, topology_spec="h200", n=8, m=8, tokens=64, chunk_size=4)
+    assert "XLA:CPU's count" in "\n".join(one.lines())
+    hand = _fwd_bwd_matmul_flops(CFG, LORA, one.geometry.rows, one.geometry.row_len)
+    assert hand <= one.fwd_bwd_flops <= 1.10 * hand, (one.fwd_bwd_flops, hand)
+    assert 1.0 <= one.flops / one.fwd_bwd_flops <= 1.3
+    assert one.roofline_s > 0
 
 
 @needs_libtpu
@@ -172,14 +224,13 @@ def test_weights_larger_than_the_chip_do_not_fit_at_any_chunk_size():
 @needs_libtpu
 def test_bad_topologies_are_named():
     from layerif_jax.errors import LayerIFError
-    for spec in ("v9:2x2", "v5e", "v5e:0x2", "h100:8"):
-        with pytest.raises(LayerIFError, match="unknown topology .*known: CHIP:AxB"):
+    for spec in ("v9:2x2", "v5e", "v5e:0x2", "h100:8", "a100x8", "h200x0"):
+        with pytest.raises(LayerIFError, match="unknown topology .*known: TPU:AxB.*GPUxN"):
             planmod.plan(CFG, LORA, topology_spec=spec, n=1, m=1, tokens=8)
     with pytest.raises(LayerIFError, match="topology 'v5e:3x3'"):   # no such v5e slice
         planmod.topology("v5e:3x3")
 
 
-@needs_libtpu
 def got_json(path):
     return json.loads(path.read_text())
 
@@ -197,8 +248,8 @@ def test_cli_plan_end_to_end(tmp_path, capsys):
                           "--mesh", "2x2", "--remat")
     assert code == 0, err
     assert ": fits" in text and "compiler estimates, not measurements" in text
-    assert "mesh 2x2 (fsdp_tp), kernels reference, remat" in text
-    assert got_json(out)["sharding"] == "fsdp_tp" and got_json(out)["remat"] is True
+    assert "mesh 2x2 (fsdp_tp), kernels reference, remat mlp" in text
+    assert got_json(out)["sharding"] == "fsdp_tp" and got_json(out)["remat"] == "mlp"
     got = json.loads(out.read_text())
     assert got["devices"] == 4 and got["fits"] and got["calls"] == {"train": 3, "val": 1}
     assert got["topology"] == "v5e:2x2" and got["chip"]["name"] == "TPU v5e"
@@ -213,3 +264,22 @@ def test_cli_plan_end_to_end(tmp_path, capsys):
                        "2by2", "--sharding", "fsdp"), "DATAxMODEL")
     one_line_error(run(capsys, "plan", "--config", cfg, "--model", tmp_path, "--topology",
                        "v5e:1x1"), "--model or --config, not both")
+
+
+@needs_cuda_plugin
+def test_cli_plan_for_gpus_end_to_end(tmp_path, capsys):
+    from test_cli import one_line_error, run
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(CFG.to_hf()))
+    out = tmp_path / "plan.json"
+    code, text, err = run(capsys, "plan", "--config", cfg, "--topology", "H200x2", "--n", 40,
+                          "--m", 8, "--tokens", 64, "--chunk-size", 8, "--out", out,
+                          "--no-costs", "--sharding", "fsdp", "--mesh", "2x1")
+    assert code == 0, err
+    assert "on h200x2 (2 x NVIDIA H200 SXM), mesh 2x1 (fsdp)" in text and ": fits" in text
+    got = got_json(out)
+    assert got["chip"]["platform"] == "cuda" and got["topology"] == "h200x2"
+    assert got["devices"] == 2 and got["fits"] and got["flops"] is None
+    one_line_error(run(capsys, "plan", "--config", cfg, "--topology", "h200:8"),
+                   "unknown topology 'h200:8'")

@@ -226,20 +226,28 @@ def test_remat_recomputes_the_blocks_and_gives_the_same_scores():
     ex = [Example(rng.integers(0, 64, t).astype(np.int32), np.arange(t) >= 1)
           for t in rng.integers(4, 17, 9)]
     plain = layer_scores(model, ex[:6], ex[6:], mesh=None, chunk_size=4, per_val=True)
-    remat = layer_scores(model, ex[:6], ex[6:], mesh=None, chunk_size=4, per_val=True,
-                         remat=True)
-    assert remat.meta["remat"] and not plain.meta["remat"]
-    # float32 rounding only (XLA fuses the recomputed blocks differently), as across meshes
+    assert not plain.meta["remat"]
     want = plain.per_val_layers
-    assert np.abs(remat.per_val_layers - want).max() <= 1e-5 * np.abs(want).max()
-    # the rematerialised program has a checkpoint around the block; the plain one none
+    for mode in (True, "full"):
+        remat = layer_scores(model, ex[:6], ex[6:], mesh=None, chunk_size=4, per_val=True,
+                             remat=mode)
+        assert remat.meta["remat"] == ("mlp" if mode is True else mode)
+        # float32 rounding only (XLA fuses the recomputed blocks differently), as across
+        # meshes
+        assert np.abs(remat.per_val_layers - want).max() <= 1e-5 * np.abs(want).max()
+    # the rematerialised programs have a checkpoint around the block, the plain one none;
+    # "mlp" names the attention values it keeps (what it saves is measured by the plans)
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     eng = packed.PackedEngine(model, dtype=None, mesh=None, chunk_size=4, row_len=None)
     eng.plan([ex])
     call = eng.chunks(ex)[0]
-    for on in (False, True):
+    for on in (False, "mlp", "full"):
         fn = packed.build_fn(graphdef, None, eng.slots_local, eng.per_row, None, remat=on)
         text = str(jax.make_jaxpr(fn)(lora, rest, *call.arrays))
-        assert ("checkpoint" in text or "remat" in text) == on
+        assert ("checkpoint" in text or "remat" in text) == bool(on)
+        # q, k, v, o_proj's input and output, in each of the 3 blocks
+        assert text.count("name=layerif_kept") == (5 if on == "mlp" else 0), on
+    with pytest.raises(LayerIFError, match="remat must be True, False or one of full, mlp"):
+        layer_scores(model, ex[:6], ex[6:], mesh=None, remat="everything")
     with pytest.raises(LayerIFError, match="remat=True needs the packed engine"):
         layer_scores(model, ex[:6], ex[6:], mesh=None, engine="vmap", remat=True)

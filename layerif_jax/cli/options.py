@@ -34,16 +34,17 @@ REQUIRED = _Required()
 def opt(default=REQUIRED, help: str = "", *, type: Callable[[str], Any] | None = None,
         choices: Sequence[str] | None = None, flag: str | None = None, short: str | None = None,
         metavar: str | None = None, positional: bool = False, nargs: str | None = None,
-        shown: str | None = None, cli: bool = True):
+        shown: str | None = None, cli: bool = True, const: Any = None):
     """A config field that is also a command-line option.
 
     `shown`: how the default reads in --help (default: the value itself). Booleans
     with default False become switches. `cli=False`: a setting of the library call
-    that the command line does not offer.
+    that the command line does not offer. `const` with nargs="?": the value of the option
+    given without one.
     """
     meta = dict(help=help, type=type, choices=tuple(choices) if choices else None, flag=flag,
                 short=short, metavar=metavar, positional=positional, nargs=nargs, shown=shown,
-                cli=cli)
+                cli=cli, const=const)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata={"cli": meta})
     return dataclasses.field(default=default, metadata={"cli": meta})
@@ -78,6 +79,8 @@ def add_config(parser: argparse.ArgumentParser, cls) -> None:
             kw["metavar"] = meta["metavar"]
         if meta["nargs"]:
             kw["nargs"] = meta["nargs"]
+        if meta.get("const") is not None:
+            kw["const"] = meta["const"]
         if meta["positional"]:
             if meta["type"]:
                 kw["type"] = meta["type"]

@@ -1,6 +1,7 @@
-"""`layerif plan`: the influence step of a run compiled for a TPU slice, on this machine
-(no TPU needed: the libtpu wheel's compiler), with per-device memory, FLOPs and a
-roofline (`influence.plan`). Compiler estimates, not measurements."""
+"""`layerif plan`: the influence step of a run compiled for a TPU slice or NVIDIA GPUs, on
+this machine (no chip needed: the libtpu wheel's compiler, the JAX CUDA plugin's), with
+per-device memory, FLOPs and a roofline (`influence.plan`). Compiler estimates, not
+measurements."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def _topology(s: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig(OverwriteArgs, LoraArgs):
-    topology: str = opt(REQUIRED, "the TPU slice, CHIP:AxB[xC] (v4, v5e, v5p, v6e), e.g. "
-                                  "v5e:2x4", type=_topology)
+    topology: str = opt(REQUIRED, "the chips: a TPU slice TPU:AxB[xC] (v4, v5e, v5p, v6e; "
+                                  "e.g. v5e:2x4) or GPUs GPU, GPUxN, GPU:HOSTSxN (h100, h200; "
+                                  "e.g. h200x8)", type=_topology)
     model: str | None = opt(None, "HF checkpoint dir, .gguf file or a `layerif convert` output "
                                   "(only its configuration is read)", type=model_path,
                             shown=DEFAULT_MODEL)
@@ -50,8 +52,11 @@ class PlanConfig(OverwriteArgs, LoraArgs):
                               "vocabulary over the model axis)", choices=("dp", "fsdp", "fsdp_tp"))
     mesh: str | None = opt(None, "DATAxMODEL mesh of the slice's chips (e.g. 2x4), with "
                                  "--sharding fsdp or fsdp_tp", shown="all chips on data")
-    remat: bool = opt(False, "recompute every block in the backward (keeps only the residual "
-                             "stream between blocks)")
+    remat: str | None = opt(None, "recompute the blocks in the backward: mlp (the default "
+                                  "when given alone: the attention half kept, the MLP half "
+                                  "recomputed, about +25%% FLOPs) or full (only the residual "
+                                  "stream between blocks kept, about +50%% FLOPs)",
+                            choices=("mlp", "full"), nargs="?", const="mlp", shown="off")
     out: str | None = opt(None, "write the plan as JSON", type=output_path, shown="print only")
 
     def __post_init__(self):
@@ -89,7 +94,7 @@ def run(cfg: PlanConfig, rt) -> None:
     import jax
     if not jax.config.jax_platforms:   # a plan never uses this machine's accelerators
         jax.config.update("jax_platforms", "cpu")
-    # ahead-of-time TPU programs cannot be read back from the persistent cache (no TPU
+    # ahead-of-time programs cannot be read back from the persistent cache (no TPU or GPU
     # client): do not write them there
     jax.config.update("jax_enable_compilation_cache", False)
     from ..influence.plan import plan
@@ -107,5 +112,5 @@ def run(cfg: PlanConfig, rt) -> None:
             print(f"plan -> {cfg.out}")
 
 
-COMMAND = Command("plan", "compile the influence step for a TPU slice here: per-device "
+COMMAND = Command("plan", "compile the influence step for TPU or GPU chips here: per-device "
                           "memory, FLOPs, roofline (compiler estimates)", PlanConfig, run)

@@ -54,8 +54,11 @@ class ScoresConfig(OverwriteArgs, ModelArgs):
     sharding: str = opt("dp", "parameters whole on every device (dp), split over the data "
                               "axis (fsdp), and heads / MLP / vocabulary over the model axis "
                               "(fsdp_tp)", choices=("dp", "fsdp", "fsdp_tp"))
-    remat: bool = opt(False, "recompute every block in the backward (keeps only the residual "
-                             "stream between blocks: less memory, the forward twice)")
+    remat: str | None = opt(None, "recompute the blocks in the backward: mlp (the default "
+                                  "when given alone: the attention half kept, the MLP half "
+                                  "recomputed, about +25%% FLOPs) or full (only the residual "
+                                  "stream between blocks kept, about +50%% FLOPs)",
+                            choices=("mlp", "full"), nargs="?", const="mlp", shown="off")
 
     def __post_init__(self):
         if self.mesh != "auto":

@@ -19,6 +19,7 @@ from ..data import Example
 from ..errors import LayerIFError
 from ..io import parse_bytes
 from ..loss import example_losses
+from ..ops import remat_mode
 from . import driver
 from .driver import LayerScores, Settings
 from .engines.general import GeneralEngine, num_examples
@@ -250,7 +251,7 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
                  curvature: str = "empirical_fisher", projection: int | None = None,
                  projection_seed: int = 0, checkpoint_dir=None,
                  checkpoint_every: int = 8, sharding: str = "dp",
-                 remat: bool = False) -> LayerScores:
+                 remat: bool | str = False) -> LayerScores:
     """Per-example, per-layer influence scores and the LayerIF layer scores S^(l) of an
     NNX model.
 
@@ -270,8 +271,10 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     a 2-D mesh, None: one device. sharding (packed engine): "dp" (parameters whole on
     every device), "fsdp" (their hidden dimension split over "data" too) or "fsdp_tp"
     (also heads, MLP and vocabulary over "model"); the table is `layerif_jax.sharding`.
-    remat (packed engine): recompute every block in the backward, keeping only the
-    residual stream between blocks (less memory per call, the forward computed twice).
+    remat (packed engine): recompute the blocks in the backward (less memory per call,
+    `ops.layer_remat`): True or "mlp" keeps each block's attention projections and
+    output and recomputes its MLP (about +25% FLOPs); "full" keeps only the residual
+    stream between blocks (about +50%). The scores do not depend on it.
     estimator, estimator_options, curvature, projection: as in `influence_scores` (several
     estimators give a {name: LayerScores} from one set of gradients).
     checkpoint_dir, checkpoint_every: the gradient passes saved every that many calls and
@@ -307,6 +310,10 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
         raise LayerIFError("engine='packed' needs one of the project's decoders, tokenised "
                            "examples, LoRA parameters and the default loss: use engine='vmap'")
     m = resolve_mesh(mesh, sharding)
+    try:
+        remat = remat_mode(remat)
+    except ValueError as e:
+        raise LayerIFError(str(e)) from None
     if remat and not (engine != "vmap" and packed_ok):
         raise LayerIFError("remat=True needs the packed engine (the project's decoders, "
                            "tokenised examples, LoRA, the default loss)")
@@ -316,7 +323,7 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
                            "engine takes sharding='dp'")
     dt = jnp.dtype(dtype) if dtype is not None else None
     meta = {"devices": 1 if m is None else m.devices.size,
-            "dtype": str(dt or getattr(model, "dtype", "float32")), "remat": bool(remat),
+            "dtype": str(dt or getattr(model, "dtype", "float32")), "remat": remat,
             "processes": jax.process_count()}
     if engine != "vmap" and packed_ok:
         eng = PackedEngine(model, dtype=dt, mesh=m, chunk_size=chunk_size, row_len=row_len,

@@ -1,7 +1,8 @@
 """Ahead-of-time plans: the influence step of a run compiled for a real chip, without
 the chip.
 
-The real compiler of the chip (XLA:TPU from the `libtpu` wheel; see
+The real compiler of the chip (XLA:TPU from the `libtpu` wheel, XLA:GPU from the JAX CUDA
+plugin with the card's target description in assets/gpu; see
 ../shared/docs/ACCELERATORS.md) compiles the training call of the packed engine --
 per-example LoRA gradients of a chunk of packed rows, then ||g||^2 and v . g per layer
 piece -- from abstract inputs (`jax.ShapeDtypeStruct`s with the mesh's shardings; no
@@ -18,8 +19,11 @@ parameter is ever allocated), and reports:
 - a roofline: per call max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) from the
   chip's published figures (`CHIPS`), times the calls of the run.
 
-These are compiler estimates, not measurements. Data parallelism only: every device
-holds the whole model (sharded weights are not implemented yet).
+The parameters are laid out as a `layerif_jax.sharding` preset says (dp, fsdp, fsdp_tp).
+XLA:GPU reports no costs ahead of time: a GPU plan counts FLOPs and bytes accessed with
+XLA:CPU on the same traced program (`_cost_device`), and its memory check is ours (the GPU
+compiler only warns when a program oversubscribes). These are compiler estimates, not
+measurements.
 """
 
 from __future__ import annotations
@@ -46,14 +50,17 @@ from ..errors import LayerIFError
 from ..io import parse_bytes
 from ..models.config import ModelConfig
 from ..models.lora import LoraConfig
-from ..ops import compiling_for, layer_remat
+from ..ops import compiling_for, layer_remat, remat_mode
 from . import core
 from .engines import packed
 
 def topology(spec) -> tuple[Chip, list]:
-    """'v5e:2x4' -> (the chip, the topology's devices), from libtpu's topology
-    description (no TPU needed)."""
+    """'v5e:2x4' | 'h200x8' -> (the chip, the topology's devices), from the chip compiler's
+    topology description (libtpu for TPUs, the JAX CUDA plugin for NVIDIA GPUs; no chip
+    needed)."""
     topo = spec if isinstance(spec, Topology) else parse_topology(spec)
+    if topo.chip.platform == "cuda":
+        return topo.chip, _gpu_devices(topo)
     if jax.default_backend() != "tpu":
         # libtpu as a compiler only: no lockfile (several such processes may run at once)
         # and no queries of a cloud metadata server
@@ -72,6 +79,34 @@ def topology(spec) -> tuple[Chip, list]:
     except Exception as e:  # libtpu's own words (an impossible shape for the chip)
         raise LayerIFError(f"topology {str(topo)!r}: {str(e).strip().splitlines()[0]}") from None
     return topo.chip, list(desc.devices)
+
+
+def target_config(chip: Chip) -> str:
+    """The GpuTargetConfigProto text of a GPU chip (layerif_jax/assets/gpu)."""
+    from importlib import resources
+    return (resources.files("layerif_jax") / "assets" / "gpu" / chip.target_config).read_text()
+
+
+def _gpu_devices(topo: Topology) -> list:
+    """Compile-only devices of hosts x GPUs of the chip, from the JAX CUDA plugin (no GPU,
+    no CUDA libraries: the plugin's compiler with the chip's target description)."""
+    import importlib.util
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise LayerIFError("GPU plans need the JAX CUDA plugin matching jax: pip install "
+                           "'jax[cuda12-local]' (it compiles for NVIDIA GPUs on any machine; "
+                           "no CUDA libraries needed)")
+    # the plugin checks the installed CUDA libraries' versions on start; a compile-only
+    # client needs none
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from jax.experimental import topologies
+    hosts, per_host = topo.shape
+    try:
+        desc = topologies.get_topology_desc(topo.chip_key, "cuda",
+                                            target_config=target_config(topo.chip),
+                                            topology=f"1x{hosts}x{per_host}")
+    except Exception as e:  # the plugin's own words
+        raise LayerIFError(f"topology {str(topo)!r}: {str(e).strip().splitlines()[0]}") from None
+    return list(desc.devices)
 
 
 def abstract_model(cfg: ModelConfig, lora: LoraConfig, dtype):
@@ -174,12 +209,20 @@ def per_chunk_costs(cfg: ModelConfig, lora: LoraConfig, dtype, geo: Geometry, de
             step = _step(graphdef, dtype, geo, None, remat=remat).lower(*args).compile()
             chunk = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=one) for a in args[2:6]]
             fbs = [_fwd_bwd(graphdef, dtype, geo.per_row, r).lower(*args[:2], *chunk).compile()
-                   for r in ((False, True) if remat else (False,))]
+                   for r in ((False, remat) if remat else (False,))]
         out[depth] = tuple(c for x in (step, *fbs) for c in _costs(x))
     L = cfg.num_layers
     names = ("flops", "bytes", "fwd_bwd_flops", "fwd_bwd_bytes")
     names += ("fwd_bwd_remat_flops", "fwd_bwd_remat_bytes") if remat else ()
     return {k: out[1][i] + (L - 1) * (out[2][i] - out[1][i]) for i, k in enumerate(names)}
+
+
+def _cost_device(chip: Chip, devices: list):
+    """Where FLOPs are counted: the chip itself where its compiler reports them (XLA:TPU),
+    else (XLA:GPU's ahead-of-time compile reports none) XLA:CPU's count of the same program,
+    traced for the chip's platform -- the same products, other fusions: its bytes accessed
+    are the CPU's."""
+    return devices[0] if chip.platform == "tpu" else jax.devices("cpu")[0]
 
 
 def _size(b: float) -> str:
@@ -216,7 +259,7 @@ class Plan:
     advice: str | None = None
     kernels: str = "auto"                 # Pallas kernels ("auto") or their references
     sharding: str = "dp"                  # the preset of `layerif_jax.sharding`
-    remat: bool = False                   # every block recomputed in the backward
+    remat: str | None = None              # blocks recomputed in the backward (ops.layer_remat)
     mesh: str = ""                        # DATAxMODEL
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -235,7 +278,7 @@ class Plan:
         out = [f"plan: {self.model}, {self.n} x {self.m} examples of {self.tokens} tokens, "
                f"{self.dtype}, on {self.topology} ({self.devices} x {self.chip.name}), "
                f"mesh {self.mesh or self.devices} ({self.sharding}), kernels {self.kernels}"
-               f"{', remat' if self.remat else ''}; "
+               f"{f', remat {self.remat}' if self.remat else ''}; "
                "compiler estimates, not measurements",
                f"  call: {self.chunks_per_call} chunk(s) of {g.rows} x {g.row_len} tokens per "
                f"device, {g.examples} examples per device per chunk; "
@@ -255,6 +298,9 @@ class Plan:
                        + (f" ({self.flops / (remat * self.chunks_per_call):.4f}x one with the "
                           "same remat)" if remat else "")
                        + f"; bytes accessed {self.bytes_accessed:.4g}")
+            if self.chip.platform != "tpu":
+                out.append("  (FLOPs and bytes accessed: XLA:CPU's count of the same program; "
+                           f"XLA:GPU reports none ahead of time)")
             out.append(f"  roofline ({self.chip.peak_flops / 1e12:g} TFLOP/s bf16, "
                        f"{self.chip.bandwidth / 1e9:g} GB/s): at least {self.roofline_s:.3g} s "
                        f"for {self.n} x {self.m}")
@@ -349,8 +395,12 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
     takes them) or "reference" (their pure-JAX references), see `kernels.use`.
     sharding: "dp", "fsdp" or "fsdp_tp" (`layerif_jax.sharding`) over a ("data", "model")
     mesh of the slice's chips, mesh_shape "DxM" (default: every chip on "data"). remat:
-    every block recomputed in the backward (`ops.layer_remat`)."""
+    the blocks recomputed in the backward (`ops.layer_remat`: True / "mlp" or "full")."""
     shd.check_preset(sharding)
+    try:
+        remat = remat_mode(remat)
+    except ValueError as e:
+        raise LayerIFError(str(e)) from None
     sizes = [(int(n), int(m)) for n, m in sizes]
     for what, x in ([("n", n) for n, _ in sizes] + [("m", m) for _, m in sizes]
                     + [("tokens", tokens), ("chunk size", chunk_size),
@@ -377,8 +427,8 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
         mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform, sharding,
                             remat)
         compile_s = time.perf_counter() - t0
-        c = (per_chunk_costs(cfg, lora, dt, geo, devices[0], chip.platform, remat)
-             if costs else None)
+        c = (per_chunk_costs(cfg, lora, dt, geo, _cost_device(chip, devices), chip.platform,
+                             remat) if costs else None)
     out = []
     for n, m in sizes:
         p = _account(Plan(str(topo), chip, len(devices), model_name or cfg.model_type, n, m,

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.ad_checkpoint import checkpoint_name
+
 from ..ops import mm, remat_layers, unroll_layers
 from ..sharding import constrain
 from .config import LINEARS, ModelConfig
@@ -212,6 +214,23 @@ def glu(name: str, g: jax.Array, u: jax.Array) -> jax.Array:
 
 Lins = Callable[[tuple[str, ...], jax.Array], tuple[jax.Array, ...]]
 
+KEPT = "layerif_kept"   # the values `layer_remat("mlp")` keeps for the backward
+
+
+def _attention_kept(lins: Lins) -> Lins:
+    """`lins` whose attention half is kept under `layer_remat("mlp")`: the q, k, v
+    projections, the attention output (o_proj's input) and o_proj's output are named
+    KEPT; everything else in a block (norms, rotary, scores, softmax, the MLP) is
+    recomputed in the backward from them and the block's input."""
+    def kept(names, h):
+        group = INPUT_OF[names[0]]
+        if group not in ("attn_in", "o_in"):
+            return lins(names, h)
+        if group == "o_in":
+            h = checkpoint_name(h, KEPT)
+        return tuple(checkpoint_name(y, KEPT) for y in lins(names, h))
+    return kept
+
 
 def plain_lins(p: dict[str, Any], *, lora: dict[str, tuple[float, float]],
                key: jax.Array | None, dtype) -> Lins:
@@ -351,17 +370,24 @@ class Decoder(nnx.Module):
                 else None)
         block = block_fn(cfg)
 
+        remat = remat_layers()
+
         def body(x, xs):
             p, key, data, w = xs
             lins = (plain_lins(p, lora=lora, key=key, dtype=dtype) if group_fn is None
                     else (lambda names, h: group_fn(p, data, names, h)))
+            if remat == "mlp":
+                lins = _attention_kept(lins)
             bias = biases[0] if biases.shape[0] == 1 else biases[w]
             x = block(cfg, p, x, bias, pos_BT, inv_freq, lins, dtype)
             return constrain(x, ("rows", "length", "act_embed")), None
 
-        if remat_layers():   # keep only the residual stream between blocks (ops.layer_remat)
-            body = jax.checkpoint(body, prevent_cse=False,
-                                  policy=jax.checkpoint_policies.nothing_saveable)
+        if remat:   # rematerialise the blocks in the backward (ops.layer_remat)
+            # inside a scan's loop XLA cannot merge the recomputation with the forward; an
+            # unrolled scan (the plans' FLOP counts) needs the barriers that prevent it
+            body = jax.checkpoint(body, prevent_cse=unroll_layers(), policy=(
+                jax.checkpoint_policies.nothing_saveable if remat == "full"
+                else jax.checkpoint_policies.save_only_these_names(KEPT)))
         x, _ = jax.lax.scan(body, self.embed(ids_BT, dtype),
                             (self.layers.layer_arrays(), keys, layer_data, which),
                             unroll=unroll_layers())

@@ -43,7 +43,7 @@ from kernels import segment_grads
 from ... import sharding as shd
 from ...data import Example
 from ...errors import LayerIFError
-from ...ops import layer_remat, mm, precision, target_platform
+from ...ops import layer_remat, mm, precision, remat_mode, target_platform
 from ..distributed import put
 
 
@@ -395,7 +395,7 @@ def clear_cache() -> None:
 
 
 def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
-             sharding: str = "dp", remat: bool = False):
+             sharding: str = "dp", remat: bool | str = False):
     """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...])
     -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
     with `factors` also the K-FAC token sums of the k chunks (summed over devices). A
@@ -407,8 +407,8 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
     is vmapped over the data shards and XLA partitions the parameters as the rules say
     (gathering an FSDP layer where it is used, splitting heads and MLP under TP).
 
-    remat: every block is recomputed in the backward (`ops.layer_remat`): the call keeps
-    the residual stream between blocks, not every block's activations.
+    remat: the blocks are recomputed in the backward (`ops.layer_remat`: True or "mlp"
+    the MLP half, "full" all but the residual stream between blocks).
     """
     grad_fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype,
                              factors=factors)
@@ -501,7 +501,7 @@ class PackedEngine:
         self.sharding = shd.check_preset(sharding) if mesh is not None else "dp"
         if mesh is not None and (self.sharding != "dp" or mesh.devices.ndim != 1):
             mesh = shd.check_mesh(shd.as_2d(mesh), self.sharding)
-        self.dtype, self.mesh, self.remat = dtype, mesh, bool(remat)
+        self.dtype, self.mesh, self.remat = dtype, mesh, remat_mode(remat)
         self.ndev = shd.data_size(mesh)
         self.chunk_size, self.row_len = chunk_size, row_len
         if mesh is not None:
