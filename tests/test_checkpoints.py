@@ -219,6 +219,25 @@ def test_own_format_bf16_and_overwrite(llama_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_own_format_checksums_catch_changed_arrays(llama_dir, tmp_path):
+    """An array whose bytes no longer match the SHA-256 stored at save time (bit rot that
+    still decodes; here the stored digest changes instead), or one the digests do not
+    list, is refused naming it."""
+    import re
+    _, src = llama_dir
+    out = convert(src, tmp_path / "c")
+    meta = json.loads((out / "config.json").read_text())
+    names = sorted(meta["layerif_jax_digests"])
+    meta["layerif_jax_digests"][names[3]] = "0" * 64
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(LayerIFError, match=re.escape(names[3]) + " does not match its stored"):
+        load_model(out)
+    del meta["layerif_jax_digests"][names[3]]
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(LayerIFError, match=re.escape(names[3]) + " does not match its stored"):
+        load_model(out)
+
+
 def test_failed_write_leaves_nothing(llama_dir, tmp_path):
     _, src = llama_dir
 

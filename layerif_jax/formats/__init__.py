@@ -77,9 +77,10 @@ def load_model(path, dtype="float32", *, mesh=None, sharding: str = "fsdp") -> D
 
     mesh: a ("data", "model") mesh (`sharding.make_mesh`) to load onto, every parameter
     laid out as the `sharding` preset says. A Hugging Face directory is read straight
-    into its shards (each process reads only the slices its devices hold); a GGUF file
-    (whose quantised blocks dequantise whole) and a project checkpoint are read whole on
-    the host, then put into their shards."""
+    into its shards (each process reads only the slices its devices hold), a project
+    checkpoint (`convert`) is restored by orbax straight into them; a GGUF file (whose
+    quantised blocks dequantise whole) is read whole on the host, then put into its
+    shards."""
     dt = dtypes.jnp_dtype(dtype)
     p, meta = _source(path)
     if mesh is not None:
@@ -88,7 +89,7 @@ def load_model(path, dtype="float32", *, mesh=None, sharding: str = "fsdp") -> D
     if meta is None:
         return _put_model(gguf.read(p, dt), mesh, sharding)
     if FORMAT_KEY in meta:
-        return _put_model(native.read(p, meta, dt), mesh, sharding)
+        return native.read(p, meta, dt, mesh, sharding)
     return hf.read(p, dt, mesh, sharding)
 
 

@@ -72,8 +72,11 @@ def save(model: Decoder, out_dir, *, tokenizer=None, overwrite: bool = False) ->
     return out.path
 
 
-def read(path: Path, meta: dict[str, Any], dtype) -> Decoder:
-    """A directory written by `save` -> Decoder (arrays checked against their checksums)."""
+def read(path: Path, meta: dict[str, Any], dtype, mesh=None, sharding: str = "fsdp") -> Decoder:
+    """A directory written by `save` -> Decoder (arrays checked against their checksums).
+    With a ("data", "model") mesh, orbax restores every array straight into the shards of
+    the `sharding` preset (`layerif_jax.sharding`): each device gets only its slice, read
+    from the chunks of the saved array that overlap it."""
     import orbax.checkpoint as ocp
 
     version = meta.get(FORMAT_KEY)
@@ -103,27 +106,45 @@ def read(path: Path, meta: dict[str, Any], dtype) -> Decoder:
 
     abstract = nnx.eval_shape(build)
     _, abs_state = nnx.split(abstract)
-    # Without a sharding orbax restores host numpy arrays; ask for jax arrays on the
-    # default device, as `model_from_tensors` makes.
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abs_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
-                             abs_state)
+    if mesh is None:
+        # without a sharding orbax restores host numpy arrays; ask for jax arrays on the
+        # default device, as `model_from_tensors` makes
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        where = jax.tree.map(lambda _: dev, abs_state)
+    else:
+        from ..sharding import shardings
+        where = shardings(abs_state, mesh, sharding)
+    abs_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             abs_state, where)
     try:
         with ocp.StandardCheckpointer() as ck:
             state = ck.restore(path / STATE_DIR, abs_state)
     except Exception as e:
         raise LayerIFError(f"cannot restore {path / STATE_DIR}: {oneline(e)}") from None
     nnx.update(abstract, state)
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), _state_arrays(abstract))
-    digests = meta.get("layerif_jax_digests")
-    if digests and str(jnp.dtype(dtype)) == meta.get("layerif_jax_dtype"):
-        bad = checksum.first_mismatch(host, digests)
-        if bad is not None:
-            raise LayerIFError(f"{path}: {bad} does not match its stored checksum (the "
-                               "checkpoint is corrupt)")
-    bad = checksum.nonfinite(host)
-    if bad is not None:
-        raise LayerIFError(f"{path}: {bad} holds NaN or inf values")
+    digests = (meta.get("layerif_jax_digests")
+               if str(jnp.dtype(dtype)) == meta.get("layerif_jax_dtype") else None)
+    _check(path, _state_arrays(abstract), digests)
     return abstract
 
 
+def _check(path: Path, arrays: dict[str, Any], digests: dict[str, str] | None) -> None:
+    """Every restored array against its stored SHA-256 and for NaN / inf, one array at a
+    time on the host (never the whole model at once). An array spread over several
+    processes cannot be hashed without gathering it: its local shards are checked for NaN
+    / inf only."""
+    names = sorted(arrays) if digests is None else sorted(set(arrays) | set(digests))
+    for k in names:
+        if k not in arrays or (digests is not None and k not in digests):
+            raise LayerIFError(f"{path}: {k} does not match its stored checksum (the "
+                               "checkpoint is corrupt)")
+        x = arrays[k]
+        if not getattr(x, "is_fully_addressable", True):
+            parts = [np.asarray(sh.data) for sh in x.addressable_shards]
+        else:
+            parts = [np.asarray(jax.device_get(x))]
+            if digests is not None and checksum.array_digest(parts[0]) != digests[k]:
+                raise LayerIFError(f"{path}: {k} does not match its stored checksum (the "
+                                   "checkpoint is corrupt)")
+        if any(checksum.nonfinite({k: a}) for a in parts):
+            raise LayerIFError(f"{path}: {k} holds NaN or inf values")
