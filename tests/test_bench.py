@@ -61,13 +61,20 @@ def test_digits_benchmarks_from_python(tmp_path):
 def test_bench_cli_end_to_end_resumes_and_refuses(tiny_dir, tasks_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "--model", tiny_dir, "--tasks-dir", tasks_dir, "--out", out,
-            "--estimators", "datainf,identity,ekfac", "--n", "8", "--m", "3", "--per-task", "4"]
+            "--estimators", "exact,datainf,identity,ekfac", "--n", "8", "--m", "3",
+            "--per-task", "4"]
     code, stdout, err = run(capsys, *args, "--suites", "estimators-lm")
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
     rows = {r["estimator"]: r for r in rep["estimators-lm"]["result"]["rows"]}
-    assert set(rows) == {"datainf", "identity", "ekfac"}
+    assert set(rows) == {"exact", "datainf", "identity", "ekfac"}
     assert rows["datainf"]["layer_spearman_vs_datainf"] == pytest.approx(1.0)
+    # every estimator's IHVP against exact's (the exact one is the reference)
+    assert "ihvp_error_vs_exact" not in rows["exact"]
+    for name in ("datainf", "identity", "ekfac"):
+        err = rows[name]["ihvp_error_vs_exact"]
+        assert 0 < err["median"] <= err["max"], (name, err)
+    assert "IHVP error vs exact" in (out / "report.md").read_text()
     assert rep["estimators-lm"]["settings"]["adapter"].startswith("random LoRA")
     first = (out / "sections" / "estimators-lm.json").stat().st_mtime_ns
     # a second benchmark joins the folder; the finished one is kept, not rerun
@@ -79,8 +86,8 @@ def test_bench_cli_end_to_end_resumes_and_refuses(tiny_dir, tasks_dir, tmp_path,
     assert rep["class-detection"]["result"]["n_train"] == 16 and 0 <= cd["ekfac"]["auc"] <= 1
     assert {"class_detection.png", "cost_vs_agreement.png"} <= {p.name for p in out.iterdir()}
     # other settings on a finished section: refused, naming the difference
-    one_line_error(run(capsys, *args[:-6], "--estimators", "datainf,identity,ekfac", "--n", "9",
-                       "--m", "3", "--suites", "estimators-lm"), "other settings",
+    one_line_error(run(capsys, *args[:-6], "--estimators", "exact,datainf,identity,ekfac",
+                       "--n", "9", "--m", "3", "--suites", "estimators-lm"), "other settings",
                    "n: 8 there, 9 now")
     one_line_error(run(capsys, "bench", "--out", tmp_path / "x", "--suites", "lds,cg"),
                    "unknown benchmark")

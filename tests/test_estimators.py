@@ -445,3 +445,35 @@ def test_ekfac_factors_are_saved_and_reused_for_another_validation_set(tmp_path)
         layer_scores(model, train, val, estimator_options={"factors_dir": str(tmp_path / "mine")},
                      **kw)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_ihvp_error_against_exact_is_reported_per_unit(problem):
+    """With exact among the estimators every other one reports how far its h_b is from
+    exact's (H_b + lambda_b I)^-1 v_b, per unit; checked against float64 NumPy for plain
+    gradient dot (h = v) and DataInf's closed form."""
+    _, _, _, grads, vals = problem
+    many = run(problem, ["identity", "datainf", "cg", "exact", "cosine"], damping_scale=1.0,
+               estimator_options={"cg": {"tol": 1e-6}})
+    assert list(many) == ["identity", "datainf", "cg", "exact", "cosine"]
+    want = {"identity": [], "datainf": []}
+    for X, v in zip(grads, vals):
+        n, d = X.shape
+        lam = 1.0 * np.mean(np.sum(X * X, 1)) / d
+        h = np.linalg.solve(X.T @ X / n + lam * np.eye(d), v)
+        coef = (X @ v) / (lam + np.sum(X * X, 1))
+        datainf = (v - X.T @ coef / n) / lam
+        for name, got in (("identity", v), ("datainf", datainf)):
+            want[name].append(np.linalg.norm(got - h) / np.linalg.norm(h))
+    for name, w in want.items():
+        err = many[name].meta["ihvp_error_vs_exact"]
+        per_unit = err["per_unit"]     # [L][U]: every leaf its own layer (and unit) here
+        got = [per_unit[k][k] for k in range(len(LEAVES))]
+        assert all(x is None for k, r in enumerate(per_unit) for u, x in enumerate(r)
+                   if u != k)
+        np.testing.assert_allclose(got, w, rtol=1e-3)
+        assert err["max"] == pytest.approx(max(w), rel=1e-3)
+        assert min(w) > 1e-3      # neither is exact here
+    assert many["cg"].meta["ihvp_error_vs_exact"]["max"] < 1e-4
+    assert "ihvp_error_vs_exact" not in many["exact"].meta       # the reference itself
+    assert "ihvp_error_vs_exact" not in many["cosine"].meta      # scale-free: no IHVP
+    assert "ihvp_error_vs_exact" not in run(problem, "datainf").meta

@@ -2,7 +2,8 @@
 per-example gradients (one `layer_scores(..., estimator=[...])` call).
 
 * `estimators_lm`: cost (each estimator's own preconditioning and scoring seconds, the
-  shared gradient passes apart) and agreement: the Spearman of the layer scores and the
+  shared gradient passes apart), the IHVP error against exact per unit (max and median
+  of ||h_b - h*_b|| / ||h*_b||) and agreement: the Spearman of the layer scores and the
   Pearson of the per-example scores against every reference estimator (does LayerIF's
   layer ranking depend on the estimator?).
 * `class_detection` (DataInf's protocol): a training set mixing several tasks, influence
@@ -93,6 +94,9 @@ def estimators_lm(model, train, val, estimators=ESTIMATORS, options=None,
                     res.layer_scores, results[ref].layer_scores)[0])
                 row[f"per_example_pearson_vs_{ref}"] = float(pearsonr(
                     res.per_example.sum(1), results[ref].per_example.sum(1))[0])
+        if "ihvp_error_vs_exact" in res.meta:   # ||h_b - h*_b|| / ||h*_b|| over the units
+            err = res.meta["ihvp_error_vs_exact"]
+            row["ihvp_error_vs_exact"] = {"max": err["max"], "median": err["median"]}
         if "datainf" in own:
             row["time_ratio_to_datainf"] = round(own[name] / max(own["datainf"], 1e-9), 2)
         rows.append(row)

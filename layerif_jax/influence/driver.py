@@ -384,17 +384,41 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
         if checkpoint is not None:
             meta = {**meta, "checkpoint_dir": str(checkpoint.path),
                     "resumed_calls": checkpoint.resumed_calls}
-        out = {e.name: _score(e, engine, part, p, n, m, s, meta) for e in
-               (s.estimators or (s.estimator,))}
+        ests = list(s.estimators or (s.estimator,))
+        # exact first: its h is the reference every other estimator's IHVP is held to
+        order = sorted(ests, key=lambda e: e.name != "exact")
+        out, ref = {}, None
+        for e in order:
+            out[e.name], h = _score(e, engine, part, p, n, m, s, meta, ref)
+            if e.name == "exact" and len(ests) > 1:
+                ref = p.v if h is None else h
+        out = {e.name: out[e.name] for e in ests}
     finally:
         if checkpoint is not None:   # the last save, written while the estimators ran
             checkpoint.close()
     return out if s.estimators else out[s.estimator.name]
 
 
+def ihvp_error(ctx: Context, h: list[jax.Array], ref: list[jax.Array]) -> dict[str, Any]:
+    """How far an estimator's h_b is from exact's, per unit: ||h_b - h*_b|| / ||h*_b||
+    (the largest over the validation vectors), as {"per_unit": [L][U] (None where a layer
+    has no such unit), "max", "median" (over the units that exist)}."""
+    d = [a - b for a, b in zip(h, ref)]
+    rel = to_host(core.safe_div(jnp.sqrt(ctx.unit_dot(d, d)), jnp.sqrt(ctx.unit_dot(ref, ref))),
+                  np.float64).max(0)                                        # [L, U]
+    _, layer, unit = ctx.part.pieces()
+    present = np.zeros(rel.shape, bool)
+    present[np.asarray(layer), np.asarray(unit)] = True     # units a layer really has
+    return {"per_unit": [[float(x) if ok else None for x, ok in zip(r, o)]
+                         for r, o in zip(rel, present)],
+            "max": float(rel[present].max()), "median": float(np.median(rel[present]))}
+
+
 def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings,
-           meta: dict[str, Any]) -> LayerScores:
-    """One estimator's preconditioning and scores on the shared passes."""
+           meta: dict[str, Any], ref: list[jax.Array] | None = None):
+    """One estimator's preconditioning and scores on the shared passes -> (LayerScores,
+    its h). ref: exact's h, against which an estimator's IHVP error is reported (not for
+    a scale-free estimator, whose scores are rescaled after: cosine)."""
     tick = t0 = time.perf_counter()
     phases = dict(p.phases)
 
@@ -416,9 +440,11 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
                   product=product, factors=p.factors)
     h = est.precondition(ctx)
     phase("precondition", h)
+    finalize = getattr(est, "finalize", None)   # e.g. cosine: divide by ||g_i||
+    error = (ihvp_error(ctx, p.v if h is None else h, ref)
+             if ref is not None and finalize is None else None)
     unit_scores = (p.vg_u if h is None else core.to_units(
         jnp.concatenate([_dots(g, h) for _, g in chunks()]), p.onehot))
-    finalize = getattr(est, "finalize", None)   # e.g. cosine: divide by ||g_i||
     if finalize is not None:
         unit_scores = finalize(ctx, unit_scores)
     layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)[input_order(p.tb, n)]
@@ -451,4 +477,5 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
                  else {}),
               "damping_scale": s.damping_scale, "curvature": s.curvature,
               "phase_seconds": phases,
-              **({"estimator_report": ctx.report} if ctx.report else {})})
+              **({"estimator_report": ctx.report} if ctx.report else {}),
+              **({"ihvp_error_vs_exact": error} if error is not None else {})}), h
