@@ -143,6 +143,16 @@ def check_mesh(mesh: Mesh, preset: str) -> Mesh:
     return mesh
 
 
+def grad_spec(path: str, ndim: int, preset: str) -> P:
+    """The PartitionSpec of the per-example gradients of the LoRA parameter at `path`
+    (leaves [rows, L, ...] of the parameter's shape): rows over "data", and the
+    parameter's own axes over "model" where the preset puts them there (heads, MLP) --
+    its "data" axes cannot be, the rows hold that one."""
+    rules = RULES[check_preset(preset)]
+    axes = logical_axes(path, ndim)
+    return P("data", *(("model" if rules.get(a) == "model" else None) for a in axes))
+
+
 def data_size(mesh: Mesh | None) -> int:
     """How many ways the examples are split: the size of the mesh's data axis."""
     if mesh is None:

@@ -255,6 +255,17 @@ def test_cli_plan_end_to_end(tmp_path, capsys):
     assert got["topology"] == "v5e:2x2" and got["chip"]["name"] == "TPU v5e"
     assert got["kernels"] == "reference"
     assert got["total_bytes"] == sum(got["bytes"].values()) and got["flops"] is None
+    # kept gradients under fsdp_tp: each map's factor on its heads / MLP side (B of q, k, v,
+    # gate, up; A of o, down) is split over the 2-way model axis, the other one whole
+    r, L = LORA.rank, CFG.num_layers
+    per_example = 0
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        d_in, d_out = CFG.linear_shape(name)
+        split_in = name in ("o_proj", "down_proj")
+        per_example += 4 * L * r * (d_in // (2 if split_in else 1)
+                                    + d_out // (1 if split_in else 2))
+    assert got["bytes"]["kept_gradients"] == ((got["calls"]["train"] - 1)
+                                              * got["geometry"]["slots"] * per_example)
     # bad input: one line, exit 2, before anything is compiled
     one_line_error(run(capsys, "plan", "--config", cfg, "--topology", "v7x:2"),
                    "unknown topology 'v7x:2'")

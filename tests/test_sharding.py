@@ -141,6 +141,17 @@ SCRIPT = textwrap.dedent("""
         got = shd.per_device_bytes(state)
         assert got == want and got < whole / 3, (shape, got, want, whole)
         print("BYTES", shape, preset, whole, got)
+        # the per-example gradients: rows over "data", and under fsdp_tp the heads / MLP
+        # axes of each LoRA factor over "model" too (so the kept ones take 1/4 there)
+        eng.plan([train])
+        grads = eng.grads(eng.chunks(train)[0])[0]
+        for (path, p), g in zip(shd._paths(eng.params), grads):
+            axes = shd.logical_axes(path, p.ndim)
+            tp = preset == "fsdp_tp" and any(a in ("heads", "kv_heads", "mlp") for a in axes)
+            div = mesh.shape["data"] * (mesh.shape["model"] if tp else 1)
+            shard = g.addressable_shards[0].data
+            assert shard.size == g.size // div, (shape, path, g.shape, shard.shape)
+        print("GRADS", shape, preset)
     # a Hugging Face checkpoint read straight into its shards: every shard is the slice of
     # the whole-read model, and no read takes more than the slice it is for
     from layerif_jax.formats import export_hf, load_model

@@ -454,8 +454,12 @@ def _account(p: Plan, model, mem: _Memory, costs: dict | None, budget: int | Non
     geo, k = p.geometry, p.chunks_per_call
     per_call = ndev * geo.examples * k
     p.calls = {"train": -(-p.n // per_call), "val": -(-p.m // per_call)}
-    grad_bytes = 4 * sum(math.prod(x.shape)
-                         for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    # one example's f32 gradient on one device: split over "model" where the preset splits
+    # the parameter there (`sharding.grad_spec`: fsdp_tp's heads and MLP)
+    tp = int(p.mesh.split("x")[1]) if p.mesh else 1
+    grad_bytes = 4 * sum(math.prod(x.shape) // (tp if "model" in shd.grad_spec(
+        path, x.ndim, p.sharding) else 1) for path, x in shd._paths(nnx.state(model,
+                                                                              nnx.LoRAParam)))
     call_bytes = geo.slots * k * grad_bytes    # one call's gradients on one device (fillers too)
     keep_calls = p.calls["train"] if budget is None else min(
         p.calls["train"], budget // max(1, call_bytes * ndev))

@@ -465,11 +465,17 @@ def _gspmd_fn(local_fn, mesh, factors: bool, preset: str):
         with shd.activation_rules(mesh, preset), kernels.use("reference"):
             out = jax.vmap(lambda a: local_fn(lora, rest, *a), spmd_axis_name="data")(arrays)
         merge = lambda x: x.reshape(-1, *x.shape[2:])   # noqa: E731
-        g, fin = [merge(x) for x in out[0]], merge(out[1])
+        # each example's gradient split like its parameter over "model" (fsdp_tp: heads
+        # and MLP), so the kept gradients take 1/model of the memory there too
+        g = [jax.lax.with_sharding_constraint(
+                merge(x), NamedSharding(mesh, shd.grad_spec(path, x.ndim - 2, preset)))
+             for (path, _), x in zip(shd._paths(lora), out[0])]
+        fin = merge(out[1])
         return (g, fin) if not factors else (g, fin, [jnp.sum(x, 0) for x in out[2]])
 
     rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    return jax.jit(group_fn, out_shardings=(rows, rows) + ((rep,) if factors else ()))
+    # the gradients' layout is the constraint's (None: XLA keeps what group_fn says)
+    return jax.jit(group_fn, out_shardings=(None, rows) + ((rep,) if factors else ()))
 
 
 def zero_factors(model) -> dict[str, tuple]:
