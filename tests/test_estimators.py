@@ -456,6 +456,7 @@ def test_ihvp_error_against_exact_is_reported_per_unit(problem):
                estimator_options={"cg": {"tol": 1e-6}})
     assert list(many) == ["identity", "datainf", "cg", "exact", "cosine"]
     want = {"identity": [], "datainf": []}
+    cosine = {"identity": [], "datainf": []}
     for X, v in zip(grads, vals):
         n, d = X.shape
         lam = 1.0 * np.mean(np.sum(X * X, 1)) / d
@@ -464,6 +465,7 @@ def test_ihvp_error_against_exact_is_reported_per_unit(problem):
         datainf = (v - X.T @ coef / n) / lam
         for name, got in (("identity", v), ("datainf", datainf)):
             want[name].append(np.linalg.norm(got - h) / np.linalg.norm(h))
+            cosine[name].append(got @ h / np.linalg.norm(got) / np.linalg.norm(h))
     for name, w in want.items():
         err = many[name].meta["ihvp_error_vs_exact"]
         per_unit = err["per_unit"]     # [L][U]: every leaf its own layer (and unit) here
@@ -472,6 +474,8 @@ def test_ihvp_error_against_exact_is_reported_per_unit(problem):
                    if u != k)
         np.testing.assert_allclose(got, w, rtol=1e-3)
         assert err["max"] == pytest.approx(max(w), rel=1e-3)
+        assert err["cosine_min"] == pytest.approx(min(cosine[name]), rel=1e-3)
+        assert err["cosine_median"] == pytest.approx(np.median(cosine[name]), rel=1e-3)
         assert min(w) > 1e-3      # neither is exact here
     assert many["cg"].meta["ihvp_error_vs_exact"]["max"] < 1e-4
     assert "ihvp_error_vs_exact" not in many["exact"].meta       # the reference itself

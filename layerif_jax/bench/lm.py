@@ -96,7 +96,8 @@ def estimators_lm(model, train, val, estimators=ESTIMATORS, options=None,
                     res.per_example.sum(1), results[ref].per_example.sum(1))[0])
         if "ihvp_error_vs_exact" in res.meta:   # ||h_b - h*_b|| / ||h*_b|| over the units
             err = res.meta["ihvp_error_vs_exact"]
-            row["ihvp_error_vs_exact"] = {"max": err["max"], "median": err["median"]}
+            row["ihvp_error_vs_exact"] = {k: err[k] for k in ("max", "median", "cosine_min",
+                                                              "cosine_median")}
         if "datainf" in own:
             row["time_ratio_to_datainf"] = round(own[name] / max(own["datainf"], 1e-9), 2)
         rows.append(row)

@@ -30,7 +30,7 @@ def tables(sections: dict) -> str:
                     for r in res["rows"]]
         elif suite == "estimators-lm":
             out += ["| estimator | own seconds | x DataInf | IHVP error vs exact, max / median "
-                    "| layer Spearman vs exact / DataInf / EK-FAC | error |",
+                    "(cosine, median) | layer Spearman vs exact / DataInf / EK-FAC | error |",
                     "|---|---|---|---|---|---|"]
             for r in res["rows"]:
                 if "error" in r:
@@ -39,7 +39,8 @@ def tables(sections: dict) -> str:
                 sp = " / ".join(_f(r.get(f"layer_spearman_vs_{k}"))
                                 for k in ("exact", "datainf", "ekfac"))
                 ih = r.get("ihvp_error_vs_exact")
-                ih = f"{ih['max']:.2e} / {ih['median']:.2e}" if ih else "-"
+                ih = (f"{ih['max']:.2e} / {ih['median']:.2e} ({ih['cosine_median']:.3f})"
+                      if ih else "-")
                 out.append(f"| {r['estimator']} | {r['seconds_own']} | "
                            f"{_f(r.get('time_ratio_to_datainf'), '.2f')} | {ih} | {sp} | |")
         elif suite == "class-detection":

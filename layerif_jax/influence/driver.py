@@ -402,16 +402,24 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
 def ihvp_error(ctx: Context, h: list[jax.Array], ref: list[jax.Array]) -> dict[str, Any]:
     """How far an estimator's h_b is from exact's, per unit: ||h_b - h*_b|| / ||h*_b||
     (the largest over the validation vectors), as {"per_unit": [L][U] (None where a layer
-    has no such unit), "max", "median" (over the units that exist)}."""
+    has no such unit), "max", "median" (over the units that exist)}, and the cosine of
+    h_b with h*_b (its direction; the smallest over validation vectors): "cosine_min",
+    "cosine_median"."""
     d = [a - b for a, b in zip(h, ref)]
-    rel = to_host(core.safe_div(jnp.sqrt(ctx.unit_dot(d, d)), jnp.sqrt(ctx.unit_dot(ref, ref))),
+    rr = ctx.unit_dot(ref, ref)
+    rel = to_host(core.safe_div(jnp.sqrt(ctx.unit_dot(d, d)), jnp.sqrt(rr)),
                   np.float64).max(0)                                        # [L, U]
+    # the direction alone (scores rank the same under any positive scale of h_b)
+    cos = to_host(core.safe_div(ctx.unit_dot(h, ref), jnp.sqrt(ctx.unit_dot(h, h) * rr)),
+                  np.float64).min(0)
     _, layer, unit = ctx.part.pieces()
     present = np.zeros(rel.shape, bool)
     present[np.asarray(layer), np.asarray(unit)] = True     # units a layer really has
     return {"per_unit": [[float(x) if ok else None for x, ok in zip(r, o)]
                          for r, o in zip(rel, present)],
-            "max": float(rel[present].max()), "median": float(np.median(rel[present]))}
+            "max": float(rel[present].max()), "median": float(np.median(rel[present])),
+            "cosine_min": float(cos[present].min()),
+            "cosine_median": float(np.median(cos[present]))}
 
 
 def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings,
