@@ -151,7 +151,21 @@ SCRIPT = textwrap.dedent("""
             div = mesh.shape["data"] * (mesh.shape["model"] if tp else 1)
             shard = g.addressable_shards[0].data
             assert shard.size == g.size // div, (shape, path, g.shape, shard.shape)
+        # gradients restored rows over "data" only (a resume) are laid out the same again
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        for g, r in zip(grads, eng.grad_layout([jax.device_put(g, rows) for g in grads])):
+            assert r.sharding.is_equivalent_to(g.sharding, g.ndim), (r.sharding, g.sharding)
+            np.testing.assert_array_equal(np.asarray(r), np.asarray(g))
         print("GRADS", shape, preset)
+    # a resumed run restores its kept gradients (saved rows over "data") in that layout
+    # again, and gives the same scores
+    first = layer_scores(model, train, val, mesh="2x4", sharding="fsdp_tp", chunk_size=4,
+                         checkpoint_dir=sys.argv[3] + "-progress", checkpoint_every=1)
+    again = layer_scores(model, train, val, mesh="2x4", sharding="fsdp_tp", chunk_size=4,
+                         checkpoint_dir=sys.argv[3] + "-progress", checkpoint_every=1)
+    assert again.meta["resumed_calls"] > 0, again.meta
+    np.testing.assert_array_equal(again.per_example, first.per_example)
+    print("RESUMED", again.meta["resumed_calls"])
     # a Hugging Face checkpoint read straight into its shards: every shard is the slice of
     # the whole-read model, and no read takes more than the slice it is for
     from layerif_jax.formats import export_hf, load_model

@@ -216,7 +216,10 @@ def training_pass(engine, calls, v, keep_call, show: bool, factors: bool = False
     kept, sq, vg, fins, sums = [], [], [], [], None
     start = 0
     if checkpoint is not None:
+        layout = getattr(engine, "grad_layout", None)   # restored: as the engine lays them
         for sq_c, vg_c, fin_c, kept_c, sums_c in checkpoint.train_segments():
+            if layout is not None:
+                kept_c = [None if g is None else layout(g) for g in kept_c]
             sq, vg, fins, kept = sq + sq_c, vg + vg_c, fins + fin_c, kept + kept_c
             sums = sums_c if sums_c is not None else sums
         start = checkpoint.train_done()

@@ -552,6 +552,16 @@ class PackedEngine:
     def grads(self, c: Group) -> tuple[list[jax.Array], jax.Array]:
         return self.fn(self.params, self.rest, *self._put(c.arrays))
 
+    def grad_layout(self, g: list[jax.Array]) -> list[jax.Array]:
+        """Gradient leaves (e.g. restored from a checkpoint, rows over "data") laid out as
+        `grads` makes them: under a sharded preset each leaf split like its LoRA factor
+        over "model" too (`sharding.grad_spec`)."""
+        if self.mesh is None or self.sharding == "dp":
+            return g
+        return [jax.device_put(x, NamedSharding(self.mesh, shd.grad_spec(path, x.ndim - 1,
+                                                                          self.sharding)))
+                for (path, _), x in zip(shd._paths(self.params), g)]
+
     def grads_and_factors(self, c: Group) -> tuple[list[jax.Array], jax.Array, list]:
         """`grads` plus the K-FAC token sums of the call ([left, right] per leaf), from
         the same backward: the covariance products are the only extra work."""
