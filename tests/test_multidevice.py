@@ -4,6 +4,7 @@ one process with 4 devices, and two processes (multi-host, gloo collectives) wit
 import os
 import socket
 import subprocess
+import time
 import sys
 import textwrap
 
@@ -114,18 +115,32 @@ def test_two_processes_match_one_device(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
+    # output to files: polling (below) does not drain pipes, which could fill and block
+    logs = [(open(tmp_path / f"out{i}", "w"), open(tmp_path / f"err{i}", "w")) for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST, str(i), str(port),
                                str(tmp_path / "progress")], env=_env(2),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=logs[i][0], stderr=logs[i][1], text=True)
              for i in range(2)]
-    outs = []
+    # one process that fails leaves the other waiting in a collective: stop both then and
+    # show the failed one's error (not a bare timeout of the survivor)
+    deadline = time.monotonic() + 600
     try:
-        for p in procs:
-            outs.append(p.communicate(timeout=600))
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     finally:
         for p in procs:
-            p.kill()
-    for p, (stdout, stderr) in zip(procs, outs):
-        assert p.returncode == 0, stderr[-3000:]
+            if p.poll() is None:
+                p.kill()
+    for p in procs:
+        p.wait()
+    for f in (f for pair in logs for f in pair):
+        f.close()
+    outs = [((tmp_path / f"out{i}").read_text(), (tmp_path / f"err{i}").read_text())
+            for i in range(2)]
+    for i, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, (f"process {i} exit {p.returncode} (killed when the other "
+                                   f"failed or after 600 s):\n{stderr[-3000:]}")
         rels = _rels(stdout)
         assert len(rels) == 7 and all(r < 1e-5 for r in rels), rels
