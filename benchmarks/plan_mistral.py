@@ -10,6 +10,8 @@ the JSON object of each. Compiler estimates, not measurements.
     python benchmarks/plan_mistral.py --topology v5e:2x4 --chunk-size 8 --sizes 300x50,3000x500
     python benchmarks/plan_mistral.py --topology v5e:2x4 --chunk-size 128 --sharding fsdp --remat mlp
     python benchmarks/plan_mistral.py --topology h200 --chunk-size 16
+    python benchmarks/plan_mistral.py --topology v5e:2x4 --chunk-size 128 --sharding fsdp \
+        --remat mlp --sizes 3000x500 --memory-budget 80530MB
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--mesh", default=None, help="DATAxMODEL (default: all chips on data)")
     ap.add_argument("--remat", choices=("full", "mlp"), default=None,
                     help="blocks recomputed in the backward: full, or the MLP half only")
+    ap.add_argument("--memory-budget", default=None,
+                    help="bytes for kept gradients over all devices (e.g. 80530MB); the "
+                         "plan then also compiles the score pass of the recomputed calls")
     ap.add_argument("--no-advice", action="store_true",
                     help="do not re-plan smaller chunks when the plan does not fit")
     args = ap.parse_args(argv)
@@ -48,7 +53,7 @@ def main(argv=None):
     out = plans(cfg, LoraConfig(rank=8, alpha=16.0), topology_spec=args.topology, sizes=sizes,
                 tokens=args.tokens, chunk_size=args.chunk_size, model_name="Mistral-7B shape",
                 kernels=args.kernels, sharding=args.sharding, mesh_shape=args.mesh,
-                advise=not args.no_advice, remat=args.remat)
+                advise=not args.no_advice, remat=args.remat, memory_budget=args.memory_budget)
     for p in out:
         print("\n".join(p.lines()))
     for p in out:

@@ -121,6 +121,9 @@ def test_budget_between_none_and_all_keeps_part(setup, engine):
     assert 0 < got.meta["materialised_bytes"] <= need // 2
     assert 0 < got.meta["kept_examples"] < len(train)
     assert 0 < got.meta["recomputed_calls"] < got.meta["calls"]
+    # the recomputed calls' scores: the packed engine's h . g_e with no gradient formed
+    assert got.meta["direct_score_calls"] == (got.meta["recomputed_calls"]
+                                              if engine == "packed" else 0)
     assert _rel(got.per_example, want) < 1e-5
     assert _rel(got.per_example, full.per_example) < 1e-5
 

@@ -36,6 +36,8 @@ SCRIPT = BUILD + textwrap.dedent("""
     four = layer_scores(model, train, val, mesh="auto", chunk_size=4, per_val=True)
     four_r = layer_scores(model, train, val, mesh="auto", chunk_size=8, memory_budget=1)
     assert four.meta["devices"] == 4 and one.meta["devices"] == 1
+    # nothing kept: the score pass is the engine's h . g_e (no gradient formed), per device
+    assert four_r.meta["direct_score_calls"] == four_r.meta["recomputed_calls"] > 0, four_r.meta
     four_g = layer_scores(model, train, val, mesh="auto", chunk_size=1, row_len=17,
                           chunks_per_call=3, per_val=True)
     assert four_g.meta["calls"] < four_g.meta["chunks"], four_g.meta

@@ -48,3 +48,42 @@ def test_probed_linears_values_input_gradient_and_per_example_gradients(impl):
                                            rtol=1e-5, atol=1e-4)
                 np.testing.assert_allclose(np.asarray(gB[rr * J + j]), s * (xe @ A).T @ dye,
                                            rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("remat", [False, "mlp"])
+def test_engine_scores_equal_the_dots_of_its_gradients(remat):
+    """`PackedEngine.scores` (h . g_e, no gradient formed) gives what dotting the engine's
+    per-example gradients with h gives, for one and for several directions, with empty
+    slots scoring zero; the gradients themselves are held to float64 references elsewhere
+    (test_influence)."""
+    from flax import nnx
+
+    from conftest import random_lora_b
+    from layerif_jax.data import Example
+    from layerif_jax.influence import core
+    from layerif_jax.influence.engines.packed import PackedEngine
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.decoder import Decoder
+    from layerif_jax.models.lora import LoraConfig, apply_lora
+
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
+    model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoraConfig(rank=4, alpha=8))
+    rng = random_lora_b(model, 0.1)
+    train = [Example(rng.integers(0, 64, t).astype(np.int32), np.arange(t) >= 1)
+             for t in rng.integers(1, 17, 9)]
+    eng = PackedEngine(model, dtype=None, mesh=None, chunk_size=4, row_len=None,
+                       chunks_per_call=2, remat=remat)
+    eng.plan([train])
+    assert eng.direct_scores(1) and not eng.direct_scores(eng.per_row + 1)
+    leaves = jax.tree.leaves(eng.params)
+    for M in (1, 3):
+        h = [jnp.asarray(rng.normal(size=(M, *x.shape)), jnp.float32) for x in leaves]
+        for call in eng.chunks(train):
+            want = np.asarray(core.dots(eng.grads(call)[0], h))
+            got, finite = eng.scores(call, h)
+            assert got.shape == want.shape == (len(call.index), M, 3 * len(leaves))
+            assert np.asarray(finite).all()
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4,
+                                       atol=1e-5 * np.abs(want).max())
+            assert not np.asarray(got)[call.index < 0].any()

@@ -114,6 +114,30 @@ def test_per_device_arguments_are_the_arrays_sizes():
 
 
 @needs_libtpu
+def test_a_budget_plans_the_score_pass_without_per_example_gradients():
+    """Under a memory budget the recomputed calls' score pass is planned too: h . g_e with
+    no gradient formed outputs [rows, 1, P] scores, not [rows, ...] gradients, costs a
+    forward+backward, and enters the roofline once per recomputed call."""
+    kw = dict(topology_spec="v5e:2x2", n=400, m=8, tokens=64, chunk_size=16)
+    p = planmod.plan(CFG, LORA, memory_budget="1MB", **kw)
+    sc, c = p.score_call, p.meta["per_chunk"]
+    assert p.fits and p.kept_examples == 0 and sc is not None
+    pieces = 7 * 2 * CFG.num_layers                       # 7 maps x (A, B) x layers
+    rows = p.geometry.slots
+    # scores [rows, 1, pieces] f32 (+ finite), padded to TPU tiles of (8, 128)
+    assert 4 * rows * pieces <= sc["outputs"] <= 4 * max(rows, 8) * max(pieces, 128) + 1024, sc
+    assert sc["outputs"] * 100 < p.bytes["outputs"], (sc, p.bytes)
+    assert c["fwd_bwd_flops"] <= sc["flops"] <= p.flops, (sc, c)
+    assert sc["bytes_accessed"] < p.bytes_accessed
+    roof = lambda f, b: max(f / p.chip.peak_flops, b / p.chip.bandwidth)   # noqa: E731
+    t, v = p.calls["train"], p.calls["val"]
+    assert p.roofline_s == pytest.approx(roof(p.flops, p.bytes_accessed) * (t + v + t)
+                                         + roof(sc["flops"], sc["bytes_accessed"]) * t)
+    assert any("no gradient formed" in line for line in p.lines())
+    assert planmod.plan(CFG, LORA, costs=False, **kw).score_call is None   # all kept
+
+
+@needs_libtpu
 @pytest.mark.heavy   # leg 1 only (see .ci/run); the CLI test plans fsdp_tp with remat on both
 def test_fsdp_splits_the_weights_and_remat_drops_the_temporaries():
     from layerif_jax import sharding as shd

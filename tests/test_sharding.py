@@ -144,7 +144,14 @@ SCRIPT = textwrap.dedent("""
         # the per-example gradients: rows over "data", and under fsdp_tp the heads / MLP
         # axes of each LoRA factor over "model" too (so the kept ones take 1/4 there)
         eng.plan([train])
-        grads = eng.grads(eng.chunks(train)[0])[0]
+        call = eng.chunks(train)[0]
+        grads = eng.grads(call)[0]
+        # scores with no gradient formed, partitioned by XLA like the gradients
+        from layerif_jax.influence import core
+        h = [jnp.asarray(rng.normal(size=(2, *p.shape)), jnp.float32)
+             for p in jax.tree.leaves(eng.params)]
+        want = np.asarray(core.dots(grads, h))
+        assert rel(np.asarray(eng.scores(call, h)[0]), want) < 1e-5, shape
         for (path, p), g in zip(shd._paths(eng.params), grads):
             axes = shd.logical_axes(path, p.ndim)
             tp = preset == "fsdp_tp" and any(a in ("heads", "kv_heads", "mlp") for a in axes)

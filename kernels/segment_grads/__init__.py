@@ -8,6 +8,13 @@ within its row), every example e's gradients are
 both `segment_outer(seg, w, x)` = sum_{t in e} w_t^T x_t with a skinny (rank-k) w. The
 reference forms the J masked copies of w in HBM and contracts ([R, J, T, k]); the TPU
 kernel builds them in VMEM and runs one MXU matmul per tile (tpu.py).
+
+`lora_scores` gives h . g_e for fixed directions h without forming g_e at all (the
+score pass of an estimator whose scores are dot products with one IHVP per validation
+vector): two GEMMs that read x and dy once each, a per-token product over the rank and a
+segment sum of scalars. It has no Pallas kernel: XLA runs it as those GEMMs already, and a
+kernel would fuse only the [R, T, M] scalar sums (measured in benchmarks/plan_mistral.py
+--score-pass: see the README).
 """
 
 from __future__ import annotations
@@ -76,3 +83,15 @@ def lora_grads(x_RTI, dy_RTO, seg_RT, a_IK, b_KO, scale: float, num_segments: in
     gA = jnp.swapaxes(segment_outer(seg_RT, du, x_RTI, num_segments, **kw), -1, -2)
     gB = segment_outer(seg_RT, scale * u, dy_RTO, num_segments, **kw)
     return gA, gB
+
+
+def lora_scores(x_RTI, dy_RTO, seg_RT, a_IK, b_KO, ha_MIK, hb_MKO, scale: float,
+                num_segments: int, precision=None) -> tuple[jax.Array, jax.Array]:
+    """(h_A . dA_e, h_B . dB_e) [R, J, M] float32: every example's LoRA gradients of one
+    map dotted with M directions (h_A [M, I, k], h_B [M, k, O]), never formed; see
+    `reference.lora_scores`."""
+    if ha_MIK.shape[1:] != a_IK.shape or hb_MKO.shape[1:] != b_KO.shape:
+        raise ValueError(f"lora_scores: directions {ha_MIK.shape}, {hb_MKO.shape} do not "
+                         f"match the factors {a_IK.shape}, {b_KO.shape}")
+    return reference.lora_scores(x_RTI, dy_RTO, seg_RT, a_IK, b_KO, ha_MIK, hb_MKO, scale,
+                                 num_segments, precision)

@@ -1,4 +1,4 @@
-"""segment_outer / lora_grads: the Pallas kernel (interpreted on CPU, compiled for TPU
+"""segment_outer / lora_grads / lora_scores: the Pallas kernel (interpreted on CPU, compiled for TPU
 with libtpu) and the pure-JAX reference against float64 NumPy sums over each example's
 tokens, forward and gradients, on random packed layouts: padding, empty example slots,
 one-token examples, several token and column tiles; float32 and bfloat16 inputs."""
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.segment_grads import lora_grads, segment_outer, tpu
+from kernels.segment_grads import lora_grads, lora_scores, segment_outer, tpu
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="TPU compiles need the libtpu wheel")
@@ -108,6 +108,38 @@ def test_lora_grads_are_each_examples_lora_gradients():
                                        rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(np.asarray(gB[r, j]), s * (x[r, tok] @ a).T @ dy[r, tok],
                                        rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("M, dtype", [(1, jnp.float32), (3, jnp.float32), (2, jnp.bfloat16)])
+def test_lora_scores_are_each_examples_gradients_dotted_with_h(M, dtype):
+    """h . g_e with no g_e formed, against float64 NumPy: each example's LoRA gradients
+    (explicit sums over its tokens) dotted with each direction; empty slots and padding
+    score zero."""
+    R, T, I, O, k, J, s = 2, 96, 24, 40, 4, 3, 0.7
+    rng = np.random.default_rng(M)
+    seg = layout(rng, R, T, J)
+    x, dy = (jnp.asarray(rng.normal(size=sh), dtype) for sh in ((R, T, I), (R, T, O)))
+    a, b = jnp.asarray(rng.normal(size=(I, k)), dtype), jnp.asarray(rng.normal(size=(k, O)), dtype)
+    ha, hb = rng.normal(size=(M, I, k)), rng.normal(size=(M, k, O))
+    sa, sb = lora_scores(x, dy, jnp.asarray(seg), a, b, jnp.asarray(ha), jnp.asarray(hb), s, J)
+    assert sa.shape == sb.shape == (R, J, M) and sa.dtype == jnp.float32
+    x64, dy64, a64, b64 = (np.asarray(z.astype(jnp.float32), np.float64) for z in (x, dy, a, b))
+    for r in range(R):
+        for j in range(J):
+            tok = seg[r] == j
+            gA = s * x64[r, tok].T @ (dy64[r, tok] @ b64.T)
+            gB = s * (x64[r, tok] @ a64).T @ dy64[r, tok]
+            # float32 sums of the (rounded) inputs over at most T tokens
+            tol = 1e-5 * (np.abs(ha).sum((1, 2)).max() * np.abs(gA).max() + 1)
+            np.testing.assert_allclose(np.asarray(sa[r, j]), np.einsum("mik,ik->m", ha, gA),
+                                       rtol=1e-4, atol=tol)
+            tol = 1e-5 * (np.abs(hb).sum((1, 2)).max() * np.abs(gB).max() + 1)
+            np.testing.assert_allclose(np.asarray(sb[r, j]), np.einsum("mko,ko->m", hb, gB),
+                                       rtol=1e-4, atol=tol)
+            if not tok.any():
+                assert not np.asarray(sa[r, j]).any() and not np.asarray(sb[r, j]).any()
+    with pytest.raises(ValueError, match="do not match the factors"):
+        lora_scores(x, dy, jnp.asarray(seg), a, b, jnp.asarray(ha[:, :-1]), jnp.asarray(hb), s, J)
 
 
 def _has_pallas(fn, *args) -> bool:

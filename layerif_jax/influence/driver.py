@@ -425,6 +425,24 @@ def ihvp_error(ctx: Context, h: list[jax.Array], ref: list[jax.Array]) -> dict[s
             "cosine_median": float(np.median(cos[present]))}
 
 
+def _direct(engine, h) -> bool:
+    """Whether the recomputed calls' scores come straight from the engine (h . g_e with no
+    gradient formed) rather than from recomputed gradients."""
+    return hasattr(engine, "scores") and engine.direct_scores(int(h[0].shape[0]))
+
+
+def score_calls(engine, p: _Passes, h, direct: bool):
+    """h . g_i per piece [rows, M, P] of every training call: from its kept gradients, or
+    recomputed -- directly by the engine where `direct`, else from its gradients."""
+    for k, b in enumerate(p.tb):
+        if p.kept[k] is not None:
+            yield _dots(p.kept[k], h)
+        elif direct:
+            yield engine.scores(b, h)[0]
+        else:
+            yield _dots(engine.grads(b)[0], h)
+
+
 def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings,
            meta: dict[str, Any], ref: list[jax.Array] | None = None):
     """One estimator's preconditioning and scores on the shared passes -> (LayerScores,
@@ -454,8 +472,9 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
     finalize = getattr(est, "finalize", None)   # e.g. cosine: divide by ||g_i||
     error = (ihvp_error(ctx, p.v if h is None else h, ref)
              if ref is not None and finalize is None else None)
+    direct = h is not None and _direct(engine, h)
     unit_scores = (p.vg_u if h is None else core.to_units(
-        jnp.concatenate([_dots(g, h) for _, g in chunks()]), p.onehot))
+        jnp.concatenate(list(score_calls(engine, p, h, direct))), p.onehot))
     if finalize is not None:
         unit_scores = finalize(ctx, unit_scores)
     layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)[input_order(p.tb, n)]
@@ -482,6 +501,8 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
               "kept_examples": int(sum((b.index >= 0).sum()
                                        for b, k in zip(p.tb, p.keep_call) if k)),
               "recomputed_calls": int((~p.keep_call).sum()),
+              **({"direct_score_calls": int((~p.keep_call).sum()) if direct else 0}
+                 if h is not None else {}),
               "damping": "adaptive" if s.damping is None else s.damping,
               **({"hutchinson_probes": HUTCHINSON_PROBES}
                  if s.damping == "mean_eigenvalue" and s.curvature != "empirical_fisher"

@@ -153,6 +153,16 @@ def _step(graphdef, dtype, geo: Geometry, mesh, sharding: str = "dp", remat: boo
     return jax.jit(step)
 
 
+def _score_step(graphdef, dtype, geo: Geometry, mesh, sharding: str = "dp",
+                remat: bool = False):
+    """(lora, rest, ids, seg, pos, tgt, slot_pos, h) -> (h . g_e [rows, 1, P], finite): a
+    recomputed training call of the score pass, with no per-example gradient formed
+    (`packed.packed_score_fn`), in `_step`'s argument order (h in v's place)."""
+    fn = packed.build_fn(graphdef, dtype, geo.slots, geo.per_row, mesh, False, sharding,
+                         remat, scores=True)
+    return jax.jit(lambda lora, rest, *a: fn(lora, rest, a[-1], *a[:-1]))
+
+
 def _fwd_bwd(graphdef, dtype, per_row: int, remat: bool = False):
     """One plain LoRA forward+backward of the same packed chunk (the FLOPs baseline), with
     every block rematerialised or not."""
@@ -191,11 +201,12 @@ def _costs(compiled) -> tuple[float, float]:
 
 
 def per_chunk_costs(cfg: ModelConfig, lora: LoraConfig, dtype, geo: Geometry, device,
-                    platform: str, remat: bool = False) -> dict[str, float]:
+                    platform: str, remat: bool = False,
+                    scores: bool = False) -> dict[str, float]:
     """FLOPs and bytes accessed of one device's chunk, for the influence step and for a
-    plain forward+backward (with remat: also for a rematerialised one): compiles at depths
-    1 and 2 with the layer scan unrolled, extrapolated to cfg.num_layers (the compiler
-    counts a loop body once)."""
+    plain forward+backward (with remat: also for a rematerialised one; with scores: also
+    for the score pass's call, `_score_step`): compiles at depths 1 and 2 with the layer
+    scan unrolled, extrapolated to cfg.num_layers (the compiler counts a loop body once)."""
     one = SingleDeviceSharding(device)
     out = {}
     for depth in (1, 2):
@@ -210,10 +221,14 @@ def per_chunk_costs(cfg: ModelConfig, lora: LoraConfig, dtype, geo: Geometry, de
             chunk = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=one) for a in args[2:6]]
             fbs = [_fwd_bwd(graphdef, dtype, geo.per_row, r).lower(*args[:2], *chunk).compile()
                    for r in ((False, remat) if remat else (False,))]
+            if scores:
+                fbs.append(_score_step(graphdef, dtype, geo, None, remat=remat).lower(
+                    *args).compile())
         out[depth] = tuple(c for x in (step, *fbs) for c in _costs(x))
     L = cfg.num_layers
     names = ("flops", "bytes", "fwd_bwd_flops", "fwd_bwd_bytes")
     names += ("fwd_bwd_remat_flops", "fwd_bwd_remat_bytes") if remat else ()
+    names += ("score_flops", "score_bytes") if scores else ()
     return {k: out[1][i] + (L - 1) * (out[2][i] - out[1][i]) for i, k in enumerate(names)}
 
 
@@ -261,6 +276,9 @@ class Plan:
     sharding: str = "dp"                  # the preset of `layerif_jax.sharding`
     remat: str | None = None              # blocks recomputed in the backward (ops.layer_remat)
     mesh: str = ""                        # DATAxMODEL
+    # the score pass's recomputed call (h . g_e, no gradient formed): its bytes per device
+    # and, with costs, FLOPs / bytes accessed per call; None where not planned
+    score_call: dict[str, float] | None = None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -301,6 +319,15 @@ class Plan:
             if self.chip.platform != "tpu":
                 out.append("  (FLOPs and bytes accessed: XLA:CPU's count of the same program; "
                            f"XLA:GPU reports none ahead of time)")
+        if self.score_call is not None:
+            sc = self.score_call
+            line = (f"  score pass of a recomputed call (h . g_e, no gradient formed): "
+                    f"temporaries {gi(sc['temporaries'])}, outputs {gi(sc['outputs'])}")
+            if "flops" in sc and self.flops:
+                line += (f"; FLOPs {sc['flops']:.4g} ({sc['flops'] / self.flops:.4f}x the "
+                         f"training call's), bytes accessed {sc['bytes_accessed']:.4g}")
+            out.append(line)
+        if self.flops is not None:
             out.append(f"  roofline ({self.chip.peak_flops / 1e12:g} TFLOP/s bf16, "
                        f"{self.chip.bandwidth / 1e9:g} GB/s): at least {self.roofline_s:.3g} s "
                        f"for {self.n} x {self.m}")
@@ -345,22 +372,25 @@ def call_args(model, geo: Geometry, k: int, mesh, sharding: str = "dp") -> tuple
 
 
 def lower_call(model, geo: Geometry, k: int, mesh, dtype, platform: str,
-               sharding: str = "dp", remat: bool = False):
+               sharding: str = "dp", remat: bool = False, scores: bool = False):
     """The training call of the packed engine (per-example gradients of k chunks, then
     ||g||^2 and v . g), lowered for `platform` over the mesh from abstract inputs: the
-    program a run on those devices executes (`.compile()` it with the chip's compiler)."""
+    program a run on those devices executes (`.compile()` it with the chip's compiler).
+    scores: the score pass's recomputed call instead (`_score_step`)."""
+    make = _score_step if scores else _step
     with compiling_for(platform):
-        return _step(nnx.graphdef(model), dtype, geo, mesh, sharding, remat).lower(
+        return make(nnx.graphdef(model), dtype, geo, mesh, sharding, remat).lower(
             *call_args(model, geo, k, mesh, sharding))
 
 
 def _compile_call(model, geo, k, mesh, dtype, platform, sharding="dp",
-                  remat=False) -> _Memory:
+                  remat=False, scores=False) -> _Memory:
     """Memory of one training call over the mesh (`memory_analysis`); when the compiler
     refuses it for want of memory, its message, the arguments' bytes from their shapes
-    and the temporaries it names."""
+    and the temporaries it names. scores: of the score pass's recomputed call."""
     try:
-        compiled = lower_call(model, geo, k, mesh, dtype, platform, sharding, remat).compile()
+        compiled = lower_call(model, geo, k, mesh, dtype, platform, sharding, remat,
+                              scores).compile()
     except Exception as e:  # the compiler's own verdict (e.g. out of HBM)
         msg = str(e).strip()
         if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
@@ -387,7 +417,7 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
           sizes, tokens: int, dtype="bfloat16", chunk_size: int = 8, chunks_per_call: int = 1,
           memory_budget=None, costs: bool = True, advise: bool = True,
           model_name: str | None = None, kernels: str = "auto", sharding: str = "dp",
-          mesh_shape=None, remat: bool = False) -> list[Plan]:
+          mesh_shape=None, remat: bool = False, score_pass: bool | None = None) -> list[Plan]:
     """One `Plan` per (n, m) of `sizes`, from ONE compilation of the call (the sizes change
     only the number of calls and the kept gradients). memory_budget: bytes for kept
     gradients over all devices (None: keep all, as `layer_scores(memory_budget=None)`).
@@ -395,7 +425,10 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
     takes them) or "reference" (their pure-JAX references), see `kernels.use`.
     sharding: "dp", "fsdp" or "fsdp_tp" (`layerif_jax.sharding`) over a ("data", "model")
     mesh of the slice's chips, mesh_shape "DxM" (default: every chip on "data"). remat:
-    the blocks recomputed in the backward (`ops.layer_remat`: True / "mlp" or "full")."""
+    the blocks recomputed in the backward (`ops.layer_remat`: True / "mlp" or "full").
+    score_pass: also compile the score pass's call for the training calls a memory budget
+    leaves to be recomputed (h . g_e with no gradient formed: its memory, FLOPs, and its
+    time in the roofline); None: when a memory budget is given."""
     shd.check_preset(sharding)
     try:
         remat = remat_mode(remat)
@@ -426,9 +459,13 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
     with kernels_mod.use(kernels):
         mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform, sharding,
                             remat)
+        if score_pass is None:
+            score_pass = budget is not None
+        score_mem = (_compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform,
+                                   sharding, remat, scores=True) if score_pass else None)
         compile_s = time.perf_counter() - t0
         c = (per_chunk_costs(cfg, lora, dt, geo, _cost_device(chip, devices), chip.platform,
-                             remat) if costs else None)
+                             remat, scores=score_pass) if costs else None)
     out = []
     for n, m in sizes:
         p = _account(Plan(str(topo), chip, len(devices), model_name or cfg.model_type, n, m,
@@ -436,7 +473,7 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
                           False, mem.error, compile_s=compile_s, kernels=kernels,
                           sharding=sharding, remat=remat, mesh="x".join(map(str, mesh.devices.shape))
                           if mesh.devices.ndim == 2 else f"{len(devices)}x1"),
-                     model, mem, c, budget, ndata)
+                     model, mem, c, budget, ndata, score_mem)
         if advise and not p.fits:
             p.advice = _advice(p, lambda n=n, m=m, **kw: plan(
                 cfg, lora, topology_spec=topo, n=n, m=m, tokens=tokens, dtype=dtype,
@@ -448,9 +485,10 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
 
 
 def _account(p: Plan, model, mem: _Memory, costs: dict | None, budget: int | None,
-             ndev: int) -> Plan:
-    """The run's calls, kept gradients, fit and roofline, from one compiled call; ndev
-    data shards (each holds its rows' gradients, whole over the model axis)."""
+             ndev: int, score_mem: _Memory | None = None) -> Plan:
+    """The run's calls, kept gradients, fit and roofline, from one compiled call (and the
+    score pass's, `score_mem`); ndev data shards (each holds its rows' gradients, whole
+    over the model axis)."""
     geo, k = p.geometry, p.chunks_per_call
     per_call = ndev * geo.examples * k
     p.calls = {"train": -(-p.n // per_call), "val": -(-p.m // per_call)}
@@ -470,12 +508,26 @@ def _account(p: Plan, model, mem: _Memory, costs: dict | None, budget: int | Non
                "kept_gradients": int(max(0, keep_calls - 1) * call_bytes)}
     p.fits = mem.error is None and p.total_bytes <= p.chip.hbm
     p.meta["call_bytes"] = call_bytes
+    if score_mem is not None:   # it runs in the room of a training call (and its kept ones)
+        p.score_call = {"arguments": score_mem.arguments, "outputs": score_mem.outputs,
+                        "temporaries": score_mem.temporaries}
+        p.fits = p.fits and score_mem.error is None and (
+            score_mem.total + p.bytes["kept_gradients"] <= p.chip.hbm)
     if costs is not None:
         p.flops, p.fwd_bwd_flops = costs["flops"] * k, costs["fwd_bwd_flops"] * k
         p.bytes_accessed = costs["bytes"] * k
-        per_call_s = max(p.flops / p.chip.peak_flops, p.bytes_accessed / p.chip.bandwidth)
-        recomputed = p.calls["train"] - keep_calls      # recomputed twice more (driver)
-        p.roofline_s = per_call_s * (p.calls["train"] + p.calls["val"] + 2 * recomputed)
+        roof = lambda f, b: max(f / p.chip.peak_flops, b / p.chip.bandwidth)   # noqa: E731
+        per_call_s = roof(p.flops, p.bytes_accessed)
+        # recomputed twice more (driver): for the preconditioner (gradients) and for the
+        # scores (with the score call where planned, else gradients again)
+        recomputed = p.calls["train"] - keep_calls
+        score_s = per_call_s
+        if "score_flops" in costs:
+            p.score_call.update(flops=costs["score_flops"] * k,
+                                bytes_accessed=costs["score_bytes"] * k)
+            score_s = roof(p.score_call["flops"], p.score_call["bytes_accessed"])
+        p.roofline_s = (per_call_s * (p.calls["train"] + p.calls["val"] + recomputed)
+                        + score_s * recomputed)
         p.meta["per_chunk"] = costs
     return p
 

@@ -103,6 +103,11 @@ def probed_linears(x, params, probes, seg_RT, scales: tuple, dtype, per_row: int
     the chunk's example tokens of x x^T, du du^T (du = s dy B^T, the gradient with
     respect to x A), u u^T (u = x A) and (s dy)(s dy)^T (the gradient with respect to
     the LoRA output): the covariances of K-FAC for A and for B, from the same backward.
+
+    mode="scores": each map's probes are (tA [R*J, M], tB [R*J, M], h_A [M, I, r],
+    h_B [M, r, O]), zero scalars per example position and M fixed directions; the
+    cotangents of tA and tB are h_A . dL_e/dA and h_B . dL_e/dB (the scores of an
+    estimator whose IHVP is h), with no per-example gradient formed (`_score_sums`).
     """
     return _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode)[0]
 
@@ -115,16 +120,21 @@ def _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode="grads")
     y = mm(x, _folded_cat(params, scales, dtype))
     sizes = [k.shape[-1] for k, _, _ in params]
     ys = tuple(jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1))
-    return ys, (x, params, seg_RT)
+    # the score directions h are read by the backward ("scores"); probes of the other
+    # modes are zeros whose values nothing reads
+    return ys, (x, params, seg_RT, probes if mode == "scores" else None)
 
 
 def _probed_bwd(scales, dtype, per_row, mode, res, dys):
-    x, params, seg = res
+    x, params, seg, probes = res
     dx = mm(jnp.concatenate([dy.astype(dtype) for dy in dys], -1),
             _folded_cat(params, scales, dtype).T)
     prec = precision()
     RJ = seg.shape[0] * per_row
     zeros = jax.tree.map(jnp.zeros_like, params)
+    if mode == "scores":
+        return dx, zeros, _score_sums(x, params, scales, dys, seg, probes, per_row, prec), \
+            np.zeros(seg.shape, jax.dtypes.float0)
     g_probes = []
     for (_, a, b), s, dy in zip(params, scales, dys):
         gA, gB = segment_grads.lora_grads(x, dy, seg, a, b, s, per_row,
@@ -134,6 +144,20 @@ def _probed_bwd(scales, dtype, per_row, mode, res, dys):
         g_probes = [g + f for g, f in zip(g_probes, _factor_sums(
             x.astype(jnp.float32), params, scales, dys, seg, prec))]
     return dx, zeros, tuple(g_probes), np.zeros(seg.shape, jax.dtypes.float0)
+
+
+def _score_sums(x, params, scales, dys, seg, probes, per_row, prec) -> tuple:
+    """mode "scores": each map's probes are (tA [R*J, M], tB [R*J, M], h_A [M, I, r],
+    h_B [M, r, O]); the cotangents of tA and tB are h_A . dA_e and h_B . dB_e of every
+    example position (`kernels.segment_grads.lora_scores`: no per-example gradient is
+    formed), those of the directions zeros."""
+    out = []
+    for (_, a, b), s, dy, (ta, tb, ha, hb) in zip(params, scales, dys, probes):
+        sa, sb = segment_grads.lora_scores(x, dy, seg, a, b, ha, hb, s, per_row,
+                                           precision=prec)
+        out.append((sa.reshape(ta.shape), sb.reshape(tb.shape), jnp.zeros_like(ha),
+                    jnp.zeros_like(hb)))
+    return tuple(out)
 
 
 def _factor_sums(xf, params, scales, dys, seg, prec) -> tuple:
@@ -327,23 +351,64 @@ def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None, factors: b
         g = jax.grad(_chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype,
                                  "both" if factors else "grads"))(probes)
 
-        def to_slots(g_LP):  # [L, R*J, ...] -> [E, L, ...] (empty slots: zeros)
-            g_LP = jnp.concatenate([g_LP, jnp.zeros_like(g_LP[:, :1])], 1)
-            return jnp.moveaxis(jnp.take(g_LP, slot_pos_E, axis=1), 1, 0)
-
-        def of_leaf(path):  # the leaf's map and whether it is A
-            keys = [str(getattr(k, "key", k)) for k in path]
-            return g[next(k for k in keys if k in g)], "lora_a" in keys
-
         leaves, sums = [], []
         for path, leaf in jax.tree_util.tree_flatten_with_path(lora)[0]:
-            gm, is_a = of_leaf(path)
-            leaves.append(to_slots(gm[0 if is_a else 1]).astype(leaf.dtype))
+            name, is_a = _map_of(path, g)
+            gm = g[name]
+            leaves.append(_to_slots(gm[0 if is_a else 1], slot_pos_E).astype(leaf.dtype))
             if factors:
                 sums += [gm[2], gm[3]] if is_a else [gm[4], gm[5]]
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(slots, -1)), axis=1)
                                     for g in leaves]), axis=0)
         return (leaves, finite, sums) if factors else (leaves, finite)
+
+    return fn
+
+
+def _map_of(path, maps) -> tuple[str, bool]:
+    """The LoRA map a leaf of the adapter state belongs to, and whether it is A."""
+    keys = [str(getattr(k, "key", k)) for k in path]
+    return next(k for k in keys if k in maps), "lora_a" in keys
+
+
+def _to_slots(g_LP, slot_pos_E):
+    """[L, R*J, ...] per example position -> [E, L, ...] per slot (empty slots: zeros)."""
+    g_LP = jnp.concatenate([g_LP, jnp.zeros_like(g_LP[:, :1])], 1)
+    return jnp.moveaxis(jnp.take(g_LP, slot_pos_E, axis=1), 1, 0)
+
+
+def packed_score_fn(graphdef, *, slots: int, per_row: int, dtype=None):
+    """(lora, rest, h, ids, segments, positions, targets, slot_pos) -> (h_m . g_e per
+    piece [E, M, P], finite_E): the scores `core.dots(grads, h)` gives, from the same
+    forward and backward as `packed_grad_fn` but with no per-example gradient formed
+    (`probed_linears` in mode "scores"). h: leaves like the LoRA state with a leading
+    axis of M directions (piece form [M, L, ...]); P: the L pieces of each leaf, in leaf
+    order. Costs per token and map a GEMM of x against M more rank-r columns and one of
+    dy: cheaper than forming gradients while M is small (the mean validation gradient:
+    M = 1)."""
+
+    def fn(lora, rest, h, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E):
+        model = nnx.merge(graphdef, lora, rest)
+        maps = model.packed_lora()
+        paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(lora)[0]]
+        leaves = jax.tree.leaves(lora)
+        M, RJ = h[0].shape[0], ids_RT.shape[0] * per_row
+        dirs: dict[str, list] = {n: [None, None] for n in maps}
+        for path, leaf, hk in zip(paths, leaves, h):
+            name, is_a = _map_of(path, maps)   # [M, L, ...] -> [L, M, ...] (scanned by layer)
+            dirs[name][0 if is_a else 1] = jnp.moveaxis(
+                hk.reshape(M, *leaf.shape).astype(jnp.float32), 0, 1)
+        L = model.cfg.num_layers
+        probes = {n: (jnp.zeros((L, RJ, M)), jnp.zeros((L, RJ, M)), *dirs[n]) for n in maps}
+        g = jax.grad(_chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype,
+                                 "scores"))(probes)
+        out = []
+        for path in paths:
+            name, is_a = _map_of(path, maps)
+            s_ELM = _to_slots(g[name][0 if is_a else 1], slot_pos_E)       # [E, L, M]
+            out.append(jnp.swapaxes(s_ELM, 1, 2))
+        scores = jnp.concatenate(out, -1)
+        return scores, jnp.all(jnp.isfinite(scores.reshape(slots, -1)), axis=1)
 
     return fn
 
@@ -377,16 +442,17 @@ class Group:
 
 
 def compiled_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
-                sharding: str = "dp", remat: bool = False):
+                sharding: str = "dp", remat: bool = False, scores: bool = False):
     """`build_fn`'s jit, cached for the current kernel setting (`kernels.use`): a jit's
     trace cache does not see that setting, so each one gets its own jit."""
     return _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat,
-                      kernels.setting())
+                      scores, kernels.setting())
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat, _setting):
-    return build_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat)
+def _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat, scores,
+               _setting):
+    return build_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat, scores)
 
 
 def clear_cache() -> None:
@@ -395,11 +461,13 @@ def clear_cache() -> None:
 
 
 def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
-             sharding: str = "dp", remat: bool | str = False):
+             sharding: str = "dp", remat: bool | str = False, scores: bool = False):
     """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...])
     -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
-    with `factors` also the K-FAC token sums of the k chunks (summed over devices). A
-    fresh jit every call (see `compiled_fn` for the cached one).
+    with `factors` also the K-FAC token sums of the k chunks (summed over devices). With
+    `scores` the call takes the directions h after `rest` and gives (h . g_e per piece
+    [E * k, M, P], finite) with no gradient formed (`packed_score_fn`). A fresh jit every
+    call (see `compiled_fn` for the cached one).
 
     Over a mesh each data shard packs and differentiates its own rows and slots. With
     sharding "dp" that is a `shard_map` over the data axis (parameters whole on every
@@ -410,19 +478,23 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
     remat: the blocks are recomputed in the backward (`ops.layer_remat`: True or "mlp"
     the MLP half, "full" all but the residual stream between blocks).
     """
-    grad_fn = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype,
-                             factors=factors)
+    if scores:
+        inner = packed_score_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype)
+    else:
+        inner = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype,
+                               factors=factors)
+    extra = 1 if scores else 0   # h: one argument more, the same on every shard
 
     def fn(*args):   # traced here, so the setting is seen by the decoder
         with layer_remat(remat):
-            return grad_fn(*args)
+            return inner(*args)
 
-    def local_fn(lora, rest, ids, seg, pos, tgt, slot_pos):
-        arrays = (ids, seg, pos, tgt, slot_pos)
+    def local_fn(lora, rest, *args):
+        front, arrays = args[:extra], args[extra:]
         slot_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
         if not factors:
-            g, fin = jax.lax.map(lambda a: fn(lora, rest, *a), arrays)
-            return [slot_major(x) for x in g], slot_major(fin)
+            g, fin = jax.lax.map(lambda a: fn(lora, rest, *front, *a), arrays)
+            return jax.tree.map(slot_major, g), slot_major(fin)
 
         def step(acc, a):   # the factor sums accumulate in the carry, never stacked
             g, fin, f = fn(lora, rest, *a)
@@ -436,7 +508,7 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
     if mesh is None:
         return jax.jit(local_fn)
     if sharding != "dp":
-        return _gspmd_fn(local_fn, mesh, factors, sharding)
+        return _gspmd_fn(local_fn, mesh, factors, sharding, scores)
 
     def group_fn(*args):
         out = local_fn(*args)
@@ -444,12 +516,12 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
 
     ax = mesh.axis_names[0]
     group_fn = jax.shard_map(
-        group_fn, mesh=mesh, in_specs=(P(), P(), *(P(None, ax),) * 5),
+        group_fn, mesh=mesh, in_specs=(P(), P()) + (P(),) * extra + (P(None, ax),) * 5,
         out_specs=(P(ax), P(ax)) + ((P(),) if factors else ()), check_vma=False)
     return jax.jit(group_fn)
 
 
-def _gspmd_fn(local_fn, mesh, factors: bool, preset: str):
+def _gspmd_fn(local_fn, mesh, factors: bool, preset: str, scores: bool = False):
     """The per-shard `local_fn` vmapped over the D data shards of a ("data", "model") mesh,
     the mapped axis on "data"; the output in the shard_map's order (shard-major rows)."""
     D = int(mesh.shape["data"])
@@ -458,13 +530,17 @@ def _gspmd_fn(local_fn, mesh, factors: bool, preset: str):
         x = x.reshape(*x.shape[:axis], D, -1, *x.shape[axis + 1:])
         return jnp.moveaxis(x, axis, 0)
 
-    def group_fn(lora, rest, ids, seg, pos, tgt, slot_pos):
-        arrays = tuple(split(a, 1) for a in (ids, seg, pos, tgt, slot_pos))
+    def group_fn(lora, rest, *args):
+        front = args[:1] if scores else ()
+        arrays = tuple(split(a, 1) for a in args[len(front):])
         # the reference of the segment sums: a Pallas call is a custom call XLA cannot
         # partition (vmapped over the shards, every device would gather all their rows)
         with shd.activation_rules(mesh, preset), kernels.use("reference"):
-            out = jax.vmap(lambda a: local_fn(lora, rest, *a), spmd_axis_name="data")(arrays)
+            out = jax.vmap(lambda a: local_fn(lora, rest, *front, *a),
+                           spmd_axis_name="data")(arrays)
         merge = lambda x: x.reshape(-1, *x.shape[2:])   # noqa: E731
+        if scores:
+            return merge(out[0]), merge(out[1])
         # each example's gradient split like its parameter over "model" (fsdp_tp: heads
         # and MLP), so the kept gradients take 1/model of the memory there too
         g = [jax.lax.with_sharding_constraint(
@@ -475,7 +551,8 @@ def _gspmd_fn(local_fn, mesh, factors: bool, preset: str):
 
     rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     # the gradients' layout is the constraint's (None: XLA keeps what group_fn says)
-    return jax.jit(group_fn, out_shardings=(None, rows) + ((rep,) if factors else ()))
+    outs = (rows, rows) if scores else (None, rows) + ((rep,) if factors else ())
+    return jax.jit(group_fn, out_shardings=outs)
 
 
 def zero_factors(model) -> dict[str, tuple]:
@@ -551,6 +628,22 @@ class PackedEngine:
 
     def grads(self, c: Group) -> tuple[list[jax.Array], jax.Array]:
         return self.fn(self.params, self.rest, *self._put(c.arrays))
+
+    def scores(self, c: Group, h: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(h_m . g_e per piece [rows, M, P], finite [rows]) of a call's examples, as
+        `core.dots(grads(c)[0], h)` but with no per-example gradient formed
+        (`packed_score_fn`). h: leaves [M, L, ...] in the LoRA state's leaf order."""
+        fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
+                         self.mesh, False, self.sharding, self.remat, True)
+        if self.mesh is not None:
+            h = put(list(h), NamedSharding(self.mesh, P()))
+        return fn(self.params, self.rest, list(h), *self._put(c.arrays))
+
+    def direct_scores(self, M: int) -> bool:
+        """Whether `scores` is the cheaper way to the scores of M directions: per token it
+        costs a rank-(M r) GEMM where forming the gradients of the row's J example slots
+        costs J rank-r ones, plus their dots with h (per example, ~ M rank-r per token)."""
+        return M <= self.per_row
 
     def grad_layout(self, g: list[jax.Array]) -> list[jax.Array]:
         """Gradient leaves (e.g. restored from a checkpoint, rows over "data") laid out as
