@@ -125,14 +125,15 @@ def record_text(rec: dict[str, Any], *, index: int = 0, text_field: str | None =
 
 def tokenize(tokenizer, records: Sequence[dict[str, Any]], *, max_len: int = 128,
              mask_prompt: bool = False, text_field: str | None = None,
-             source: str = "data") -> list[Example]:
+             source: str = "data", numbers: Sequence[int] | None = None) -> list[Example]:
     """Tokenise each record alone (the tokenizer's default special tokens), truncate to
     max_len. Notes say how many records were truncated (and by how much) and how many
-    have an empty output under `mask_prompt`."""
+    have an empty output under `mask_prompt`. numbers: each record's number in its file
+    (for messages; default: its position)."""
     if max_len < 2:
         raise LayerIFError(f"--max-len must be >= 2, got {max_len}")
     out, cut, empty = [], [], 0
-    for i, rec in enumerate(records):
+    for i, rec in zip(range(len(records)) if numbers is None else numbers, records):
         prompt, text = record_text(rec, index=i, text_field=text_field, source=source)
         full = np.asarray(tokenizer(text)["input_ids"], np.int32)
         if len(full) > max_len:

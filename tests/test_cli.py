@@ -104,8 +104,9 @@ def _scores_args(tiny_dir, ft_dir):
 def test_scores_across_two_processes_equal_one_process(tiny_dir, ft_dir, tmp_path, capsys):
     """Two `layerif scores` processes on localhost (gloo CPU collectives), one device
     each, joined with --coordinator-address, the parameters split over both (FSDP, each
-    process reading its slices of the checkpoint): process 0 writes the results, equal
-    to a single-process run; process 1 writes nothing."""
+    process reading its slices of the checkpoint) and the examples too (each process
+    tokenises and packs its share): process 0 writes the results, equal to a
+    single-process run; process 1 writes nothing."""
     import socket
     common = _scores_args(tiny_dir, ft_dir) + ["--per-val", "--checkpoint-every", "1"]
     code, _, err = run(capsys, *common, "--out", tmp_path / "one")
@@ -132,6 +133,8 @@ def test_scores_across_two_processes_equal_one_process(tiny_dir, ft_dir, tmp_pat
     s = json.loads((tmp_path / "two" / "scores.json").read_text())
     assert s["devices"] == 2 and s["processes"] == 2, s
     assert s["mesh"] == "2x1" and s["sharding"] == "fsdp", s
+    # each process tokenised, packed and put only its share of the examples
+    assert s["examples_read"] == {"train": [4, 4], "val": [2, 1]}, s
     one = np.load(tmp_path / "one" / "per_val_layers.npy")
     np.testing.assert_allclose(np.load(tmp_path / "two" / "per_val_layers.npy"), one,
                                rtol=1e-5, atol=1e-6 * np.abs(one).max())

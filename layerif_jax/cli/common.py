@@ -152,11 +152,36 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def examples(tok, path, limit, max_len, mask_prompt=False, what="records"):
-    """Records of a task file, tokenised (notes on truncation and short files)."""
-    from ..data import load_records, tokenize
-    return tokenize(tok, load_records(path, limit, what=what), max_len=max_len,
-                    mask_prompt=mask_prompt, source=str(path))
+def examples(tok, path, limit, max_len, mask_prompt=False, what="records", mesh=None):
+    """Records of a task file, tokenised (notes on truncation and short files). In a
+    multi-process run over `mesh` that splits the examples by process
+    (`distributed.shard_indices`): this process's share only, an `ExampleShard`; a record
+    one process refuses makes every process refuse (none waits in a collective)."""
+    import numpy as np
+
+    from ..data import load_records, record_text, tokenize
+    from ..influence.distributed import ExampleShard, gather_host, shard_indices
+    records = load_records(path, limit, what=what)
+    idx = None if mesh is None else shard_indices(len(records), mesh)
+    if idx is None:
+        return tokenize(tok, records, max_len=max_len, mask_prompt=mask_prompt,
+                        source=str(path))
+    error, own = None, []
+    try:
+        for i, rec in enumerate(records):   # every record's fields (cheap), in every process
+            record_text(rec, index=i, source=str(path))
+        if len(idx):
+            own = tokenize(tok, [records[i] for i in idx], max_len=max_len,
+                           mask_prompt=mask_prompt, source=str(path), numbers=idx)
+    except LayerIFError as e:
+        error = e
+    failed = [int(x[0]) for x in gather_host(np.array([error is not None]))]
+    if error is not None:
+        raise error
+    if any(failed):
+        raise LayerIFError(f"{path}: process {failed.index(1)} refused a record of its share "
+                           "(its error says which)")
+    return ExampleShard(own, idx, len(records))
 
 
 def need(value, message: str):

@@ -82,9 +82,11 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
     mesh = resolve_mesh(cfg.mesh, cfg.sharding)   # the devices, before any model loads
     source = source or cfg.model_source()
     tok = tok or load_tokenizer_of(source)
+    # over several processes each tokenises (packs, puts) only its share of the examples
     train = examples(tok, cfg.train, cfg.n_train, cfg.max_len, cfg.mask_prompt,
-                     "training records")
-    val = examples(tok, cfg.val, cfg.n_val, cfg.max_len, cfg.mask_prompt, "validation records")
+                     "training records", mesh=mesh)
+    val = examples(tok, cfg.val, cfg.n_val, cfg.max_len, cfg.mask_prompt, "validation records",
+                   mesh=mesh)
     if model is None:
         from ..formats.peft import load_adapter
         # a sharded preset loads every parameter straight into its shards

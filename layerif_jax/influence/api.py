@@ -21,6 +21,7 @@ from ..io import parse_bytes
 from ..loss import example_losses
 from ..ops import remat_mode
 from . import driver
+from .distributed import ExampleShard, gather_host, shard_digest
 from .driver import LayerScores, Settings
 from .engines.general import GeneralEngine, num_examples
 from .engines.packed import PackedEngine, supports as packed_supports
@@ -260,7 +261,10 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     path, as for layers in an `nnx.List`, or a leading layer axis; else see
     `influence_scores`). train / val: tokenised LM examples (`data.tokenize`; default
     loss: the mean token cross-entropy of `model(ids_1T)` on right-padded ids), or any
-    pytrees with a leading example axis when `loss_fn(model, example)` is given.
+    pytrees with a leading example axis when `loss_fn(model, example)` is given. In a
+    multi-process run (packed engine) each may be this process's share only, a
+    `distributed.ExampleShard` of the examples `distributed.shard_indices(n, mesh)` names:
+    each process then tokenises, packs and puts only its own.
     engine: "packed" (the project's decoders: several examples per row, one backward per
     chunk, LoRA only), "vmap" (the general path: vmap(grad) over chunks; for LM examples,
     length buckets of `bucket_multiple`), or "auto" (packed where it applies).
@@ -284,16 +288,25 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     _check_chunk(chunk_size)
     if engine not in ENGINES:
         raise LayerIFError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
-    if not len(jax.tree.leaves(train)) or not len(jax.tree.leaves(val)):
+    sharded = isinstance(train, ExampleShard) or isinstance(val, ExampleShard)
+    if sharded:
+        _check_shards(train, val)
+    elif not len(jax.tree.leaves(train)) or not len(jax.tree.leaves(val)):
         raise LayerIFError("influence needs at least one training and one validation example")
     s = _settings(estimator, aggregate, damping, damping_scale, per_val, memory_budget,
                   skip_zero_units, progress, estimator_options, curvature)
     ckpt = _checkpoint(checkpoint_dir, checkpoint_every)
-    lm = isinstance(train, (list, tuple)) and train and isinstance(train[0], Example)
+    lm = sharded or (isinstance(train, (list, tuple)) and train
+                     and isinstance(train[0], Example))
+
+    def digest(x):
+        if isinstance(x, ExampleShard):
+            return shard_digest(x, checksum.examples_digest)
+        return checksum.examples_digest(x) if lm else _tree_digest(x)
+
     identity = None if ckpt is None else {
         "model": checksum.identity_digest(jax.tree.leaves(nnx.state(model))),
-        "train": checksum.examples_digest(train) if lm else _tree_digest(train),
-        "val": checksum.examples_digest(val) if lm else _tree_digest(val),
+        "train": digest(train), "val": digest(val),
         "loss": None if loss_fn is None else _name_of(loss_fn),
         "params": str(params), "layer_of": str(layer_of), "unit": unit, "dtype": str(dtype),
         "projection": projection, "projection_seed": projection_seed, "curvature": curvature}
@@ -309,6 +322,10 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     if engine == "packed" and not packed_ok:
         raise LayerIFError("engine='packed' needs one of the project's decoders, tokenised "
                            "examples, LoRA parameters and the default loss: use engine='vmap'")
+    if sharded and (engine == "vmap" or not packed_ok):
+        raise LayerIFError("examples given as a process's shard need the packed engine (the "
+                           "project's decoders, LoRA, the default loss); pass every example "
+                           "to the vmap engine")
     m = resolve_mesh(mesh, sharding)
     try:
         remat = remat_mode(remat)
@@ -330,8 +347,15 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
                            chunks_per_call=chunks_per_call, sharding=sharding, remat=remat)
         _check_adapter(eng.params)
         part = make_partition(eng.params, unit, "stacked")
-        return driver.run(eng, part, list(train), list(val), len(train), len(val), s, meta,
-                          ckpt, identity)
+        if sharded:
+            # how many examples each process read (tokenised, packed and put)
+            meta["examples_read"] = {k: [int(a[0]) for a in gather_host(np.array(
+                [len(x.examples) if isinstance(x, ExampleShard) else len(x)]))]
+                for k, x in (("train", train), ("val", val))}
+        whole = lambda x: x if isinstance(x, ExampleShard) else list(x)   # noqa: E731
+        count = lambda x: x.total if isinstance(x, ExampleShard) else len(x)   # noqa: E731
+        return driver.run(eng, part, whole(train), whole(val), count(train), count(val), s,
+                          meta, ckpt, identity)
     graphdef, p, rest = nnx.split(model, params, ...)
     if params is nnx.LoRAParam:
         _check_adapter(p)
@@ -350,6 +374,28 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
         train, val = _as_dataset(train), _as_dataset(val)
     return driver.run(eng, part, train, val, num_examples(train), num_examples(val), s, meta,
                       ckpt, identity)
+
+
+def _check_shards(train, val) -> None:
+    """Example shards (this process's share of a set) that together hold every example
+    of the set once, tokenised; checked on what every process gathers, so that all of
+    them refuse together (none is left waiting in a collective)."""
+    for what, x in (("training", train), ("validation", val)):
+        if not isinstance(x, ExampleShard):
+            if not len(x):
+                raise LayerIFError(f"influence needs at least one {what} example")
+            continue
+        ok = all(isinstance(e, Example) for e in x.examples)
+        info = np.concatenate(gather_host(np.array([int(ok), x.total], np.int64)))
+        every = np.sort(np.concatenate(gather_host(np.asarray(x.index, np.int64))))
+        if not info[0::2].all():
+            raise LayerIFError(f"a {what} shard holds tokenised examples (data.Example)")
+        if len(set(info[1::2].tolist())) != 1 or x.total < 1:
+            raise LayerIFError(f"the processes' {what} shards disagree on the set's size "
+                               f"({sorted(set(info[1::2].tolist()))}) or it is empty")
+        if not np.array_equal(every, np.arange(x.total)):
+            raise LayerIFError(f"the processes' {what} shards must together hold each of "
+                               f"the {x.total} examples once (distributed.shard_indices)")
 
 
 def _as_dataset(examples: Sequence[Example]) -> dict[str, Any]:

@@ -1,17 +1,100 @@
 """Multi-process (multi-host) plumbing of the influence core.
 
-On a pod every process runs the same program with the same model and the same
-examples (`jax.distributed.initialize()` first); the mesh spans all processes'
-devices. Host data goes onto that mesh with `put`, and sharded results come back to
-every process with `to_host`. With one process both are plain `device_put` /
-`np.asarray`.
+On a pod every process runs the same program with the same model
+(`jax.distributed.initialize()` first); the mesh spans all processes' devices. Host
+data goes onto that mesh with `put`, and sharded results come back to every process
+with `to_host`. With one process both are plain `device_put` / `np.asarray`.
+
+Examples: every process may pass the whole example set, or only its share of it (an
+`ExampleShard`, `shard_indices` says which): then each process reads, tokenises, packs
+and puts only its own examples onto its own devices' rows, and only their lengths,
+digests and the packing's layout are exchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from typing import Any, Sequence
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleShard:
+    """This process's share of an example set in a multi-process run: its examples (in
+    the order of `index`), their indices in the whole set, and the whole set's size.
+    `layer_scores` (packed engine) takes one in place of the whole list, in every process
+    (`shard_indices` gives the indices to read)."""
+    examples: Sequence[Any]
+    index: np.ndarray
+    total: int
+
+    def __post_init__(self):
+        if len(self.examples) != len(self.index):
+            raise ValueError(f"an example shard of {len(self.examples)} examples has "
+                             f"{len(self.index)} indices")
+
+
+def data_blocks(mesh) -> list[int] | None:
+    """The processes in the order of their blocks of the mesh's data axis, where every
+    process holds whole rows of the data axis (its model axis within the process), the
+    same number each, in one contiguous block; None with one process, no mesh, or
+    another layout (then every process reads every example)."""
+    if mesh is None or jax.process_count() == 1:
+        return None
+    devs = mesh.devices if mesh.devices.ndim == 2 else mesh.devices.reshape(-1, 1)
+    owners = []
+    for row in devs:                    # one data position: its devices' processes
+        procs = {d.process_index for d in row}
+        if len(procs) != 1:
+            return None
+        owners.append(procs.pop())
+    blocks = [o for k, o in enumerate(owners) if k == 0 or owners[k - 1] != o]
+    if (len(blocks) != len(set(blocks)) or len(blocks) != jax.process_count()
+            or len({owners.count(o) for o in blocks}) != 1):
+        return None
+    return blocks
+
+
+def data_share(mesh) -> tuple[int, int] | None:
+    """(g, G): this process's place among the G processes that split the examples
+    (`data_blocks`), or None: every process reads every example."""
+    blocks = data_blocks(mesh)
+    return None if blocks is None else (blocks.index(jax.process_index()), len(blocks))
+
+
+def shard_indices(total: int, mesh) -> np.ndarray | None:
+    """The indices (of `total` examples) this process reads in a multi-process run over
+    `mesh` (every G-th from its place g, `data_share`), or None: every example."""
+    share = data_share(mesh)
+    return None if share is None else np.arange(share[0], total, share[1])
+
+
+def gather_host(x: np.ndarray) -> list[np.ndarray]:
+    """Every process's host array (lengths along axis 0 may differ), in process order."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return [x]
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(x.shape[0]))).reshape(-1)
+    pad = np.zeros((int(sizes.max()), *x.shape[1:]), x.dtype)
+    pad[:x.shape[0]] = x
+    every = np.asarray(multihost_utils.process_allgather(pad))
+    return [every[p, :int(k)] for p, k in enumerate(sizes)]
+
+
+def shard_digest(shard: ExampleShard, digest) -> str:
+    """One digest of an example set read in shards: every process's `digest(examples)`
+    and indices, in process order (the same string in every process)."""
+    local = hashlib.sha256(digest(shard.examples).encode())
+    local.update(np.asarray(shard.index, np.int64).tobytes())
+    raw = np.frombuffer(local.digest(), np.uint8)
+    h = hashlib.sha256(str(shard.total).encode())
+    for d in gather_host(raw):
+        h.update(d.tobytes())
+    return h.hexdigest()
 
 
 def put(tree, sharding):

@@ -538,7 +538,7 @@ def _budget_advice(p: Plan, call_bytes: int) -> str | None:
     if p.compile_error is not None or room < 0:
         return None
     keep = int(room // call_bytes) + 1            # + the call's own output
-    mb = math.floor(keep * call_bytes * p.data_shards / 1e6)
+    mb = math.ceil(keep * call_bytes * p.data_shards / 1e6)   # at least the bytes needed
     return (f"--memory-budget {mb}MB (keeps about "
             f"{min(p.n, keep * p.data_shards * p.geometry.examples * p.chunks_per_call)} of {p.n} "
             "training gradients; the others are recomputed twice more)")

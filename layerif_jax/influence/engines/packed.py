@@ -44,7 +44,7 @@ from ... import sharding as shd
 from ...data import Example
 from ...errors import LayerIFError
 from ...ops import layer_remat, mm, precision, remat_mode, target_platform
-from ..distributed import put
+from ..distributed import ExampleShard, data_blocks, gather_host, put
 
 
 class PackedModel(Protocol):
@@ -292,6 +292,14 @@ def plan(lengths: Sequence[int], *, chunk_size: int, row_len: int | None = None)
     return rows, row_len, slots, max(1, per_row)
 
 
+def _lengths(examples) -> np.ndarray:
+    """Token counts of an example set (of an `ExampleShard`: its whole set's, gathered)."""
+    if isinstance(examples, ExampleShard):
+        return np.concatenate(gather_host(np.array([len(e.ids) for e in examples.examples],
+                                                   np.int64)))
+    return np.array([len(e.ids) for e in examples], np.int64)
+
+
 # -- the gradient function ----------------------------------------------------------------
 
 def zero_probes(model, rows: int, per_row: int, dtype=jnp.float32) -> dict[str, tuple]:
@@ -426,6 +434,9 @@ class Group:
     index: np.ndarray
     num_chunks: int
     chunk_shape: tuple
+    # arrays hold only this process's rows (an `ExampleShard`'s); index and chunk_shape
+    # are the whole call's
+    local: bool = False
 
     @property
     def tokens(self) -> int:
@@ -598,9 +609,10 @@ class PackedEngine:
                 self.params, self.rest = put(self.params, sh_p), put(self.rest, sh_r)
             self._group_shard = NamedSharding(mesh, P(None, data))
 
-    def plan(self, example_sets: Sequence[Sequence[Example]]) -> None:
-        """Fix the chunk shapes once for all example sets (one compilation)."""
-        lengths = [len(e.ids) for ex in example_sets for e in ex]
+    def plan(self, example_sets: Sequence[Sequence[Example] | ExampleShard]) -> None:
+        """Fix the chunk shapes once for all example sets (one compilation); the lengths of
+        an `ExampleShard`'s whole set are gathered from every process."""
+        lengths = np.concatenate([_lengths(ex) for ex in example_sets])
         per_dev = max(1, -(-self.chunk_size // self.ndev))
         self.rows, self.row_len_, self.slots_local, self.per_row = plan(
             lengths, chunk_size=per_dev, row_len=self.row_len)
@@ -608,10 +620,49 @@ class PackedEngine:
         self.fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
                               self.mesh, False, self.sharding, self.remat)
 
-    def chunks(self, examples: Sequence[Example]) -> list[Group]:
+    def chunks(self, examples: Sequence[Example] | ExampleShard) -> list[Group]:
+        if isinstance(examples, ExampleShard):
+            return self._shard_groups(examples)
         chunks = self.packed_chunks(examples)
         k = self.chunks_per_call
         return [Group.of(chunks[i:i + k], self.ndev) for i in range(0, len(chunks), k)]
+
+    def _shard_groups(self, shard: ExampleShard) -> list[Group]:
+        """The calls of a multi-process run where each process holds only its share of the
+        examples: it packs them into its own data shards' rows (its block of the data
+        axis), the processes agree on the number of chunks (the most any needs; empty
+        ones fill), and the calls' whole index is gathered (input index of every row)."""
+        blocks = data_blocks(self.mesh)
+        if blocks is None:
+            raise LayerIFError("an example shard needs a multi-process mesh in which every "
+                               "process holds whole rows of the data axis, the same number "
+                               "each, in one block (pass the whole example list otherwise)")
+        G = len(blocks)
+        nd = self.ndev // G
+        local = pack_chunks(shard.examples, rows=self.rows, row_len=self.row_len_,
+                            slots=self.slots_local, per_row=self.per_row) \
+            if len(shard.examples) else []
+        where = np.asarray(shard.index, np.int32)
+        local = [dataclasses.replace(c, index=np.where(c.index >= 0,
+                                                       where[np.maximum(c.index, 0)], -1))
+                 for c in local]
+        pieces = max(int(x[0]) for x in gather_host(np.array([-(-len(local) // nd)])))
+        while len(local) < pieces * nd:
+            local.append(empty_chunk(self.rows, self.row_len_, self.slots_local, self.per_row))
+        own = [PackedChunk(*(np.concatenate(parts) for parts in zip(
+                   *(dataclasses.astuple(c) for c in local[k:k + nd]))))
+               for k in range(0, len(local), nd)]
+        k = self.chunks_per_call
+        groups = [Group.of(own[i:i + k], nd) for i in range(0, len(own), k)]
+        every = gather_host(np.concatenate([g.index for g in groups]).astype(np.int32))
+        out, off = [], 0
+        for g in groups:   # the whole call: the processes' rows in the data axis' order
+            n = len(g.index)
+            whole = np.concatenate([every[p][off:off + n] for p in blocks])
+            out.append(dataclasses.replace(g, index=whole, local=True, chunk_shape=(
+                g.chunk_shape[0] * G, *g.chunk_shape[1:])))
+            off += n
+        return out
 
     def packed_chunks(self, examples: Sequence[Example]) -> list[PackedChunk]:
         """The packed chunks (each with the rows of every device), before grouping."""
@@ -623,11 +674,18 @@ class PackedEngine:
                     *(dataclasses.astuple(c) for c in local[k:k + self.ndev]))))
                 for k in range(0, len(local), self.ndev)]
 
-    def _put(self, arrays: tuple) -> tuple:
-        return arrays if self.mesh is None else tuple(put(a, self._group_shard) for a in arrays)
+    def _put(self, c: Group) -> tuple:
+        if self.mesh is None:
+            return c.arrays
+        if c.local:   # this process's rows of every array [k, rows, ...]
+            G = c.chunk_shape[0] // c.arrays[0].shape[1]
+            return tuple(jax.make_array_from_process_local_data(
+                self._group_shard, a, (a.shape[0], a.shape[1] * G, *a.shape[2:]))
+                for a in c.arrays)
+        return tuple(put(a, self._group_shard) for a in c.arrays)
 
     def grads(self, c: Group) -> tuple[list[jax.Array], jax.Array]:
-        return self.fn(self.params, self.rest, *self._put(c.arrays))
+        return self.fn(self.params, self.rest, *self._put(c))
 
     def scores(self, c: Group, h: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
         """(h_m . g_e per piece [rows, M, P], finite [rows]) of a call's examples, as
@@ -637,7 +695,7 @@ class PackedEngine:
                          self.mesh, False, self.sharding, self.remat, True)
         if self.mesh is not None:
             h = put(list(h), NamedSharding(self.mesh, P()))
-        return fn(self.params, self.rest, list(h), *self._put(c.arrays))
+        return fn(self.params, self.rest, list(h), *self._put(c))
 
     def direct_scores(self, M: int) -> bool:
         """Whether `scores` is the cheaper way to the scores of M directions: per token it
@@ -660,14 +718,17 @@ class PackedEngine:
         the same backward: the covariance products are the only extra work."""
         fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
                          self.mesh, True, self.sharding, self.remat)
-        return fn(self.params, self.rest, *self._put(c.arrays))
+        return fn(self.params, self.rest, *self._put(c))
 
     def kfac_factors(self, sums: list, calls: Sequence[Group], n: int) -> list:
         """The K-FAC factors of every LoRA leaf (float64, left [L, a, a], right [L, b, b])
         from the training calls' token sums, normalised so that left (x) right ~ the
         empirical Fisher (1/n) sum_i g_i g_i^T of each layer's piece: left per token
         (over the N training tokens), right per example (K-FAC "expand")."""
-        tokens = max(1, int(sum((c.arrays[1] >= 0).sum() for c in calls)))
+        tokens = int(sum((c.arrays[1] >= 0).sum() for c in calls))
+        if any(c.local for c in calls):   # each process holds its own rows' tokens
+            tokens = int(sum(int(x[0]) for x in gather_host(np.array([tokens]))))
+        tokens = max(1, tokens)
         host = [np.asarray(jax.device_get(x), np.float64) for x in sums]
         return [(host[2 * k] / tokens, host[2 * k + 1] / n) for k in range(len(host) // 2)]
 
