@@ -103,6 +103,11 @@ MULTIHOST = textwrap.dedent("""
     ek_sh = layer_scores(model, *shards, mesh=mesh, chunk_size=4, estimator="ekfac",
                          memory_budget=1)
     assert ek_sh.meta["direct_score_calls"] > 0, ek_sh.meta
+    # saved and resumed from shards (their digests gathered into the fingerprint)
+    ck2 = dict(checkpoint_dir=sys.argv[3] + "-shards", checkpoint_every=1, memory_budget=need // 2)
+    layer_scores(model, *shards, **kw, **ck2)
+    sh_again = layer_scores(model, *shards, **kw, **ck2)
+    assert sh_again.meta["resumed_calls"] > 1, sh_again.meta
     try:   # shards that do not split the set are refused in every process
         layer_scores(model, ExampleShard(train, np.arange(len(train)), len(train)), val,
                      mesh=mesh)
@@ -113,7 +118,7 @@ MULTIHOST = textwrap.dedent("""
           rel(part.per_example, one.per_example), rel(vm.per_example, one.per_example),
           rel(ex_two.per_example, ex_one.per_example), rel(saved.per_example, one.per_example),
           rel(restored.per_example, one.per_example), rel(sh.per_val_layers, one.per_val_layers),
-          rel(ek_sh.per_example, ek_one.per_example))
+          rel(ek_sh.per_example, ek_one.per_example), rel(sh_again.per_example, one.per_example))
 """)
 
 
@@ -168,4 +173,4 @@ def test_two_processes_match_one_device(tmp_path):
         assert p.returncode == 0, (f"process {i} exit {p.returncode} (killed when the other "
                                    f"failed or after 600 s):\n{stderr[-3000:]}")
         rels = _rels(stdout)
-        assert len(rels) == 9 and all(r < 1e-5 for r in rels), rels
+        assert len(rels) == 10 and all(r < 1e-5 for r in rels), rels
