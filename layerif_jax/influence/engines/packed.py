@@ -276,8 +276,10 @@ def plan(lengths: Sequence[int], *, chunk_size: int, row_len: int | None = None)
     """(rows, row_len, slots, per_row) for about `chunk_size` examples a chunk.
 
     Rows are twice the longest example by default (room for ~2-3 typical ones);
-    slots leave 25% headroom over the mean fill, so rows, not slots, run out first;
-    per_row bounds the examples one row may hold.
+    slots leave 25% headroom over the mean fill, so rows, not slots, run out first, but
+    never more than a chunk can hold (rows x per_row: no slot that is always empty, e.g.
+    16 slots, not 20, for 16 examples of one length); per_row bounds the examples one row
+    may hold.
     """
     lengths = np.asarray(lengths)
     max_len = int(lengths.max())
@@ -287,9 +289,9 @@ def plan(lengths: Sequence[int], *, chunk_size: int, row_len: int | None = None)
         raise LayerIFError(f"row length {row_len} is shorter than the longest example ({max_len})")
     fill = row_len / mean
     rows = max(1, int(np.ceil(chunk_size / fill)))
-    slots = max(1, int(np.ceil(rows * fill * 1.25)))
-    per_row = int(min(slots, row_len // max(1, int(np.percentile(lengths, 10)))))
-    return rows, row_len, slots, max(1, per_row)
+    per_row = max(1, row_len // max(1, int(np.percentile(lengths, 10))))
+    slots = max(1, min(int(np.ceil(rows * fill * 1.25)), rows * per_row))
+    return rows, row_len, slots, min(per_row, slots)
 
 
 def _lengths(examples) -> np.ndarray:
