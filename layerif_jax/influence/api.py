@@ -24,6 +24,7 @@ from . import driver
 from .distributed import ExampleShard, gather_host, shard_digest
 from .driver import LayerScores, Settings
 from .engines.general import GeneralEngine, num_examples
+from .engines.kronecker import KronEngine, parse_kron
 from .engines.packed import PackedEngine, supports as packed_supports
 from .estimators import get_estimator
 from .partition import make_partition, path_str
@@ -168,6 +169,10 @@ def _maybe_projected(engine, part, projection, seed, curvature):
     """(engine, partition), projected when `projection` is given."""
     if projection is None:
         return engine, part
+    if parse_kron(projection) is not None:
+        raise LayerIFError(f"projection={projection!r} reads each layer's inputs and output "
+                           "gradients: it runs in layer_scores with one of the project's "
+                           "decoders (packed engine); a general loss takes an integer k")
     if curvature != "empirical_fisher":
         raise LayerIFError("projection goes with the empirical Fisher of the projected "
                            f"gradients, not curvature={curvature!r}")
@@ -280,7 +285,11 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     output and recomputes its MLP (about +25% FLOPs); "full" keeps only the residual
     stream between blocks (about +50%). The scores do not depend on it.
     estimator, estimator_options, curvature, projection: as in `influence_scores` (several
-    estimators give a {name: LayerScores} from one set of gradients).
+    estimators give a {name: LayerScores} from one set of gradients); projection
+    "kron:K" or "kron:KINxKOUT" (packed engine, data parallel): the FULL weight of every
+    linear map of every block, its per-example gradient projected from both sides as
+    LoGra does (`engines.kronecker`: from each token's input and output gradient, never
+    formed whole), one [K_in, K_out] unit per map and layer; the model needs no LoRA.
     checkpoint_dir, checkpoint_every: the gradient passes saved every that many calls and
     resumed after a kill (`resume`); a folder of another model (base weights or
     adapter), data or settings is refused.
@@ -312,12 +321,19 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
         "projection": projection, "projection_seed": projection_seed, "curvature": curvature}
     packed_ok = (lm and loss_fn is None and params is nnx.LoRAParam and layer_of in ("auto", "stacked")
                  and packed_supports(model))
+    kron = parse_kron(projection)
     if curvature != "empirical_fisher" and engine == "packed":
         raise LayerIFError(f"curvature={curvature!r} needs engine='vmap' (the packed engine "
                            "gives per-example gradients, not curvature products)")
-    if projection is not None and engine == "packed":
-        raise LayerIFError("projection needs engine='vmap'")
-    if curvature != "empirical_fisher" or projection is not None:
+    if kron is not None and (engine == "vmap" or not packed_ok
+                             or curvature != "empirical_fisher" or sharding != "dp"):
+        raise LayerIFError(f"projection={projection!r} needs the packed engine, data parallel "
+                           "(sharding='dp'), with the empirical Fisher: one of the project's "
+                           "decoders, tokenised examples, the default params and loss")
+    if projection is not None and kron is None and engine == "packed":
+        raise LayerIFError("a Gaussian projection (an integer k) needs engine='vmap'; the "
+                           "packed engine projects with 'kron:K'")
+    if curvature != "empirical_fisher" or (projection is not None and kron is None):
         packed_ok = False
     if engine == "packed" and not packed_ok:
         raise LayerIFError("engine='packed' needs one of the project's decoders, tokenised "
@@ -343,10 +359,15 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
             "dtype": str(dt or getattr(model, "dtype", "float32")), "remat": remat,
             "processes": jax.process_count()}
     if engine != "vmap" and packed_ok:
-        eng = PackedEngine(model, dtype=dt, mesh=m, chunk_size=chunk_size, row_len=row_len,
-                           chunks_per_call=chunks_per_call, sharding=sharding, remat=remat)
-        _check_adapter(eng.params)
-        part = make_partition(eng.params, unit, "stacked")
+        kw = dict(dtype=dt, mesh=m, chunk_size=chunk_size, row_len=row_len,
+                  chunks_per_call=chunks_per_call, sharding=sharding, remat=remat)
+        if kron is not None:   # the full weights, projected: no adapter needed
+            eng = KronEngine(model, k_in=kron[0], k_out=kron[1], seed=projection_seed, **kw)
+            part = make_partition(eng.projected, unit, "stacked")
+        else:
+            eng = PackedEngine(model, **kw)
+            _check_adapter(eng.params)
+            part = make_partition(eng.params, unit, "stacked")
         if sharded:
             # how many examples each process read (tokenised, packed and put)
             meta["examples_read"] = {k: [int(a[0]) for a in gather_host(np.array(

@@ -380,7 +380,7 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     `resume.Checkpoint` the gradient passes are saved to and resumed from; `identity`
     (JSON: model, adapter, data digests) joins its fingerprint."""
     users = _factor_users(s)
-    if users and not hasattr(engine, "grads_and_factors"):   # before any work
+    if users and getattr(engine, "grads_and_factors", None) is None:   # before any work
         raise LayerIFError(no_factors(users[0]))
     try:
         p = _passes(engine, part, train, val, n, m, s, checkpoint, identity)
@@ -428,7 +428,8 @@ def ihvp_error(ctx: Context, h: list[jax.Array], ref: list[jax.Array]) -> dict[s
 def _direct(engine, h) -> bool:
     """Whether the recomputed calls' scores come straight from the engine (h . g_e with no
     gradient formed) rather than from recomputed gradients."""
-    return hasattr(engine, "scores") and engine.direct_scores(int(h[0].shape[0]))
+    return (getattr(engine, "scores", None) is not None
+            and engine.direct_scores(int(h[0].shape[0])))
 
 
 def score_calls(engine, p: _Passes, h, direct: bool):

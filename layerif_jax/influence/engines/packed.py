@@ -328,9 +328,15 @@ def chunk_weights(seg_RT, tgt_RT, per_row: int) -> tuple[jax.Array, jax.Array]:
 def _chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, mode: str):
     """probes -> the sum over the chunk's examples of each example's mean next-token
     loss, with every LoRA group probed (`probe_group_fn`, in `mode`)."""
-    _, w_RT = chunk_weights(seg_RT, tgt_RT, per_row)
     scales = {n: s for n, (*_, s) in model.packed_lora().items()}
     group_fn = probe_group_fn(scales, seg_RT, per_row, dtype or model.dtype, mode)
+    return _packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype, group_fn)
+
+
+def _packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, group_fn):
+    """probes -> the sum over the chunk's examples of each example's mean next-token
+    loss, every group of linear maps run by `group_fn` with the layer's probes."""
+    _, w_RT = chunk_weights(seg_RT, tgt_RT, per_row)
 
     def loss(probes):
         x = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT, segments_BT=seg_RT,
@@ -474,7 +480,8 @@ def clear_cache() -> None:
 
 
 def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
-             sharding: str = "dp", remat: bool | str = False, scores: bool = False):
+             sharding: str = "dp", remat: bool | str = False, scores: bool = False,
+             inner=None):
     """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...])
     -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
     with `factors` also the K-FAC token sums of the k chunks (summed over devices). With
@@ -489,11 +496,13 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
     (gathering an FSDP layer where it is used, splitting heads and MLP under TP).
 
     remat: the blocks are recomputed in the backward (`ops.layer_remat`: True or "mlp"
-    the MLP half, "full" all but the residual stream between blocks).
+    the MLP half, "full" all but the residual stream between blocks). inner: another
+    per-chunk function with `packed_grad_fn`'s signature and outputs (e.g. the
+    Kronecker-projected gradients, `kronecker.kron_grad_fn`).
     """
-    if scores:
+    if inner is None and scores:
         inner = packed_score_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype)
-    else:
+    elif inner is None:
         inner = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype,
                                factors=factors)
     extra = 1 if scores else 0   # h: one argument more, the same on every shard
