@@ -44,6 +44,9 @@ SCRIPT = BUILD + textwrap.dedent("""
     # K-FAC factors are token sums over each device's rows, summed across the mesh
     ek_one = layer_scores(model, train, val, mesh=None, chunk_size=4, estimator="ekfac")
     ek_four = layer_scores(model, train, val, mesh="auto", chunk_size=4, estimator="ekfac")
+    # the Kronecker projection of the full weights, each device its own rows
+    kr_one = layer_scores(model, train, val, mesh=None, chunk_size=4, projection="kron:4x3")
+    kr_four = layer_scores(model, train, val, mesh="auto", chunk_size=4, projection="kron:4x3")
     # a run resumed from a save (restored with the mesh's shardings) gives the same scores
     import json, pathlib, tempfile
     ck = pathlib.Path(tempfile.mkdtemp()) / "progress"
@@ -58,7 +61,8 @@ SCRIPT = BUILD + textwrap.dedent("""
     print("REL", rel(four.per_example, one.per_example), rel(four.per_val_layers, one.per_val_layers),
           rel(four_r.per_example, one.per_example), rel(four_g.per_val_layers, one.per_val_layers),
           rel(ek_four.per_example, ek_one.per_example),
-          rel(resumed.per_val_layers, one.per_val_layers))
+          rel(resumed.per_val_layers, one.per_val_layers),
+          rel(kr_four.per_example, kr_one.per_example))
 """)
 
 # every process runs this with the same model and examples; each gets the whole result
