@@ -160,7 +160,8 @@ def data_size(mesh: Mesh | None) -> int:
     return int(mesh.shape["data"]) if "data" in mesh.axis_names else int(mesh.devices.size)
 
 
-def _paths(tree) -> list[tuple[str, Any]]:
+def leaf_paths(tree) -> list[tuple[str, Any]]:
+    """[(dotted path, leaf)] of a pytree (a model state), in flatten order."""
     from .influence.partition import path_str
     return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
@@ -181,7 +182,7 @@ def sharding_of(path: str, shape: Sequence[int], mesh: Mesh, preset: str) -> Nam
 
 def shardings(tree, mesh: Mesh, preset: str):
     """NamedShardings of a decoder's state (or any part of it), by `preset`."""
-    out = [sharding_of(path, tuple(x.shape), mesh, preset) for path, x in _paths(tree)]
+    out = [sharding_of(path, tuple(x.shape), mesh, preset) for path, x in leaf_paths(tree)]
     return jax.tree.unflatten(jax.tree.structure(tree), out)
 
 

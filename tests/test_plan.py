@@ -149,7 +149,7 @@ def test_fsdp_splits_the_weights_and_remat_drops_the_temporaries():
     # FSDP: every array with a hidden ("embed") axis is split 4 ways, the rest stays whole
     model = planmod.abstract_model(CFG, LORA, jnp.bfloat16)
     whole = split = 0
-    for path, x in shd._paths(nnx.state(model)):
+    for path, x in shd.leaf_paths(nnx.state(model)):
         b = x.size * x.dtype.itemsize
         whole += b
         split += b // ndev if "embed" in shd.logical_axes(path, x.ndim) else b

@@ -38,7 +38,7 @@ def test_every_parameter_of_every_family_has_logical_axes(family):
     specs = {}
     for preset in shd.PRESETS:
         sh = shd.shardings(state, mesh, preset)
-        for (path, x), s in zip(shd._paths(state), jax.tree.leaves(sh)):
+        for (path, x), s in zip(shd.leaf_paths(state), jax.tree.leaves(sh)):
             assert len(s.spec) <= len(x.shape), (path, s.spec)
             specs[path, preset] = s.spec
     # what the table says, spelled out for one block's maps
@@ -130,7 +130,7 @@ SCRIPT = textwrap.dedent("""
         state = (eng.params, eng.rest)
         whole = sum(x.nbytes for x in jax.tree.leaves(state))
         want = 0
-        for path, x in shd._paths(eng.params) + shd._paths(eng.rest):   # divided by hand
+        for path, x in shd.leaf_paths(eng.params) + shd.leaf_paths(eng.rest):   # divided by hand
             div = 1
             for name in shd.logical_axes(path, x.ndim):
                 ax = {"embed": "data", "heads": "model", "kv_heads": "model", "mlp": "model",
@@ -152,7 +152,7 @@ SCRIPT = textwrap.dedent("""
              for p in jax.tree.leaves(eng.params)]
         want = np.asarray(core.dots(grads, h))
         assert rel(np.asarray(eng.scores(call, h)[0]), want) < 1e-5, shape
-        for (path, p), g in zip(shd._paths(eng.params), grads):
+        for (path, p), g in zip(shd.leaf_paths(eng.params), grads):
             axes = shd.logical_axes(path, p.ndim)
             tp = preset == "fsdp_tp" and any(a in ("heads", "kv_heads", "mlp") for a in axes)
             div = mesh.shape["data"] * (mesh.shape["model"] if tp else 1)
@@ -188,7 +188,7 @@ SCRIPT = textwrap.dedent("""
     split = load_model(ckpt, mesh=shd.make_mesh("2x4"), sharding="fsdp_tp")
     SafetensorsFile.get_slice = get_slice
     def same_shards(whole, split):
-        for (path, w), (_, x) in zip(shd._paths(nnx.state(whole)), shd._paths(nnx.state(split))):
+        for (path, w), (_, x) in zip(shd.leaf_paths(nnx.state(whole)), shd.leaf_paths(nnx.state(split))):
             assert x.sharding.spec == shd.sharding_of(path, w.shape, x.sharding.mesh,
                                                       "fsdp_tp").spec
             for sh in x.addressable_shards:

@@ -496,7 +496,7 @@ def _account(p: Plan, model, mem: _Memory, costs: dict | None, budget: int | Non
     # the parameter there (`sharding.grad_spec`: fsdp_tp's heads and MLP)
     tp = int(p.mesh.split("x")[1]) if p.mesh else 1
     grad_bytes = 4 * sum(math.prod(x.shape) // (tp if "model" in shd.grad_spec(
-        path, x.ndim, p.sharding) else 1) for path, x in shd._paths(nnx.state(model,
+        path, x.ndim, p.sharding) else 1) for path, x in shd.leaf_paths(nnx.state(model,
                                                                               nnx.LoRAParam)))
     call_bytes = geo.slots * k * grad_bytes    # one call's gradients on one device (fillers too)
     keep_calls = p.calls["train"] if budget is None else min(

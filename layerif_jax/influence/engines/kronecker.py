@@ -32,7 +32,7 @@ from kernels import segment_grads
 
 from ...errors import LayerIFError
 from ...ops import mm, precision, target_platform
-from .packed import PackedEngine, _fold, _packed_loss, _to_slots, build_fn
+from .packed import PackedEngine, fold_lora, packed_loss, to_slots, build_fn
 
 
 def parse_kron(spec) -> tuple[int, int] | None:
@@ -106,7 +106,7 @@ def kron_group_fn(scales: dict[str, float], seg_RT, per_row: int, dtype):
     """The decoder's `group_fn` hook: every linear map of a group as one probed GEMM (a
     LoRA on it folded into the kernel with its scale)."""
     def fn(p, probes, names, h):
-        kernels = tuple(_fold(p[n]["kernel"], p[n]["lora_a"], p[n]["lora_b"], scales[n], dtype)
+        kernels = tuple(fold_lora(p[n]["kernel"], p[n]["lora_a"], p[n]["lora_b"], scales[n], dtype)
                         if "lora_a" in p[n] else p[n]["kernel"] for n in names)
         ys = kron_linears(h, kernels, tuple(probes[n] for n in names), seg_RT, dtype, per_row)
         return tuple(y + p[n]["bias"].astype(y.dtype) if "bias" in p[n] else y
@@ -128,9 +128,9 @@ def kron_grad_fn(graphdef, *, slots: int, per_row: int, dtype, maps: dict[str, t
         probes = {n: (jnp.zeros((L, RJ, k_in, k_out)), *proj[n]) for n in names}
         scales = {n: float(s) for n, (*_, s) in model.packed_lora().items()}
         group_fn = kron_group_fn(scales, seg_RT, per_row, dtype or model.dtype)
-        g = jax.grad(_packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype,
+        g = jax.grad(packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype,
                                   group_fn))(probes)
-        leaves = [_to_slots(g[n][0], slot_pos_E) for n in names]
+        leaves = [to_slots(g[n][0], slot_pos_E) for n in names]
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x.reshape(slots, -1)), axis=1)
                                     for x in leaves]), axis=0)
         return leaves, finite

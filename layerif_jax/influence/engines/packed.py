@@ -70,7 +70,7 @@ def supports(model) -> bool:
 
 # -- the probed linear maps -------------------------------------------------------------
 
-def _fold(kernel, a, b, scale: float, dtype) -> jax.Array:
+def fold_lora(kernel, a, b, scale: float, dtype) -> jax.Array:
     w = kernel.astype(jnp.float32) + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))
     # materialise W + sAB once: fused into the GEMM it would be recomputed per tile
     return jax.lax.optimization_barrier(w).astype(dtype)
@@ -113,7 +113,7 @@ def probed_linears(x, params, probes, seg_RT, scales: tuple, dtype, per_row: int
 
 
 def _folded_cat(params, scales, dtype):
-    return jnp.concatenate([_fold(k, a, b, s, dtype) for (k, a, b), s in zip(params, scales)], 1)
+    return jnp.concatenate([fold_lora(k, a, b, s, dtype) for (k, a, b), s in zip(params, scales)], 1)
 
 
 def _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode="grads"):
@@ -330,10 +330,10 @@ def _chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, mode
     loss, with every LoRA group probed (`probe_group_fn`, in `mode`)."""
     scales = {n: s for n, (*_, s) in model.packed_lora().items()}
     group_fn = probe_group_fn(scales, seg_RT, per_row, dtype or model.dtype, mode)
-    return _packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype, group_fn)
+    return packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype, group_fn)
 
 
-def _packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, group_fn):
+def packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, group_fn):
     """probes -> the sum over the chunk's examples of each example's mean next-token
     loss, every group of linear maps run by `group_fn` with the layer's probes."""
     _, w_RT = chunk_weights(seg_RT, tgt_RT, per_row)
@@ -371,7 +371,7 @@ def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None, factors: b
         for path, leaf in jax.tree_util.tree_flatten_with_path(lora)[0]:
             name, is_a = _map_of(path, g)
             gm = g[name]
-            leaves.append(_to_slots(gm[0 if is_a else 1], slot_pos_E).astype(leaf.dtype))
+            leaves.append(to_slots(gm[0 if is_a else 1], slot_pos_E).astype(leaf.dtype))
             if factors:
                 sums += [gm[2], gm[3]] if is_a else [gm[4], gm[5]]
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g.reshape(slots, -1)), axis=1)
@@ -387,7 +387,7 @@ def _map_of(path, maps) -> tuple[str, bool]:
     return next(k for k in keys if k in maps), "lora_a" in keys
 
 
-def _to_slots(g_LP, slot_pos_E):
+def to_slots(g_LP, slot_pos_E):
     """[L, R*J, ...] per example position -> [E, L, ...] per slot (empty slots: zeros)."""
     g_LP = jnp.concatenate([g_LP, jnp.zeros_like(g_LP[:, :1])], 1)
     return jnp.moveaxis(jnp.take(g_LP, slot_pos_E, axis=1), 1, 0)
@@ -421,7 +421,7 @@ def packed_score_fn(graphdef, *, slots: int, per_row: int, dtype=None):
         out = []
         for path in paths:
             name, is_a = _map_of(path, maps)
-            s_ELM = _to_slots(g[name][0 if is_a else 1], slot_pos_E)       # [E, L, M]
+            s_ELM = to_slots(g[name][0 if is_a else 1], slot_pos_E)       # [E, L, M]
             out.append(jnp.swapaxes(s_ELM, 1, 2))
         scores = jnp.concatenate(out, -1)
         return scores, jnp.all(jnp.isfinite(scores.reshape(slots, -1)), axis=1)
@@ -567,7 +567,7 @@ def _gspmd_fn(local_fn, mesh, factors: bool, preset: str, scores: bool = False):
         # and MLP), so the kept gradients take 1/model of the memory there too
         g = [jax.lax.with_sharding_constraint(
                 merge(x), NamedSharding(mesh, shd.grad_spec(path, x.ndim - 2, preset)))
-             for (path, _), x in zip(shd._paths(lora), out[0])]
+             for (path, _), x in zip(shd.leaf_paths(lora), out[0])]
         fin = merge(out[1])
         return (g, fin) if not factors else (g, fin, [jnp.sum(x, 0) for x in out[2]])
 
@@ -722,7 +722,7 @@ class PackedEngine:
             return g
         return [jax.device_put(x, NamedSharding(self.mesh, shd.grad_spec(path, x.ndim - 1,
                                                                           self.sharding)))
-                for (path, _), x in zip(shd._paths(self.params), g)]
+                for (path, _), x in zip(shd.leaf_paths(self.params), g)]
 
     def grads_and_factors(self, c: Group) -> tuple[list[jax.Array], jax.Array, list]:
         """`grads` plus the K-FAC token sums of the call ([left, right] per leaf), from
