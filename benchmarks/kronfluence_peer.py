@@ -16,7 +16,9 @@ as layerif_jax's EK-FAC (the LoRA-A and LoRA-B modules of every map are its trac
 modules: one unit per LoRA tensor, as ours); `ScoreArguments(damping_factor=None)` --
 its heuristic, 0.1 x the mean corrected eigenvalue of each module, which for the
 empirical Fisher is 0.1 x mean ||g||^2 / d, layerif_jax's adaptive default; per-module
-scores; batch size 1 (no padding). Timed: `fit_all_factors` (covariances,
+scores; factors and training gradients at batch size 1 (no padding), all validation
+examples in one query batch (right-padded, labels -100: exact under causal attention), so
+the training examples are differentiated once. Timed: `fit_all_factors` (covariances,
 eigendecompositions, corrected eigenvalues) and `compute_pairwise_scores`; model
 loading excluded on both sides. layerif_jax: `layer_scores(..., estimator="ekfac",
 per_val=True)` on the CPU (its `seconds`: the gradient passes with the K-FAC sums, the
@@ -60,6 +62,7 @@ def kronfluence_scores(pmodel, train, val, layers: int, workdir: Path) -> dict:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
 
     class Examples(torch.utils.data.Dataset):
         def __init__(self, exs):
@@ -73,6 +76,15 @@ def kronfluence_scores(pmodel, train, val, layers: int, workdir: Path) -> dict:
             labels = ids.clone()
             labels[~torch.tensor(self.exs[i].targets)] = -100
             return {"input_ids": ids, "labels": labels}
+
+    def pad_right(batch):   # causal attention: right padding with labels -100 is exact
+        T = max(len(b["input_ids"]) for b in batch)
+        ids = torch.zeros((len(batch), T), dtype=torch.long)
+        labels = torch.full((len(batch), T), -100, dtype=torch.long)
+        for i, b in enumerate(batch):
+            ids[i, :len(b["input_ids"])] = b["input_ids"]
+            labels[i, :len(b["labels"])] = b["labels"]
+        return {"input_ids": ids, "labels": labels}
 
     tracked = [n for n, m in pmodel.named_modules()
                if isinstance(m, torch.nn.Linear) and re.search(r"lora_[AB]\.default$", n)]
@@ -110,10 +122,13 @@ def kronfluence_scores(pmodel, train, val, layers: int, workdir: Path) -> dict:
                                                          use_empirical_fisher=True),
                              overwrite_output_dir=True)
     t1 = time.perf_counter()
+    # every query at once (one pass over the training examples), training examples one
+    # at a time (no padding in the per-example gradients)
     analyzer.compute_pairwise_scores("scores", "ekfac", query_dataset=Examples(val),
                                      train_dataset=Examples(train),
-                                     per_device_query_batch_size=1,
+                                     per_device_query_batch_size=len(val),
                                      per_device_train_batch_size=1,
+                                     dataloader_kwargs=DataLoaderKwargs(collate_fn=pad_right),
                                      score_args=ScoreArguments(damping_factor=None,
                                                                compute_per_module_scores=True),
                                      overwrite_output_dir=True)
