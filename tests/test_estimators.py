@@ -327,7 +327,7 @@ def test_projection_on_the_full_weights_of_a_model_without_lora():
     assert np.corrcoef(proj.per_example.ravel(), full.per_example.ravel())[0, 1] > 0.95
     d = layer_scores(model, train, val, estimator="datainf", projection=256, **kw)
     assert np.isfinite(d.per_example).all() and d.meta["engine"] == "vmap+projection"
-    with pytest.raises(LayerIFError, match="projection needs engine='vmap'"):
+    with pytest.raises(LayerIFError, match=r"Gaussian projection \(an integer k\) needs engine='vmap'"):
         layer_scores(model, train, val, projection=8, engine="packed")
 
 
