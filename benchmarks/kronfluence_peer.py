@@ -99,8 +99,14 @@ def kronfluence_scores(pmodel, train, val, layers: int, workdir: Path) -> dict:
             return (nll.sum(1) / count).sum()
 
         def compute_train_loss(self, batch, model, sample=False):
-            if sample:
-                raise NotImplementedError("run with use_empirical_fisher=True")
+            if sample:   # the true Fisher: labels drawn from the model's own predictions
+                with torch.no_grad():
+                    probs = torch.softmax(model(input_ids=batch["input_ids"]).logits.float(), -1)
+                    drawn = torch.multinomial(probs.flatten(0, 1), 1).view(probs.shape[:2])
+                # position t predicts token t + 1: the draw at t - 1 is the label of t
+                labels = torch.cat([batch["labels"][:, :1], drawn[:, :-1]], 1)
+                labels = torch.where(batch["labels"] == -100, -100, labels)
+                batch = {**batch, "labels": labels}
             return self._loss(batch, model)
 
         def compute_measurement(self, batch, model):
