@@ -57,7 +57,8 @@ def _corr(a, b) -> dict:
     return {"pearson": float(pearsonr(a, b)[0]), "spearman": float(spearmanr(a, b)[0])}
 
 
-def kronfluence_scores(pmodel, train, val, layers: int, workdir: Path) -> dict:
+def kronfluence_scores(pmodel, train, val, layers: int, workdir: Path,
+                       empirical: bool = True) -> dict:
     import torch
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -125,7 +126,7 @@ def kronfluence_scores(pmodel, train, val, layers: int, workdir: Path) -> dict:
     t0 = time.perf_counter()
     analyzer.fit_all_factors("ekfac", dataset=Examples(train), per_device_batch_size=1,
                              factor_args=FactorArguments(strategy="ekfac",
-                                                         use_empirical_fisher=True),
+                                                         use_empirical_fisher=empirical),
                              overwrite_output_dir=True)
     t1 = time.perf_counter()
     # every query at once (one pass over the training examples), training examples one
@@ -155,6 +156,10 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--m", type=int, default=10)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--true-fisher", action="store_true",
+                    help="Kronfluence's factors from labels sampled from the model (its "
+                         "default), not the empirical Fisher ours uses: shows what the "
+                         "curvature choice does to the agreement")
     a = ap.parse_args(argv)
 
     import torch
@@ -177,7 +182,8 @@ def main(argv=None):
     layers = tmodel.config.num_hidden_layers
     work = Path(tempfile.mkdtemp())
     pmodel.save_pretrained(work / "adapter")
-    kf = kronfluence_scores(pmodel, train, val, layers, work / "kronfluence")
+    kf = kronfluence_scores(pmodel, train, val, layers, work / "kronfluence",
+                            empirical=not a.true_fisher)
 
     model = lj.load_model(path)
     load_adapter(model, work / "adapter")
@@ -187,6 +193,7 @@ def main(argv=None):
     kf_nmL = np.transpose(kf["per_layer_mnL"], (1, 0, 2))
     out = {
         "n": a.n, "m": a.m, "modules": kf["modules"],
+        "kronfluence_fisher": "true (sampled labels)" if a.true_fisher else "empirical",
         "kronfluence_seconds": {"factors": round(kf["factors_s"], 1),
                                 "scores": round(kf["scores_s"], 1),
                                 "total": round(kf["factors_s"] + kf["scores_s"], 1)},
