@@ -91,24 +91,24 @@ def kronfluence_scores(pmodel, train, val, layers: int, workdir: Path,
                if isinstance(m, torch.nn.Linear) and re.search(r"lora_[AB]\.default$", n)]
 
     class MeanTokenLoss(Task):
-        def _loss(self, batch, model):   # each example's mean token cross-entropy, summed
+        def _loss(self, batch, model, sample=False):
+            """Each example's mean token cross-entropy, summed; with `sample` against
+            labels drawn from the model's own predictions (the true Fisher) in ONE forward
+            (Kronfluence's hooks see every forward)."""
             logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
             labels = batch["labels"][:, 1:]
+            if sample:
+                with torch.no_grad():
+                    drawn = torch.multinomial(torch.softmax(logits.detach(), -1).flatten(0, 1),
+                                              1).view(labels.shape)
+                labels = torch.where(labels == -100, -100, drawn)
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
                                                     ignore_index=-100, reduction="none")
             count = (labels != -100).sum(1).clamp(min=1)
             return (nll.sum(1) / count).sum()
 
         def compute_train_loss(self, batch, model, sample=False):
-            if sample:   # the true Fisher: labels drawn from the model's own predictions
-                with torch.no_grad():
-                    probs = torch.softmax(model(input_ids=batch["input_ids"]).logits.float(), -1)
-                    drawn = torch.multinomial(probs.flatten(0, 1), 1).view(probs.shape[:2])
-                # position t predicts token t + 1: the draw at t - 1 is the label of t
-                labels = torch.cat([batch["labels"][:, :1], drawn[:, :-1]], 1)
-                labels = torch.where(batch["labels"] == -100, -100, labels)
-                batch = {**batch, "labels": labels}
-            return self._loss(batch, model)
+            return self._loss(batch, model, sample)
 
         def compute_measurement(self, batch, model):
             return self._loss(batch, model)
