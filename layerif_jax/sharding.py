@@ -213,6 +213,11 @@ def activation_rules(mesh: Mesh | None, preset: str | None):
         _ACTIVE.reset(token)
 
 
+def active_rules():
+    """(mesh, preset) while `activation_rules` are on, else None."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """x laid out by its logical `axes` under the active rules; unchanged outside them.
     (Under `jax.vmap(..., spmd_axis_name="data")` the mapped axis goes to "data".)"""

@@ -17,6 +17,7 @@ from flax import nnx
 from layerif_jax.errors import LayerIFError
 from layerif_jax.influence import plan as planmod
 from layerif_jax.models.config import ModelConfig
+from layerif_jax.models.decoder import dense_attention
 from layerif_jax.models.lora import LoraConfig
 from layerif_jax.ops import compiling_for
 
@@ -76,10 +77,11 @@ def test_flops_match_a_hand_count_and_a_fully_unrolled_compile():
     assert hand <= c["fwd_bwd_flops"] <= 1.10 * hand, (c["fwd_bwd_flops"], hand)
     # the influence step costs about one forward+backward (the target: <= 1.3x)
     assert 1.0 <= c["flops"] / c["fwd_bwd_flops"] <= 1.3
-    # the depth extrapolation equals the program unrolled at full depth
+    # the depth extrapolation equals the program unrolled at full depth (both count the
+    # attention as the dense path: splash attention declares no cost)
     model = planmod.abstract_model(CFG, LORA, jnp.bfloat16)
     one = jax.sharding.SingleDeviceSharding(_device())
-    with compiling_for("tpu", unroll_layers=True):
+    with compiling_for("tpu", unroll_layers=True), dense_attention():
         compiled = planmod._step(nnx.graphdef(model), jnp.bfloat16, geo, None).lower(
             *planmod._step_args(model, geo, 1, 1, one, one)).compile()
     assert planmod._costs(compiled)[0] == pytest.approx(c["flops"], rel=1e-3)
@@ -142,7 +144,10 @@ def test_a_budget_plans_the_score_pass_without_per_example_gradients():
 def test_fsdp_splits_the_weights_and_remat_drops_the_temporaries():
     from layerif_jax import sharding as shd
     ndev = 4
-    kw = dict(topology_spec="v5e:2x2", n=40, m=8, tokens=128, chunk_size=64, costs=False)
+    # the references of the kernels: what remat drops is the dense attention's [T, T]
+    # arrays among the rest (the attention kernel's effect is checked at the end)
+    kw = dict(topology_spec="v5e:2x2", n=40, m=8, tokens=128, chunk_size=64, costs=False,
+              kernels="reference")
     fsdp = planmod.plan(CFG, LORA, sharding="fsdp", **kw)
     remat = planmod.plan(CFG, LORA, sharding="fsdp", remat="full", **kw)
     assert fsdp.fits and remat.fits and fsdp.mesh == "4x1"
@@ -174,6 +179,12 @@ def test_fsdp_splits_the_weights_and_remat_drops_the_temporaries():
     assert twice <= extra <= 1.15 * twice, (c, twice)
     # the influence step costs one forward+backward with the same remat
     assert c["flops"] == pytest.approx(c["fwd_bwd_remat_flops"], rel=0.03)
+    # splash attention with segment ids (in a shard_map under fsdp) keeps no [B, H, T, T]
+    # scores or probabilities: without remat the temporaries about halve (93.5 -> 48.5 MiB
+    # when written; with full remat they grow a little, 8.7 -> 12.6 MiB: README)
+    kern = planmod.plan(CFG, LORA, sharding="fsdp", **{**kw, "kernels": "auto"})
+    assert kern.fits and kern.bytes["temporaries"] < 0.6 * fsdp.bytes["temporaries"], (
+        kern.bytes, fsdp.bytes)
     with pytest.raises(LayerIFError, match="needs sharding fsdp or fsdp_tp"):
         planmod.plan(CFG, LORA, mesh_shape="2x2", **kw)
     with pytest.raises(LayerIFError, match="needs 8 devices, there are 4"):

@@ -49,6 +49,7 @@ from ..chips import GiB, Chip, Topology, parse_topology
 from ..errors import LayerIFError
 from ..io import parse_bytes
 from ..models.config import ModelConfig
+from ..models.decoder import dense_attention
 from ..models.lora import LoraConfig
 from ..ops import compiling_for, layer_remat, remat_mode
 from . import core
@@ -206,7 +207,9 @@ def per_chunk_costs(cfg: ModelConfig, lora: LoraConfig, dtype, geo: Geometry, de
     """FLOPs and bytes accessed of one device's chunk, for the influence step and for a
     plain forward+backward (with remat: also for a rematerialised one; with scores: also
     for the score pass's call, `_score_step`): compiles at depths 1 and 2 with the layer
-    scan unrolled, extrapolated to cfg.num_layers (the compiler counts a loop body once)."""
+    scan unrolled, extrapolated to cfg.num_layers (the compiler counts a loop body once).
+    Attention is counted as the dense path (`decoder.dense_attention`): splash attention
+    declares no cost to the compiler; its work is at most that (it skips masked blocks)."""
     one = SingleDeviceSharding(device)
     out = {}
     for depth in (1, 2):
@@ -216,7 +219,7 @@ def per_chunk_costs(cfg: ModelConfig, lora: LoraConfig, dtype, geo: Geometry, de
         model = abstract_model(c, lora, dtype)
         graphdef = nnx.graphdef(model)
         args = _step_args(model, geo, 1, 1, one, one)
-        with compiling_for(platform, unroll_layers=True):
+        with compiling_for(platform, unroll_layers=True), dense_attention():
             step = _step(graphdef, dtype, geo, None, remat=remat).lower(*args).compile()
             chunk = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=one) for a in args[2:6]]
             fbs = [_fwd_bwd(graphdef, dtype, geo.per_row, r).lower(*args[:2], *chunk).compile()

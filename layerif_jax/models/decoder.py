@@ -16,6 +16,9 @@ from the frozen base.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -25,7 +28,12 @@ from flax import nnx
 
 from jax.ad_checkpoint import checkpoint_name
 
-from ..ops import mm, remat_layers, unroll_layers
+import kernels
+from kernels.segment_attention import KERNEL_PLATFORMS as ATTENTION_KERNEL_PLATFORMS
+from kernels.segment_attention import segment_attention
+
+from .. import sharding as shd
+from ..ops import mm, remat_layers, target_platform, unroll_layers
 from ..sharding import constrain
 from .config import LINEARS, ModelConfig
 
@@ -154,15 +162,117 @@ def _softmax_bwd(y, dy):
 softmax_last.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys the queries of a layer see, in one of two forms: the additive biases of
+    the dense path (`biases` [W, B, 1, 1, T, T], one per distinct window of the model's
+    layers) or, for the attention kernel (`kernels.segment_attention`: splash attention
+    with segment ids on a TPU), only the example of every token (`segments` [B, T] int32,
+    negative for padding) with the windows as static numbers. `which`: the layer's index
+    into `windows` ([L] for all layers before `layer` picks one inside the layer scan).
+    """
+    biases: jax.Array | None
+    segments: jax.Array | None
+    which: jax.Array
+    windows: tuple = ()
+    interpret: bool = False
+
+    def layer(self, which) -> "AttentionMask":
+        return dataclasses.replace(self, which=which)
+
+    def dense_bias(self) -> jax.Array:
+        return self.biases[0] if self.biases.shape[0] == 1 else self.biases[self.which]
+
+
+jax.tree_util.register_dataclass(AttentionMask, data_fields=["biases", "segments", "which"],
+                                 meta_fields=["windows", "interpret"])
+
+
+_DENSE: contextvars.ContextVar[bool] = contextvars.ContextVar("layerif_dense_attention",
+                                                              default=False)
+
+
+@contextlib.contextmanager
+def dense_attention():
+    """Inside: the dense attention path whatever the kernel setting. The plans count FLOPs
+    and bytes with it: splash attention's Pallas calls declare no cost, so the compiler's
+    cost analysis would count the kernel's attention as nothing."""
+    token = _DENSE.set(True)
+    try:
+        yield
+    finally:
+        _DENSE.reset(token)
+
+
+def attention_masks(cfg: ModelConfig, mask_BT, pos_BT, segments_BT=None) -> AttentionMask:
+    """The layers' `AttentionMask`: the kernel's segments when `kernels.resolve` picks the
+    attention kernel for the platform being compiled for (`ops.target_platform`), else the
+    dense biases (`layer_biases`; also inside `dense_attention()`). The kernel's form assumes what packed and plain rows
+    give: each example's tokens consecutive, with consecutive positions (a window counts
+    tokens)."""
+    impl, interpret = kernels.resolve(None, None, target_platform(), ATTENTION_KERNEL_PLATFORMS)
+    windows = [cfg.window_of(l) for l in range(cfg.num_layers)]
+    distinct = tuple(dict.fromkeys(windows))
+    which = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
+    if impl == "reference" or _DENSE.get():
+        return AttentionMask(layer_biases(cfg, mask_BT, pos_BT, segments_BT)[0], None, which,
+                             distinct)
+    seg = jnp.zeros(mask_BT.shape, jnp.int32) if segments_BT is None else segments_BT
+    seg = jnp.where(mask_BT.astype(bool) & (seg >= 0), seg, -1).astype(jnp.int32)
+    return AttentionMask(None, seg, which, distinct, interpret)
+
+
+def _kernel_attention(q_BTHD, k_BTKD, v_BTKD, m: AttentionMask, dtype, scale, softcap):
+    """`kernels.segment_attention` for the layer's window (a switch over the model's
+    distinct windows when they differ by layer). Under a sharded preset's activation
+    rules (the packed engine's per-shard function vmapped over "data") it runs in a
+    shard_map, heads split like the q / k / v projections' outputs: XLA cannot partition
+    a Pallas call itself."""
+    B, T, H, D = q_BTHD.shape
+
+    def run(window):
+        return lambda q, k, v, s: segment_attention(q, k, v, s, scale=scale, softcap=softcap,
+                                                    window=window, impl="kernel",
+                                                    interpret=m.interpret,
+                                                    platform=target_platform())
+
+    fns = [run(w) for w in m.windows]
+    call = fns[0] if len(fns) == 1 else (
+        lambda q, k, v, s, w: jax.lax.switch(w, fns, q, k, v, s))
+    args = (q_BTHD, k_BTKD, v_BTKD, m.segments) + (() if len(fns) == 1 else (m.which,))
+    active = shd.active_rules()
+    if active is not None:
+        mesh, preset = active
+        heads = shd.spec(("heads",), preset)[0]
+        size = 1 if heads is None else math.prod(mesh.shape[a] for a in (
+            heads if isinstance(heads, tuple) else (heads,)))
+        if H % size or k_BTKD.shape[2] % size:
+            heads = None
+        hs = jax.sharding.PartitionSpec(None, None, heads, None)
+        rep = jax.sharding.PartitionSpec()
+        call = jax.shard_map(call, mesh=mesh, in_specs=(hs, hs, hs, rep) + (rep,) * (
+            len(args) - 4), out_specs=hs, check_vma=False)
+    return call(*args).reshape(B, T, H * D).astype(dtype)
+
+
 def attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype, *, scale: float | None = None,
               softcap: float | None = None) -> jax.Array:
     """Grouped-query attention -> [B, T, H*D]. Softmax in float32. `scale` (default
     1/sqrt(D)) multiplies the scores; `softcap` caps them: cap * tanh(s / cap).
+    `bias`: an `AttentionMask` (the layer's: dense biases or the kernel's segments) or
+    an additive bias [B, 1, 1, T, T].
 
-    Laid out as plain batched matmuls over (batch, kv-head): [B*K, G*T, D] x [B*K, D, S];
-    XLA:CPU runs this about twice as fast as the equivalent 5-D einsum.
+    The dense path is laid out as plain batched matmuls over (batch, kv-head):
+    [B*K, G*T, D] x [B*K, D, S]; XLA:CPU runs this about twice as fast as the equivalent
+    5-D einsum.
     """
     B, T, H, D = q_BTHD.shape
+    if isinstance(bias, AttentionMask):
+        if bias.biases is None:
+            return _kernel_attention(q_BTHD, k_BTKD, v_BTKD, bias, dtype,
+                                     scale if scale is not None else 1.0 / math.sqrt(D),
+                                     softcap)
+        bias = bias.dense_bias()
     K = k_BTKD.shape[2]
     G = H // K
     q = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, D)
@@ -363,7 +473,7 @@ class Decoder(nnx.Module):
         B, T = ids_BT.shape
         mask_BT = jnp.ones((B, T), bool) if mask_BT is None else mask_BT.astype(bool)
         pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
-        biases, which = layer_biases(cfg, mask_BT, pos_BT, segments_BT)
+        masks = attention_masks(cfg, mask_BT, pos_BT, segments_BT)
         inv_freq = rope_inv_freq(cfg)
         lora = self.layers.lora_settings()
         keys = (jax.random.split(dropout_key, cfg.num_layers) if dropout_key is not None
@@ -378,8 +488,7 @@ class Decoder(nnx.Module):
                     else (lambda names, h: group_fn(p, data, names, h)))
             if remat == "mlp":
                 lins = _attention_kept(lins)
-            bias = biases[0] if biases.shape[0] == 1 else biases[w]
-            x = block(cfg, p, x, bias, pos_BT, inv_freq, lins, dtype)
+            x = block(cfg, p, x, masks.layer(w), pos_BT, inv_freq, lins, dtype)
             return constrain(x, ("rows", "length", "act_embed")), None
 
         if remat:   # rematerialise the blocks in the backward (ops.layer_remat)
@@ -389,7 +498,7 @@ class Decoder(nnx.Module):
                 jax.checkpoint_policies.nothing_saveable if remat == "full"
                 else jax.checkpoint_policies.save_only_these_names(KEPT)))
         x, _ = jax.lax.scan(body, self.embed(ids_BT, dtype),
-                            (self.layers.layer_arrays(), keys, layer_data, which),
+                            (self.layers.layer_arrays(), keys, layer_data, masks.which),
                             unroll=unroll_layers())
         return x
 

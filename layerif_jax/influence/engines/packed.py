@@ -137,8 +137,11 @@ def _probed_bwd(scales, dtype, per_row, mode, res, dys):
             np.zeros(seg.shape, jax.dtypes.float0)
     g_probes = []
     for (_, a, b), s, dy in zip(params, scales, dys):
-        gA, gB = segment_grads.lora_grads(x, dy, seg, a, b, s, per_row,
-                                          platform=target_platform(), precision=prec)
+        # under a sharded preset (activation rules on) the reference: XLA cannot partition
+        # the Pallas call (vmapped over the data shards every device would gather all rows)
+        gA, gB = segment_grads.lora_grads(
+            x, dy, seg, a, b, s, per_row, platform=target_platform(), precision=prec,
+            impl="reference" if shd.active_rules() is not None else None)
         g_probes.append((gA.reshape(RJ, *gA.shape[2:]), gB.reshape(RJ, *gB.shape[2:])))
     if mode == "both":
         g_probes = [g + f for g, f in zip(g_probes, _factor_sums(
@@ -555,9 +558,9 @@ def _gspmd_fn(local_fn, mesh, factors: bool, preset: str, scores: bool = False):
     def group_fn(lora, rest, *args):
         front = args[:1] if scores else ()
         arrays = tuple(split(a, 1) for a in args[len(front):])
-        # the reference of the segment sums: a Pallas call is a custom call XLA cannot
-        # partition (vmapped over the shards, every device would gather all their rows)
-        with shd.activation_rules(mesh, preset), kernels.use("reference"):
+        # the segment sums take their reference here (`_probed_bwd`); the attention kernel
+        # runs in a shard_map of its own (`models.decoder.attention`)
+        with shd.activation_rules(mesh, preset):
             out = jax.vmap(lambda a: local_fn(lora, rest, *front, *a),
                            spmd_axis_name="data")(arrays)
         merge = lambda x: x.reshape(-1, *x.shape[2:])   # noqa: E731
