@@ -1,7 +1,15 @@
-"""segment_outer / lora_grads / lora_scores: the Pallas kernel (interpreted on CPU, compiled for TPU
-with libtpu) and the pure-JAX reference against float64 NumPy sums over each example's
-tokens, forward and gradients, on random packed layouts: padding, empty example slots,
-one-token examples, several token and column tiles; float32 and bfloat16 inputs."""
+"""segment_outer / lora_grads / lora_scores: the Pallas kernels (interpreted on CPU; the TPU
+kernel compiled for TPU with libtpu, the GPU kernel for an H200 with the JAX CUDA plugin)
+and the pure-JAX reference against float64 NumPy sums over each example's tokens, forward
+and gradients, on random packed layouts: padding, empty example slots, one-token
+examples, several token and column tiles; float32 and bfloat16 inputs.
+
+The Mosaic GPU kernel (gpu.py) runs on CPU in Mosaic GPU's own interpreter (jax 0.10 and
+0.12: `interpret=InterpretGPUParams()`, which simulates the warpgroup's threads, shared
+memory, TMA copies, barriers and wgmma; uninitialised shared memory reads as NaN), the
+same kernel body that compiles for the H200. Its tolerance is its stated precision: bf16
+tensor-core products with w (and float32 x) split in two bf16 parts, bounded elementwise
+by (eps + T 2^-23) sum_t |w_t| |x_t| with eps = 2^-16 (bf16 x) or 3 2^-16 (float32 x)."""
 
 from __future__ import annotations
 
@@ -17,6 +25,9 @@ from kernels.segment_grads import lora_grads, lora_scores, segment_outer, tpu
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="TPU compiles need the libtpu wheel")
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+needs_cuda_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="GPU compiles need the JAX "
+                                       "CUDA plugin (pip install 'jax[cuda12-local]')")
 
 
 def layout(rng, R, T, J):
@@ -146,12 +157,27 @@ def _has_pallas(fn, *args) -> bool:
     return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
+def _kernel_in(fn, *args) -> str | None:
+    """Which kernel a trace holds: "tpu" (a pallas_call), "gpu" (Mosaic GPU's wgmma) or None."""
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    return "tpu" if "pallas_call" in jaxpr else "gpu" if "wgmma" in jaxpr else None
+
+
 def test_the_switch():
     seg, w, x = jnp.zeros((1, 128), jnp.int32), jnp.ones((1, 128, 8)), jnp.ones((1, 128, 128))
     run = lambda **kw: lambda s, w_, x_: segment_outer(s, w_, x_, 2, **kw)   # noqa: E731
     assert not _has_pallas(run(), seg, w, x)                 # auto on CPU: the reference
     assert _has_pallas(run(platform="tpu"), seg, w, x)       # auto for a TPU: the kernel
     assert not _has_pallas(run(platform="tpu", impl="reference"), seg, w, x)
+    assert _kernel_in(run(platform="cuda"), seg, w, x) == "gpu"   # auto for an NVIDIA GPU
+    assert _kernel_in(run(platform="tpu"), seg, w, x) == "tpu"
+    assert _kernel_in(run(platform="cuda", impl="reference"), seg, w, x) is None
+    assert _kernel_in(run(platform="cuda", interpret=True), seg, w, x) == "gpu"
+    assert _kernel_in(run(platform="gpu"), seg, w, x) is None      # no local Hopper here
+    with kernels.use("kernel", interpret=True):
+        assert _kernel_in(run(platform="cuda"), seg, w, x) == "gpu"
+    with kernels.use("reference"):
+        assert _kernel_in(run(platform="cuda"), seg, w, x) is None
     assert _has_pallas(run(interpret=True), seg, w, x)
     with kernels.use("kernel", interpret=True):
         assert _has_pallas(run(), seg, w, x)
@@ -216,3 +242,171 @@ def test_compiles_inside_the_influence_step(chip):
         with kernels.use(impl):
             hlo = planmod.lower_call(model, geo, 1, mesh, jnp.bfloat16, "tpu").compile().as_text()
         assert hlo.count('custom_call_target="tpu_custom_call"') == want, impl
+
+
+# ---- the GPU kernel (Mosaic GPU, Hopper) --------------------------------------------------
+
+def _gpu_tolerance(seg, w, x, J):
+    """gpu.py's precision, elementwise: (eps + T 2^-23) sum_{t in e} |w_t| |x_t|."""
+    eps = 2.0 ** -16 * (1 if x.dtype == jnp.bfloat16 else 3)
+    bound = numpy_outer(seg, np.abs(np.asarray(w, np.float32)),
+                        np.abs(np.asarray(x.astype(jnp.float32))), J)
+    return (eps + seg.shape[1] * 2.0 ** -23) * bound
+
+
+# SHAPES, plus examples in two groups of one block each (J k = 20 x 8 > 128 rows) and a
+# rank that leaves 64 - 7 x 9 = 1 padding row
+GPU_SHAPES = SHAPES + [(1, 128, 8, 128, 20), (2, 192, 9, 128, 7)]
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernel_forward_against_float64(shape, dtype):
+    """The Mosaic GPU kernel, interpreted, through the public entry point (platform "cuda"):
+    every example's sum within the kernel's stated precision, empty slots exactly zero."""
+    from kernels.segment_grads import gpu
+    R, T, k, N, J = shape
+    rng = np.random.default_rng(sum(shape))
+    seg = layout(rng, R, T, J)
+    w = jnp.asarray(rng.normal(size=(R, T, k)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(R, T, N)), dtype)
+    want = numpy_outer(seg, w, x.astype(jnp.float32), J)
+    run = lambda s, w_, x_: segment_outer(s, w_, x_, J, impl="kernel", interpret=True,  # noqa: E731
+                                          platform="cuda")
+    assert _kernel_in(run, jnp.asarray(seg), w, x) == "gpu"
+    got = run(jnp.asarray(seg), w, x)
+    assert got.shape == (R, J, k, N) and got.dtype == jnp.float32
+    err = np.abs(np.asarray(got) - want)
+    tol = _gpu_tolerance(seg, w, x, J)
+    assert (err <= tol).all(), (err.max(), (err / np.maximum(tol, 1e-30)).max())
+    # two bf16 parts of w, not one: w rounded to bf16 once is 14-21x over this on SHAPES
+    assert err.max() <= 2.0 ** -13 * np.abs(want).max()
+    for r, j in [(r, j) for r in range(R) for j in range(J) if not (seg[r] == j).any()]:
+        assert not np.asarray(got[r, j]).any()
+    p = gpu.plan(T, N, k, J, dtype)
+    assert p["groups"] == (2 if J * k > gpu.MAX_M else 1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernel_gradients_against_float64(dtype):
+    """Values and gradients of sum(out * c) through the custom_vjp with the GPU kernel in
+    the forward (interpreted) and the reference's VJP in the backward."""
+    R, T, k, N, J = 2, 256, 3, 128, 4
+    rng = np.random.default_rng(11)
+    seg = layout(rng, R, T, J)
+    w = jnp.asarray(rng.normal(size=(R, T, k)), dtype)
+    x = jnp.asarray(rng.normal(size=(R, T, N)), dtype)
+    w64, x64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (w, x))
+    c = rng.normal(size=(R, J, k, N))
+    cs = np.where((seg >= 0)[..., None, None], c[np.arange(R)[:, None], np.clip(seg, 0, J - 1)], 0)
+    def f(w_, x_):
+        out = segment_outer(jnp.asarray(seg), w_, x_, J, impl="kernel", interpret=True,
+                            platform="cuda")
+        return jnp.sum(out * jnp.asarray(c, jnp.float32))
+    val, (dw, dx) = jax.value_and_grad(f, argnums=(0, 1))(w, x)
+    assert dw.dtype == w.dtype and dx.dtype == x.dtype
+    val_want = np.sum(numpy_outer(seg, w64, x64, J) * c)
+    val_tol = np.sum(_gpu_tolerance(seg, w, x, J) * np.abs(c))
+    assert abs(float(val) - val_want) <= val_tol, (float(val), val_want, val_tol)
+    # the backward is float32 (cast to the inputs' dtype): bf16 rounding of dw and dx
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == jnp.float32 else dict(rtol=2 ** -7, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(dw.astype(jnp.float32)),
+                               np.einsum("rtkn,rtn->rtk", cs, x64), **tol)
+    np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)),
+                               np.einsum("rtk,rtkn->rtn", w64, cs), **tol)
+
+
+def test_gpu_tiles():
+    from kernels.segment_grads import gpu
+    # a Mistral-7B map: one block per (row, 128 columns), 64 rows (8 examples x rank 8)
+    p = gpu.plan(256, 14336, 8, 8, jnp.bfloat16)
+    assert (p["Tp"], p["Np"], p["tN"], p["M"], p["groups"], p["stages"]) == \
+        (256, 14336, 128, 64, 1, 4)
+    assert p["smem_bytes"] <= 128 * 1024
+    q = gpu.plan(200, 72, 5, 2, jnp.float16)        # padded to tiles; f16 runs as float32
+    assert (q["Tp"], q["Np"], q["tN"], q["M"], q["x_dtype"]) == (256, 128, 128, 64, jnp.float32)
+    assert gpu.plan(128, 192, 8, 40, jnp.bfloat16)["groups"] == 3      # 16 examples a block
+    for J, k, dt, stages in [(16, 8, jnp.float32, 2), (128, 1, jnp.float32, 2),
+                             (1, 128, jnp.bfloat16, 2), (2, 64, jnp.float32, 1)]:
+        p = gpu.plan(4096, 14336, k, J, dt)       # fewer tiles in flight for large ranks
+        assert p["smem_bytes"] <= gpu.SMEM_BUDGET and p["stages"] == stages, (J, k, p)
+    with pytest.raises(ValueError, match="rank 129"):
+        gpu.plan(128, 128, 129, 1, jnp.bfloat16)
+
+
+def _h200_replicated():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from layerif_jax.influence.plan import topology
+    _, devs = topology("h200")
+    return NamedSharding(Mesh(np.array(devs[:1]), ("d",)), P())
+
+
+MOSAIC_GPU_CALL = 'custom_call_target="mosaic_gpu_v2"'
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compiles_for_h200(dtype):
+    """XLA:GPU and the Mosaic GPU compiler (sm_90a, the H200's shared memory) accept the
+    kernel at a Mistral-7B map's shapes (x [R, T, 4096], dy [R, T, 14336], rank 8, 8
+    examples a row), once per gradient, and nothing of the reference's masked copies is
+    left in the program."""
+    rep = _h200_replicated()
+    S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)   # noqa: E731
+    R, T, I, O, k, J = 2, 256, 4096, 14336, 8, 8
+    f = jax.jit(lambda x, dy, s, a, b: lora_grads(x, dy, s, a, b, 2.0, J, platform="cuda"))
+    c = f.lower(S((R, T, I), dtype), S((R, T, O), dtype), S((R, T), jnp.int32),
+                S((I, k), dtype), S((k, O), dtype)).compile()
+    hlo = c.as_text()
+    assert hlo.count(MOSAIC_GPU_CALL) == 2
+    # the kernels' outputs are the gradients themselves: no [R, J, T, k] masked copies
+    assert f"[{R},{J},{T},{k}]" not in hlo
+
+
+@needs_cuda_plugin
+def test_compiles_inside_the_influence_step_for_h200():
+    """The packed engine's training call for one H200 takes the GPU kernel (twice per LoRA
+    map in the layer scan's body) and XLA:GPU compiles it; with kernels.use("reference")
+    the same call has none."""
+    import re
+
+    from jax.sharding import Mesh
+
+    from layerif_jax.influence import plan as planmod
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.lora import LoraConfig
+    cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=128)
+    model = planmod.abstract_model(cfg, LoraConfig(rank=8, alpha=16.0), jnp.bfloat16)
+    _, devs = planmod.topology("h200")
+    mesh = Mesh(np.array(devs), ("data",))
+    geo = planmod.Geometry.of(64, 8, len(devs))
+    maps = len(model.packed_lora())
+    for impl, want in (("auto", 2 * maps), ("reference", 0)):
+        with kernels.use(impl):
+            hlo = planmod.lower_call(model, geo, 1, mesh, jnp.bfloat16, "cuda").compile().as_text()
+        ours = [ln for ln in hlo.splitlines()
+                if MOSAIC_GPU_CALL in ln and re.search(r'op_name="[^"]*segment_outer', ln)]
+        assert len(ours) == want, impl
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("T, N, k, J, dtype", [
+    (4096, 14336, 8, 16, jnp.float32),     # 128 rows, float32 x: two x tiles in flight
+    (1024, 4096, 64, 2, jnp.float32),      # a large rank: one x tile in flight
+    (1024, 4096, 32, 4, jnp.bfloat16),     # 128 rows of rank 32
+    (200, 72, 5, 30, jnp.bfloat16),        # padded T and N, two example groups
+])
+def test_compiles_for_h200_at_the_shared_memory_edges(T, N, k, J, dtype):
+    """Blocks near the H200's 227 KiB of shared memory (the compiler refuses one beyond:
+    "exceeds available shared memory"; its count was within 1 KiB of `gpu.plan`'s), more
+    rows, large ranks, padding and example groups compile."""
+    from kernels.segment_grads import gpu
+    assert gpu.plan(T, N, k, J, dtype)["smem_bytes"] <= gpu.SMEM_BUDGET
+    rep = _h200_replicated()
+    S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)   # noqa: E731
+    f = jax.jit(lambda s, w, x: gpu.segment_outer(s, w, x, J))
+    hlo = f.lower(S((1, T), jnp.int32), S((1, T, k), jnp.float32),
+                  S((1, T, N), dtype)).compile().as_text()
+    assert hlo.count(MOSAIC_GPU_CALL) == 1
