@@ -2,6 +2,7 @@
 one process with 4 devices, and two processes (multi-host, gloo collectives) with 2 each."""
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -67,7 +68,8 @@ SCRIPT = BUILD + textwrap.dedent("""
 
 # every process runs this with the same model and examples; each gets the whole result
 MULTIHOST = textwrap.dedent("""
-    import sys, jax
+    import faulthandler, signal, sys, jax
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks on demand (a hang)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # a loaded 2-core CI machine can starve the heartbeats past the default 100 s
     jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2,
@@ -136,9 +138,12 @@ def test_two_processes_match_one_device(tmp_path):
                 break
             time.sleep(0.5)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        live = [p for p in procs if p.poll() is None]
+        for p in live:   # where a hung process waits: its threads' stacks to its stderr
+            p.send_signal(signal.SIGUSR1)
+        time.sleep(3 if live else 0)
+        for p in live:
+            p.kill()
     for p in procs:
         p.wait()
     for f in (f for pair in logs for f in pair):
@@ -147,6 +152,6 @@ def test_two_processes_match_one_device(tmp_path):
             for i in range(2)]
     for i, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, (f"process {i} exit {p.returncode} (killed when the other "
-                                   f"failed or after 600 s):\n{stderr[-3000:]}")
+                                   f"failed or after 600 s):\n{stderr[-6000:]}")
         rels = _rels(stdout)
         assert len(rels) == 7 and all(r < 1e-5 for r in rels), rels
