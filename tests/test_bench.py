@@ -75,6 +75,10 @@ def test_bench_cli_end_to_end_resumes_and_refuses(tiny_dir, tasks_dir, tmp_path,
         err = rows[name]["ihvp_error_vs_exact"]
         assert 0 < err["median"] <= err["max"], (name, err)
     assert "IHVP error vs exact" in (out / "report.md").read_text()
+    assert "own peak MiB" in (out / "report.md").read_text()
+    # each estimator's own peak memory (on CPU the resident set's growth; memory.Peak is
+    # held to allocations of known size in test_memory.py)
+    assert all(r["peak_source"] == "rss" and r["peak_mib_own"] >= 0 for r in rows.values())
     assert rep["estimators-lm"]["settings"]["adapter"].startswith("random LoRA")
     first = (out / "sections" / "estimators-lm.json").stat().st_mtime_ns
     # a second benchmark joins the folder; the finished one is kept, not rerun

@@ -109,7 +109,11 @@ def estimators_lm(model, train, val, estimators=ESTIMATORS, options=None,
     own = {k: _own_seconds(v) for k, v in results.items()}
     for name, res in results.items():
         ph = res.meta["phase_seconds"]
+        pk = res.meta["phase_peak_bytes"]   # its own phases' peak above their start
+        peak = [b for b in (pk["precondition"], pk["score"]) if b is not None]
         row = {"estimator": name, "seconds_own": round(own[name], 2),
+               "peak_mib_own": round(max(peak) / 2 ** 20, 1) if peak else None,
+               "peak_source": pk["source"],
                "seconds_gradients": round(ph["validation"] + ph["train"], 2),
                "report": {k: v for k, v in res.meta.get("estimator_report", {}).items()
                           if k != "top_eigenvalue"}}

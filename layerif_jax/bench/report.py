@@ -29,12 +29,12 @@ def tables(sections: dict) -> str:
                     f"{_f(r['validation_found'][i], '.2f')} | {r['seconds']} |"
                     for r in res["rows"]]
         elif suite == "estimators-lm":
-            out += ["| estimator | own seconds | x DataInf | IHVP error vs exact, max / median "
-                    "(cosine, median) | layer Spearman vs exact / DataInf / EK-FAC | error |",
-                    "|---|---|---|---|---|---|"]
+            out += ["| estimator | own seconds | x DataInf | own peak MiB | IHVP error vs "
+                    "exact, max / median (cosine, median) | layer Spearman vs exact / DataInf / "
+                    "EK-FAC | error |", "|---|---|---|---|---|---|---|"]
             for r in res["rows"]:
                 if "error" in r:
-                    out.append(f"| {r['estimator']} | - | - | - | - | {r['error']} |")
+                    out.append(f"| {r['estimator']} | - | - | - | - | - | {r['error']} |")
                     continue
                 sp = " / ".join(_f(r.get(f"layer_spearman_vs_{k}"))
                                 for k in ("exact", "datainf", "ekfac"))
@@ -42,7 +42,8 @@ def tables(sections: dict) -> str:
                 ih = (f"{ih['max']:.2e} / {ih['median']:.2e} ({ih['cosine_median']:.3f})"
                       if ih else "-")
                 out.append(f"| {r['estimator']} | {r['seconds_own']} | "
-                           f"{_f(r.get('time_ratio_to_datainf'), '.2f')} | {ih} | {sp} | |")
+                           f"{_f(r.get('time_ratio_to_datainf'), '.2f')} | "
+                           f"{_f(r.get('peak_mib_own'), '.1f')} | {ih} | {sp} | |")
         elif suite == "class-detection":
             out += ["| estimator | AUC | recall@k | own seconds | error |",
                     "|---|---|---|---|---|"]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import LayerIFError
+from ..memory import Peak
 from ..notes import info, note
 from ..stop import check as check_stop
 from . import core
@@ -468,24 +469,28 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
     ctx = Context(part=part, n=n, v=p.v, sq_u=p.sq_u, vg_u=p.vg_u, lam=p.lam, chunks=chunks,
                   kept=bool(p.keep_call.all()), needed_bytes=p.need, curvature=s.curvature,
                   product=product, factors=p.factors)
-    h = est.precondition(ctx)
-    phase("precondition", h)
+    # peak memory of each phase above what it started with (`memory.Peak`: the device's
+    # where it reports memory, else the process's resident set)
+    with Peak() as peak_pre:
+        h = est.precondition(ctx)
+        phase("precondition", h)
     finalize = getattr(est, "finalize", None)   # e.g. cosine: divide by ||g_i||
-    error = (ihvp_error(ctx, p.v if h is None else h, ref)
-             if ref is not None and finalize is None else None)
-    direct = h is not None and _direct(engine, h)
-    unit_scores = (p.vg_u if h is None else core.to_units(
-        jnp.concatenate(list(score_calls(engine, p, h, direct))), p.onehot))
-    if finalize is not None:
-        unit_scores = finalize(ctx, unit_scores)
-    layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)[input_order(p.tb, n)]
-    per_val_layers = None
-    if s.per_val:
-        per_val_layers = layer_nML[:, input_order(p.vb, m)]
-        per_example = per_val_layers.mean(1)
-    else:
-        per_example = layer_nML[:, 0]
-    phase("score", layer_nML)
+    with Peak() as peak_score:
+        error = (ihvp_error(ctx, p.v if h is None else h, ref)
+                 if ref is not None and finalize is None else None)
+        direct = h is not None and _direct(engine, h)
+        unit_scores = (p.vg_u if h is None else core.to_units(
+            jnp.concatenate(list(score_calls(engine, p, h, direct))), p.onehot))
+        if finalize is not None:
+            unit_scores = finalize(ctx, unit_scores)
+        layer_nML = to_host(jnp.sum(unit_scores, -1), np.float64)[input_order(p.tb, n)]
+        per_val_layers = None
+        if s.per_val:
+            per_val_layers = layer_nML[:, input_order(p.vb, m)]
+            per_example = per_val_layers.mean(1)
+        else:
+            per_example = layer_nML[:, 0]
+        phase("score", layer_nML)
     if (per_example > 0).all():
         note("every per-example score is positive: the '+ve' and 'all' layer scores are equal")
     return LayerScores(
@@ -510,5 +515,7 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
                  else {}),
               "damping_scale": s.damping_scale, "curvature": s.curvature,
               "phase_seconds": phases,
+              "phase_peak_bytes": {"precondition": peak_pre.bytes, "score": peak_score.bytes,
+                                   "source": peak_pre.source},
               **({"estimator_report": ctx.report} if ctx.report else {}),
               **({"ihvp_error_vs_exact": error} if error is not None else {})}), h
