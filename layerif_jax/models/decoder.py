@@ -207,16 +207,14 @@ def dense_attention():
 def attention_masks(cfg: ModelConfig, mask_BT, pos_BT, segments_BT=None) -> AttentionMask:
     """The layers' `AttentionMask`: the kernel's segments when `kernels.resolve` picks the
     attention kernel for the platform being compiled for (`ops.target_platform`), else the
-    dense biases (`layer_biases`; also inside `dense_attention()`). The kernel's form assumes what packed and plain rows
-    give: each example's tokens consecutive, with consecutive positions (a window counts
-    tokens)."""
+    dense biases (`layer_biases`; also inside `dense_attention()`). The kernel's form
+    assumes what packed and plain rows give: each example's tokens consecutive, with
+    consecutive positions (a window counts tokens)."""
     impl, interpret = kernels.resolve(None, None, target_platform(), ATTENTION_KERNEL_PLATFORMS)
-    windows = [cfg.window_of(l) for l in range(cfg.num_layers)]
-    distinct = tuple(dict.fromkeys(windows))
-    which = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
     if impl == "reference" or _DENSE.get():
-        return AttentionMask(layer_biases(cfg, mask_BT, pos_BT, segments_BT)[0], None, which,
-                             distinct)
+        biases, which = layer_biases(cfg, mask_BT, pos_BT, segments_BT)
+        return AttentionMask(biases, None, which, layer_windows(cfg)[0])
+    distinct, which = layer_windows(cfg)
     seg = jnp.zeros(mask_BT.shape, jnp.int32) if segments_BT is None else segments_BT
     seg = jnp.where(mask_BT.astype(bool) & (seg >= 0), seg, -1).astype(jnp.int32)
     return AttentionMask(None, seg, which, distinct, interpret)
@@ -373,10 +371,17 @@ def block_apply(cfg: ModelConfig, p: dict[str, Any], x_BTD: jax.Array, bias, pos
 def layer_biases(cfg: ModelConfig, mask_BT, pos_BT, segments_BT=None):
     """(biases [W, B, 1, 1, T, T] for the W distinct windows of the layers, which [L]:
     the index of each layer's)."""
-    windows = [cfg.window_of(l) for l in range(cfg.num_layers)]
-    distinct = list(dict.fromkeys(windows))
+    distinct, which = layer_windows(cfg)
     biases = jnp.stack([attention_bias(mask_BT, pos_BT, w, segments_BT) for w in distinct])
-    return biases, jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
+    return biases, which
+
+
+def layer_windows(cfg: ModelConfig) -> tuple[tuple, jax.Array]:
+    """(the distinct sliding windows of the layers (None: full causal), which [L]: the
+    index of each layer's)."""
+    windows = [cfg.window_of(l) for l in range(cfg.num_layers)]
+    distinct = tuple(dict.fromkeys(windows))
+    return distinct, jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
 
 
 def recording_lins(p: dict[str, Any], recorded: dict[str, jax.Array], dtype) -> Lins:
