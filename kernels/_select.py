@@ -38,6 +38,19 @@ def setting() -> tuple:
     return _DEFAULT.get() + (os.environ.get("LAYERIF_KERNELS", ""),)
 
 
+def local_platform(platform: str | None, cuda_majors: tuple[int, ...]) -> str:
+    """The platform a trace is for: `platform`, else jax's default backend. A local
+    NVIDIA GPU (jax's "gpu") is "cuda" -- the name an ahead-of-time compile for one
+    passes -- when its compute capability's major version is one the kernel is written
+    for, and stays "gpu" (no kernel) otherwise."""
+    platform = platform or jax.default_backend()
+    if platform == "gpu":
+        cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+        if cc.split(".")[0].isdigit() and int(cc.split(".")[0]) in cuda_majors:
+            return "cuda"
+    return platform
+
+
 def resolve(impl: str | None, interpret: bool | None, platform: str | None,
             kernel_platforms: tuple[str, ...]) -> tuple[str, bool]:
     """("kernel" | "reference", interpret) for a call: its own arguments, else `use(...)`'s,

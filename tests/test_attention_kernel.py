@@ -1,8 +1,11 @@
 """The decoder with the attention kernel (`kernels.segment_attention`: splash attention
-with segment ids, interpreted on CPU) equals the decoder with its dense masked attention:
+with segment ids, and Triton's flash attention traced for an NVIDIA GPU, both
+interpreted on CPU) equals the decoder with its dense masked attention:
 logits of padded and packed rows for every family (sliding windows, per-layer windows
 and a softcap), the packed engine's per-example gradients, and the LayerIF scores
 end to end; sharded presets run it in a shard_map."""
+
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ import kernels
 import layerif_jax as lj
 from conftest import tiny_lora_decoder
 from layerif_jax.models.decoder import AttentionMask, attention_masks
+from layerif_jax.ops import compiling_for
 from test_families import CONFIGS, tiny
 
 
@@ -36,17 +40,20 @@ def test_logits_with_the_kernel_equal_the_dense_path(model_type):
     ids, seg, pos = packed_rows(rng, 2, 40, model.cfg.vocab_size)
     real = np.asarray(seg) >= 0
     mask = jnp.asarray(np.arange(40)[None] < np.array([[33], [40]]))   # right padding
-    with kernels.use("kernel", interpret=True):
-        m = attention_masks(model.cfg, seg >= 0, pos, seg)
-        assert isinstance(m, AttentionMask) and m.biases is None
-        got_packed = np.asarray(model(ids, seg >= 0, positions_BT=pos, segments_BT=seg))
-        got_padded = np.asarray(model(ids, mask))
     want_packed = np.asarray(model(ids, seg >= 0, positions_BT=pos, segments_BT=seg))
     want_padded = np.asarray(model(ids, mask))
     assert attention_masks(model.cfg, seg >= 0, pos, seg).segments is None
-    np.testing.assert_allclose(got_packed[real], want_packed[real], rtol=2e-5, atol=2e-5)
     keep = np.asarray(mask)
-    np.testing.assert_allclose(got_padded[keep], want_padded[keep], rtol=2e-5, atol=2e-5)
+    for platform in ("cpu", "cuda"):    # splash; Triton's kernel (traced for a GPU)
+        with kernels.use("kernel", interpret=True), compiling_for(platform):
+            m = attention_masks(model.cfg, seg >= 0, pos, seg)
+            assert isinstance(m, AttentionMask) and m.biases is None
+            got_packed = np.asarray(model(ids, seg >= 0, positions_BT=pos, segments_BT=seg))
+            got_padded = np.asarray(model(ids, mask))
+        np.testing.assert_allclose(got_packed[real], want_packed[real], rtol=2e-5, atol=2e-5,
+                                   err_msg=platform)
+        np.testing.assert_allclose(got_padded[keep], want_padded[keep], rtol=2e-5, atol=2e-5,
+                                   err_msg=platform)
 
 
 def test_layer_scores_with_the_kernels_equal_the_scores_without():
@@ -113,3 +120,29 @@ def test_sharded_presets_run_the_kernel_in_a_shard_map(tmp_path):
         "KERNEL 4x2 True True", "KERNEL 8x1 True True"], out.stdout
     rels = [float(l.split()[2]) for l in lines if l.startswith("REL")]
     assert len(rels) == 2 and all(r < 1e-5 for r in rels), rels
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                    reason="GPU compiles need the JAX CUDA plugin")
+@pytest.mark.heavy   # leg 1 only: XLA:GPU compiles the step (about half a minute)
+def test_the_influence_step_for_an_h200_takes_the_triton_kernel():
+    """The packed engine's training call compiled for one H200 (XLA:GPU, the JAX CUDA
+    plugin) runs attention as Triton's flash attention (forward, and the backward's two
+    calls, in the layer scan's body); with kernels.use("reference") it has none."""
+    from jax.sharding import Mesh
+
+    from layerif_jax.influence import plan as planmod
+    from layerif_jax.models.config import ModelConfig
+    from layerif_jax.models.lora import LoraConfig
+    cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=128)
+    model = planmod.abstract_model(cfg, LoraConfig(rank=8, alpha=16.0), jnp.bfloat16)
+    _, devs = planmod.topology("h200")
+    mesh = Mesh(np.array(devs), ("data",))
+    geo = planmod.Geometry.of(64, 8, len(devs))
+    for impl in ("auto", "reference"):
+        with kernels.use(impl):
+            hlo = planmod.lower_call(model, geo, 1, mesh, jnp.bfloat16, "cuda").compile().as_text()
+        n = sum('custom_call_target="__gpu$xla.gpu.triton"' in ln and "mha" in ln
+                for ln in hlo.splitlines())
+        assert (n >= 3) if impl == "auto" else n == 0, (impl, n)

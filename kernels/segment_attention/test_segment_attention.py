@@ -1,5 +1,6 @@
 """segment_attention: splash attention with segment ids (interpreted on CPU, compiled for
-TPU with libtpu) and the pure-JAX reference against float64 NumPy attention computed row
+TPU with libtpu), Triton's flash attention with segment ids for NVIDIA GPUs (interpreted
+on CPU, compiled for an H200 with the JAX CUDA plugin) and the pure-JAX reference against float64 NumPy attention computed row
 by row over each example's own tokens: packed layouts with padding, one-token examples,
 T not a multiple of the block, grouped-query heads, a sliding window and a softcap,
 float32 and bfloat16; gradients against central differences of the float64 forward."""
@@ -18,6 +19,17 @@ from kernels.segment_attention import segment_attention
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="TPU compiles need the libtpu wheel")
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+needs_cuda_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="GPU compiles need the JAX "
+                                       "CUDA plugin (pip install 'jax[cuda12-local]')")
+# (impl, platform): splash, the GPU kernel, the reference; all interpreted
+IMPLS = [("kernel", None), ("kernel", "cuda"), ("reference", None)]
+
+
+def gpu_where_it_runs(window, cap):
+    """IMPLS, less the GPU kernel where it would run the reference (a window, a softcap:
+    test_the_switch_and_bad_shapes checks that it does)."""
+    return [i for i in IMPLS if i[1] != "cuda" or (window is None and cap is None)]
 
 
 def packed(rng, B, T):
@@ -72,11 +84,11 @@ def test_forward_against_float64(case, dtype):
     want = numpy_attention(f32(q), f32(k), f32(v), seg, scale, cap, window)
     # float32: softmax and sums in float32; bf16: q scaled, probabilities and output rounded
     tol = 2e-5 if dtype == jnp.float32 else 3e-2
-    for impl in ("kernel", "reference"):
+    for impl, platform in gpu_where_it_runs(window, cap):
         got = segment_attention(q, k, v, jnp.asarray(seg), scale=scale, softcap=cap,
-                                window=window, impl=impl, interpret=True)
+                                window=window, impl=impl, interpret=True, platform=platform)
         assert got.shape == (B, T, H, D) and got.dtype == dtype
-        np.testing.assert_allclose(f32(got), want, rtol=0, atol=tol, err_msg=impl)
+        np.testing.assert_allclose(f32(got), want, rtol=0, atol=tol, err_msg=f"{impl} {platform}")
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]])
@@ -95,10 +107,10 @@ def test_gradients_against_central_differences(case):
     want = (L64(*(a + eps * d for a, d in zip((q, k, v), dirs)))
             - L64(*(a - eps * d for a, d in zip((q, k, v), dirs)))) / (2 * eps)
     f32 = lambda a: jnp.asarray(a, jnp.float32)   # noqa: E731
-    for impl in ("kernel", "reference"):
+    for impl, platform in gpu_where_it_runs(window, cap):
         L = lambda q_, k_, v_: jnp.sum(segment_attention(   # noqa: E731
             q_, k_, v_, jnp.asarray(seg), scale=scale, softcap=cap, window=window, impl=impl,
-            interpret=True) * f32(c))
+            interpret=True, platform=platform) * f32(c))
         grads = jax.grad(L, argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
         got = sum(float(jnp.sum(g * f32(d))) for g, d in zip(grads, dirs))
         assert abs(got - want) <= 1e-4 * (abs(want) + np.sqrt(c.size)), (impl, got, want)
@@ -107,7 +119,8 @@ def test_gradients_against_central_differences(case):
         if pad.any():
             gk = np.asarray(jax.grad(lambda k_: jnp.sum(segment_attention(
                 f32(q), k_, f32(v), jnp.asarray(seg), scale=scale, softcap=cap, window=window,
-                impl=impl, interpret=True) * f32(pad[..., None, None])))(f32(k)))
+                impl=impl, interpret=True, platform=platform)
+                * f32(pad[..., None, None])))(f32(k)))
             assert not gk[~pad].any(), impl
 
 
@@ -118,6 +131,12 @@ def test_the_switch_and_bad_shapes():
         lambda *a: segment_attention(*a, **kw))(q, kv, kv, seg))
     assert not has() and has(platform="tpu") and has(interpret=True)
     assert not has(platform="tpu", impl="reference")
+    # NVIDIA: Triton's kernel, but not for what it lacks (a window shorter than T, a softcap)
+    assert has(platform="cuda", interpret=True) and not has(platform="cuda", impl="reference")
+    assert has(platform="cuda", interpret=True, window=128)
+    assert not has(platform="cuda", interpret=True, window=127)
+    assert not has(platform="cuda", interpret=True, softcap=30.0)
+    assert has(platform="tpu", window=127, softcap=30.0)
     with kernels.use("kernel", interpret=True):
         assert has()
     with pytest.raises(ValueError, match="K dividing H"):
@@ -150,3 +169,31 @@ def test_compiles_for_tpu_forward_and_backward(chip):
         c = jax.jit(jax.grad(lambda *a: loss(*a, impl), argnums=(0, 1, 2))).lower(*args).compile()
         n = c.as_text().count('custom_call_target="tpu_custom_call"')
         assert (n >= 3) if impl == "kernel" else n == 0, (impl, n)   # forward, dq, dkv
+
+
+@needs_cuda_plugin
+def test_compiles_for_h200_forward_and_backward():
+    """Triton's flash attention with segment ids compiles for an H200 (XLA:GPU with the
+    JAX CUDA plugin, no GPU) at Mistral-7B's attention shapes with its backward; the
+    reference has no Triton call. What the compile cannot say: how fast it runs."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from layerif_jax.influence.plan import target_devices, topology
+    _, devs = topology("h200")
+    mesh = Mesh(np.array(devs[:1]), ("d",))
+    rep = NamedSharding(mesh, P())
+    B, T, H, K, D = 2, 256, 32, 8, 128
+    S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)   # noqa: E731
+
+    def loss(q, k, v, seg, impl):
+        return jnp.sum(segment_attention(q, k, v, seg, impl=impl, platform="cuda")
+                       .astype(jnp.float32) ** 2)
+
+    args = (S((B, T, H, D), jnp.bfloat16), S((B, T, K, D), jnp.bfloat16),
+            S((B, T, K, D), jnp.bfloat16), S((B, T), jnp.int32))
+    for impl in ("kernel", "reference"):
+        with target_devices(mesh):   # jax >= 0.11's Triton lowering asks for the GPU's kind
+            c = jax.jit(jax.grad(lambda *a: loss(*a, impl), argnums=(0, 1, 2))).lower(*args)
+        n = c.compile().as_text().count('custom_call_target="__gpu$xla.gpu.triton"')
+        # forward, the backward's preprocessing, dq and dk/dv
+        assert (n >= 3) if impl == "kernel" else n == 0, (impl, n)

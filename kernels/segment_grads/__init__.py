@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._select import resolve
+from .._select import local_platform, resolve
 from . import reference, tpu
 
 KERNEL_PLATFORMS = ("tpu", "cuda")
@@ -40,15 +40,8 @@ GPU_PLATFORMS = ("cuda",)
 
 
 def _platform(platform: str | None) -> str:
-    """The platform a trace is for: `platform`, else jax's default backend; the local GPU
-    (jax's "gpu") is "cuda" when it is a Hopper (compute capability 9.x: wgmma), else it
-    stays "gpu" (no kernel)."""
-    platform = platform or jax.default_backend()
-    if platform == "gpu":
-        cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-        if cc.split(".")[0] == "9":
-            return "cuda"
-    return platform
+    """jax's local "gpu" is "cuda" on a Hopper (compute capability 9.x: wgmma)."""
+    return local_platform(platform, (9,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))

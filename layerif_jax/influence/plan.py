@@ -28,6 +28,7 @@ measurements.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -381,9 +382,18 @@ def lower_call(model, geo: Geometry, k: int, mesh, dtype, platform: str,
     program a run on those devices executes (`.compile()` it with the chip's compiler).
     scores: the score pass's recomputed call instead (`_score_step`)."""
     make = _score_step if scores else _step
-    with compiling_for(platform):
+    with compiling_for(platform), target_devices(mesh):
         return make(nnx.graphdef(model), dtype, geo, mesh, sharding, remat).lower(
             *call_args(model, geo, k, mesh, sharding))
+
+
+def target_devices(mesh):
+    """Around an ahead-of-time lowering for a GPU from a process without one: the mesh's
+    devices as the abstract mesh's device kind, which Pallas's Triton lowering of jax
+    >= 0.11 reads for the compute capability (jax 0.10 left it to XLA:GPU)."""
+    if mesh.devices.flat[0].platform in ("gpu", "cuda") and jax.default_backend() != "gpu":
+        return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    return contextlib.nullcontext()
 
 
 def _compile_call(model, geo, k, mesh, dtype, platform, sharding="dp",

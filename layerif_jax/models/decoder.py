@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 import kernels
 from kernels.segment_attention import KERNEL_PLATFORMS as ATTENTION_KERNEL_PLATFORMS
 from kernels.segment_attention import segment_attention
+from kernels.segment_attention import target as attention_target
 
 from .. import sharding as shd
 from ..ops import mm, remat_layers, target_platform, unroll_layers
@@ -167,7 +168,7 @@ class AttentionMask:
     """Which keys the queries of a layer see, in one of two forms: the additive biases of
     the dense path (`biases` [W, B, 1, 1, T, T], one per distinct window of the model's
     layers) or, for the attention kernel (`kernels.segment_attention`: splash attention
-    with segment ids on a TPU), only the example of every token (`segments` [B, T] int32,
+    with segment ids on a TPU, Triton's flash attention on an NVIDIA GPU), only the example of every token (`segments` [B, T] int32,
     negative for padding) with the windows as static numbers. `which`: the layer's index
     into `windows` ([L] for all layers before `layer` picks one inside the layer scan).
     """
@@ -210,7 +211,8 @@ def attention_masks(cfg: ModelConfig, mask_BT, pos_BT, segments_BT=None) -> Atte
     dense biases (`layer_biases`; also inside `dense_attention()`). The kernel's form
     assumes what packed and plain rows give: each example's tokens consecutive, with
     consecutive positions (a window counts tokens)."""
-    impl, interpret = kernels.resolve(None, None, target_platform(), ATTENTION_KERNEL_PLATFORMS)
+    impl, interpret = kernels.resolve(None, None, attention_target(target_platform()),
+                                      ATTENTION_KERNEL_PLATFORMS)
     if impl == "reference" or _DENSE.get():
         biases, which = layer_biases(cfg, mask_BT, pos_BT, segments_BT)
         return AttentionMask(biases, None, which, layer_windows(cfg)[0])
