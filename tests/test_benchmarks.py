@@ -68,3 +68,49 @@ def test_mislabel_digits_quick(tmp_path):
     assert res["flipped"] == 30 and exact["estimator"] == "exact"
     assert exact["self_influence_auc"] > 0.95 and dot["self_influence_auc"] > 0.9
     assert exact["validation_auc"] > dot["validation_auc"] + 0.1
+
+
+PROFILED = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import profile_step as ps
+dump = ps.xla_dump_dir()          # before jax is imported
+import tempfile
+import jax, jax.numpy as jnp
+
+def gemm_part(a, b):
+    return a @ b
+
+def elementwise_part(x):
+    return jnp.tanh(x) * 3.0 + 1.0
+
+f = jax.jit(lambda a, b: elementwise_part(gemm_part(a, b)))
+a = jnp.ones((768, 768))
+f(a, a).block_until_ready()
+trace = tempfile.mkdtemp()
+with jax.profiler.trace(trace, create_perfetto_trace=True):
+    for _ in range(5):
+        f(a, a).block_until_ready()
+res = ps.breakdown(ps.profile_events(trace), ps.load_modules(dump), roots=(__file__,))
+print({f"{p}|{k}": round(v, 6) for (p, k), v in res["by_kind"].items()})
+"""
+
+
+def test_profile_step_attributes_ops_to_functions_and_kinds(tmp_path):
+    """profile_step's parser on a traced program of known parts: the matmul is a GEMM made
+    in gemm_part, the tanh an elementwise op made in elementwise_part (each function
+    found from the stack frames XLA keeps in the optimized HLO), each with time."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "profiled.py"
+    script.write_text(PROFILED)
+    out = subprocess.run([sys.executable, str(script), str(ROOT / "benchmarks")],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    kinds = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert kinds.get("gemm_part|GEMM", 0) > 0, kinds
+    assert any(k.startswith("elementwise_part|") and v > 0 for k, v in kinds.items()), kinds
+    assert not any(k.startswith("gemm_part|") and not k.endswith("|GEMM") for k in kinds), kinds
