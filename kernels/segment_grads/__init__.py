@@ -105,16 +105,13 @@ def segment_outer(seg_RT, w_RTK, x_RTN, num_segments: int, *, impl: str | None =
 def lora_grads(x_RTI, dy_RTO, seg_RT, a_IK, b_KO, scale: float, num_segments: int,
                **kw) -> tuple[jax.Array, jax.Array]:
     """(dA [R, J, I, k], dB [R, J, k, O]) float32: every example's LoRA gradients of one
-    map, from its input x and output gradient dy (see the module docstring). Keywords:
-    `segment_outer`'s, and `outer`: the (x, dy) pair of functions with segment_outer's
-    signature to take the sums with (e.g. each in a shard_map; default segment_outer)."""
+    map, from its input x and output gradient dy (see the module docstring)."""
     prec = kw.get("precision")
-    outer_x, outer_dy = kw.pop("outer", (segment_outer, segment_outer))
     xf, dyf = x_RTI.astype(jnp.float32), dy_RTO.astype(jnp.float32)
     u = jnp.einsum("rti,ik->rtk", xf, a_IK.astype(jnp.float32), precision=prec)
     du = scale * jnp.einsum("rto,ko->rtk", dyf, b_KO.astype(jnp.float32), precision=prec)
-    gA = jnp.swapaxes(outer_x(seg_RT, du, x_RTI, num_segments, **kw), -1, -2)
-    gB = outer_dy(seg_RT, scale * u, dy_RTO, num_segments, **kw)
+    gA = jnp.swapaxes(segment_outer(seg_RT, du, x_RTI, num_segments, **kw), -1, -2)
+    gB = segment_outer(seg_RT, scale * u, dy_RTO, num_segments, **kw)
     return gA, gB
 
 

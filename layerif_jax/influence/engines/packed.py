@@ -76,9 +76,9 @@ def fold_lora(kernel, a, b, scale: float, dtype) -> jax.Array:
     return jax.lax.optimization_barrier(w).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def probed_linears(x, params, probes, seg_RT, scales: tuple, dtype, per_row: int,
-                   mode: str = "grads", names: tuple = ()) -> tuple:
+                   mode: str = "grads") -> tuple:
     """The LoRA maps that share the input x [R, T, I] (q, k, v or gate, up), as ONE
     GEMM against the concatenated folded kernels [W_m + s_m A_m B_m]: a tuple of y_m.
 
@@ -108,18 +108,15 @@ def probed_linears(x, params, probes, seg_RT, scales: tuple, dtype, per_row: int
     h_B [M, r, O]), zero scalars per example position and M fixed directions; the
     cotangents of tA and tB are h_A . dL_e/dA and h_B . dL_e/dB (the scores of an
     estimator whose IHVP is h), with no per-example gradient formed (`_score_sums`).
-
-    names: the maps' names (`sharding.LINEAR_AXES`), which say how a sharded preset
-    splits x and dy (the segment sums then run in a shard_map); () outside them.
     """
-    return _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode, names)[0]
+    return _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode)[0]
 
 
 def _folded_cat(params, scales, dtype):
     return jnp.concatenate([fold_lora(k, a, b, s, dtype) for (k, a, b), s in zip(params, scales)], 1)
 
 
-def _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode="grads", names=()):
+def _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode="grads"):
     y = mm(x, _folded_cat(params, scales, dtype))
     sizes = [k.shape[-1] for k, _, _ in params]
     ys = tuple(jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1))
@@ -128,33 +125,7 @@ def _probed_fwd(x, params, probes, seg_RT, scales, dtype, per_row, mode="grads",
     return ys, (x, params, seg_RT, probes if mode == "scores" else None)
 
 
-def _sharded_outers(name: str | None, x, dy) -> tuple:
-    """The segment sums of dA (over x) and dB (over dy) of the map `name`: plain
-    `segment_outer`, or under a sharded preset's activation rules (the per-shard function
-    vmapped over "data") each in a shard_map, since XLA cannot partition a Pallas call: x's
-    or dy's last axis split over "model" where the preset puts the map's input or output
-    there (fsdp_tp: heads, MLP), rows over "data" by the vmap's spmd_axis_name."""
-    active = shd.active_rules()
-    if active is None or name not in shd.LINEAR_AXES:
-        return segment_grads.segment_outer, segment_grads.segment_outer
-    mesh, preset = active
-    rules, model = shd.RULES[preset], int(mesh.shape.get("model", 1))
-
-    def wrap(logical, z):
-        ax = "model" if rules.get(logical) == "model" and z.shape[-1] % model == 0 else None
-        P = jax.sharding.PartitionSpec
-
-        def outer(seg, w, z_, J, **kw):
-            return jax.shard_map(lambda s_, w_, x_: segment_grads.segment_outer(s_, w_, x_, J, **kw),
-                                 mesh=mesh, in_specs=(P(), P(), P(None, None, ax)),
-                                 out_specs=P(None, None, None, ax), check_vma=False)(seg, w, z_)
-        return outer
-
-    i_ax, o_ax = shd.LINEAR_AXES[name]
-    return wrap(i_ax, x), wrap(o_ax, dy)
-
-
-def _probed_bwd(scales, dtype, per_row, mode, names, res, dys):
+def _probed_bwd(scales, dtype, per_row, mode, res, dys):
     x, params, seg, probes = res
     dx = mm(jnp.concatenate([dy.astype(dtype) for dy in dys], -1),
             _folded_cat(params, scales, dtype).T)
@@ -165,10 +136,12 @@ def _probed_bwd(scales, dtype, per_row, mode, names, res, dys):
         return dx, zeros, _score_sums(x, params, scales, dys, seg, probes, per_row, prec), \
             np.zeros(seg.shape, jax.dtypes.float0)
     g_probes = []
-    for (_, a, b), s, dy, name in zip(params, scales, dys, names or (None,) * len(params)):
-        gA, gB = segment_grads.lora_grads(x, dy, seg, a, b, s, per_row,
-                                          platform=target_platform(), precision=prec,
-                                          outer=_sharded_outers(name, x, dy))
+    for (_, a, b), s, dy in zip(params, scales, dys):
+        # under a sharded preset (activation rules on) the reference: XLA cannot partition
+        # the Pallas call (vmapped over the data shards every device would gather all rows)
+        gA, gB = segment_grads.lora_grads(
+            x, dy, seg, a, b, s, per_row, platform=target_platform(), precision=prec,
+            impl="reference" if shd.active_rules() is not None else None)
         g_probes.append((gA.reshape(RJ, *gA.shape[2:]), gB.reshape(RJ, *gB.shape[2:])))
     if mode == "both":
         g_probes = [g + f for g, f in zip(g_probes, _factor_sums(
@@ -221,7 +194,7 @@ def probe_group_fn(scales: dict[str, float], seg_RT, per_row: int, dtype,
         ys = dict(zip(lora, probed_linears(
             h, tuple((p[n]["kernel"], p[n]["lora_a"], p[n]["lora_b"]) for n in lora),
             tuple(probes[n] for n in lora), seg_RT, tuple(scales[n] for n in lora),
-            dtype, per_row, mode, tuple(lora)))) if lora else {}
+            dtype, per_row, mode))) if lora else {}
         out = []
         for n in names:
             y = ys[n] if n in ys else mm(h, p[n]["kernel"].astype(dtype))
@@ -585,8 +558,8 @@ def _gspmd_fn(local_fn, mesh, factors: bool, preset: str, scores: bool = False):
     def group_fn(lora, rest, *args):
         front = args[:1] if scores else ()
         arrays = tuple(split(a, 1) for a in args[len(front):])
-        # the kernels run in shard_maps of their own inside (the segment sums:
-        # `_sharded_outers`; attention: `models.decoder.attention`)
+        # the segment sums take their reference here (`_probed_bwd`); the attention kernel
+        # runs in a shard_map of its own (`models.decoder.attention`)
         with shd.activation_rules(mesh, preset):
             out = jax.vmap(lambda a: local_fn(lora, rest, *front, *a),
                            spmd_axis_name="data")(arrays)
