@@ -231,6 +231,7 @@ def one_at_a_time_examples(model, examples):
 
 # -- (c) the general path on the project's Decoder equals the packed engine -----------------
 
+@pytest.mark.heavy   # leg 1 only (CI time): leg 2 runs the general path's own tests
 def test_general_path_on_decoder_equals_packed():
     from layerif_jax.models.config import ModelConfig
     from layerif_jax.models.decoder import Decoder

@@ -116,6 +116,7 @@ def test_per_device_arguments_are_the_arrays_sizes():
 
 
 @needs_libtpu
+@pytest.mark.heavy   # leg 1 only (CI time)
 def test_a_budget_plans_the_score_pass_without_per_example_gradients():
     """Under a memory budget the recomputed calls' score pass is planned too: h . g_e with
     no gradient formed outputs [rows, 1, P] scores, not [rows, ...] gradients, costs a
