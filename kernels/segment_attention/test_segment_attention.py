@@ -145,55 +145,49 @@ def test_the_switch_and_bad_shapes():
         segment_attention(q, kv, kv, seg, window=0)
 
 
-@needs_libtpu
-@pytest.mark.parametrize("chip", ["v5e", "v6e"])
-def test_compiles_for_tpu_forward_and_backward(chip):
-    """Splash attention with segment ids compiles at Mistral-7B's attention shapes (32
-    query heads, 8 kv heads, head_dim 128, bf16 rows of 256 tokens) with its backward
-    (its forward, dq and dkv kernels are in the program); the reference has none."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    from layerif_jax.influence.plan import topology
-    _, devs = topology(f"{chip}:1x1")
-    rep = NamedSharding(Mesh(np.array(devs[:1]), ("d",)), P())
-    B, T, H, K, D = 2, 256, 32, 8, 128
-    S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)   # noqa: E731
-
-    def loss(q, k, v, seg, impl):
-        return jnp.sum(segment_attention(q, k, v, seg, impl=impl, platform="tpu")
-                       .astype(jnp.float32) ** 2)
-
-    args = (S((B, T, H, D), jnp.bfloat16), S((B, T, K, D), jnp.bfloat16),
-            S((B, T, K, D), jnp.bfloat16), S((B, T), jnp.int32))
-    for impl in ("kernel", "reference"):
-        c = jax.jit(jax.grad(lambda *a: loss(*a, impl), argnums=(0, 1, 2))).lower(*args).compile()
-        n = c.as_text().count('custom_call_target="tpu_custom_call"')
-        assert (n >= 3) if impl == "kernel" else n == 0, (impl, n)   # forward, dq, dkv
-
-
-@needs_cuda_plugin
-def test_compiles_for_h200_forward_and_backward():
-    """Triton's flash attention with segment ids compiles for an H200 (XLA:GPU with the
-    JAX CUDA plugin, no GPU) at Mistral-7B's attention shapes with its backward; the
-    reference has no Triton call. What the compile cannot say: how fast it runs."""
+def _compiled_backward(spec: str, platform: str) -> dict[str, str]:
+    """{impl: the compiled program's text} of the gradient of attention at Mistral-7B's
+    attention shapes (32 query heads, 8 kv heads, head_dim 128, bf16 rows of 256 tokens),
+    compiled ahead of time for one device of `spec` (no chip needed)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from layerif_jax.influence.plan import target_devices, topology
-    _, devs = topology("h200")
+    _, devs = topology(spec)
     mesh = Mesh(np.array(devs[:1]), ("d",))
     rep = NamedSharding(mesh, P())
     B, T, H, K, D = 2, 256, 32, 8, 128
     S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)   # noqa: E731
 
     def loss(q, k, v, seg, impl):
-        return jnp.sum(segment_attention(q, k, v, seg, impl=impl, platform="cuda")
+        return jnp.sum(segment_attention(q, k, v, seg, impl=impl, platform=platform)
                        .astype(jnp.float32) ** 2)
 
     args = (S((B, T, H, D), jnp.bfloat16), S((B, T, K, D), jnp.bfloat16),
             S((B, T, K, D), jnp.bfloat16), S((B, T), jnp.int32))
+    out = {}
     for impl in ("kernel", "reference"):
         with target_devices(mesh):   # jax >= 0.11's Triton lowering asks for the GPU's kind
-            c = jax.jit(jax.grad(lambda *a: loss(*a, impl), argnums=(0, 1, 2))).lower(*args)
-        n = c.compile().as_text().count('custom_call_target="__gpu$xla.gpu.triton"')
-        # forward, the backward's preprocessing, dq and dk/dv
+            low = jax.jit(jax.grad(lambda *a: loss(*a, impl), argnums=(0, 1, 2))).lower(*args)
+        out[impl] = low.compile().as_text()
+    return out
+
+
+@needs_libtpu
+@pytest.mark.parametrize("chip", ["v5e", "v6e"])
+def test_compiles_for_tpu_forward_and_backward(chip):
+    """Splash attention with segment ids compiles at Mistral-7B's attention shapes with its
+    backward (its forward, dq and dkv kernels are in the program); the reference has none."""
+    for impl, hlo in _compiled_backward(f"{chip}:1x1", "tpu").items():
+        n = hlo.count('custom_call_target="tpu_custom_call"')
+        assert (n >= 3) if impl == "kernel" else n == 0, (impl, n)   # forward, dq, dkv
+
+
+@needs_cuda_plugin
+def test_compiles_for_h200_forward_and_backward():
+    """Triton's flash attention with segment ids compiles for an H200 (XLA:GPU with the
+    JAX CUDA plugin, no GPU) at the same shapes with its backward; the reference has no
+    Triton call. What the compile cannot say: how fast it runs."""
+    for impl, hlo in _compiled_backward("h200", "cuda").items():
+        n = hlo.count('custom_call_target="__gpu$xla.gpu.triton"')
+        # forward, the backward's preprocessing and its dq / dk / dv kernel
         assert (n >= 3) if impl == "kernel" else n == 0, (impl, n)
