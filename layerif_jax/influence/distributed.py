@@ -14,10 +14,12 @@ digests and the packing's layout are exchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -120,6 +122,42 @@ def to_host(x, dtype=None) -> np.ndarray:
     if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x, dtype)
+
+
+def _paced() -> bool:
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+
+def pace(tree):
+    """`tree`, once it is computed, in a multi-process run on CPU (elsewhere at once).
+
+    The loops over calls wait here once per call, so the host never runs far ahead of
+    the devices. XLA:CPU lets at most 32 computations per device be in flight; a
+    computation with collectives is launched only after the one before it, and the
+    computations queued behind it keep their places while they wait for its result.
+    With more than 32 of them queued the waiting collective never gets a place: both
+    processes hang (seen with gloo: a streamed DataInf pass, its collective waiting
+    behind the adds of the following calls). One wait per call costs nothing against
+    the call's forward and backward."""
+    if _paced():
+        jax.block_until_ready(tree)
+    return tree
+
+
+def _add_leaves(acc, x):
+    return jax.tree.map(jnp.add, acc, x)
+
+
+_add = jax.jit(_add_leaves)
+_add_in_place = jax.jit(_add_leaves, donate_argnums=0)
+
+
+def accumulate(acc, x, donate: bool = True):
+    """acc + x leaf by leaf in one computation (acc None: x itself), paced (`pace`): the
+    running sum of a loop over calls. With `donate` acc's buffers are reused, so the x
+    that started the sum is consumed by the next call (pass fresh results, or
+    donate=False where something else still holds them)."""
+    return pace(x if acc is None else (_add_in_place if donate else _add)(acc, x))
 
 
 def sync(tag: str) -> None:

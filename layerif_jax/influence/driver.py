@@ -32,7 +32,7 @@ from ..notes import info, note
 from ..stop import check as check_stop
 from . import core
 from .aggregate import AGGREGATES, aggregate
-from .distributed import to_host
+from .distributed import accumulate, pace, to_host
 from .estimators import Context, Estimator, no_factors
 from .partition import Partition
 
@@ -191,6 +191,7 @@ def input_order(calls, count: int) -> np.ndarray:
 _sq_norms = jax.jit(core.sq_norms)
 _dots = jax.jit(core.dots)
 _mean = jax.jit(core.mean_leaves, static_argnums=1)
+_as_f32 = jax.jit(lambda g: [x.astype(jnp.float32) for x in g])
 
 
 # -- the passes -----------------------------------------------------------------------------
@@ -198,15 +199,18 @@ _mean = jax.jit(core.mean_leaves, static_argnums=1)
 def validation_pass(engine, calls, m: int, per_val: bool, show: bool) -> list[jax.Array]:
     """v: the mean validation gradient (leaves [1, P_k, ...]) or, with per_val, every
     validation example's gradient (leaves [m_pad, P_k, ...])."""
-    parts, fins = [], []
+    parts, fins, total = [], [], None
     for b in progress(calls, len(calls), "validation grads", show):
         g, fin = engine.grads(b)
-        parts.append([x.astype(jnp.float32) for x in g] if per_val else _mean(g, m))
+        if per_val:
+            parts.append(pace(_as_f32(g)))
+        else:
+            total = accumulate(total, _mean(g, m))
         fins.append(fin)
     raise_nonfinite(fins, calls, "validation")
     if per_val:
         return [jnp.concatenate(xs) for xs in zip(*parts)]
-    return [sum(xs) for xs in zip(*parts)]
+    return total
 
 
 def training_pass(engine, calls, v, keep_call, show: bool, factors: bool = False,
@@ -229,12 +233,13 @@ def training_pass(engine, calls, v, keep_call, show: bool, factors: bool = False
                               start):
             if factors:
                 g, fin, f = engine.grads_and_factors(b)
-                sums = f if sums is None else [a + c for a, c in zip(sums, f)]
+                sums = accumulate(sums, f, donate=False)   # a save may still hold sums
             else:
                 g, fin = engine.grads(b)
             sq.append(_sq_norms(g))
             vg.append(_dots(g, v))
             fins.append(fin)
+            pace((sq[-1], vg[-1], fin))
             kept.append(g if keep_call[k] else None)
             if checkpoint is not None:
                 checkpoint.train_step(k, sq[-1], vg[-1], fin, kept[-1], sums)
@@ -438,11 +443,11 @@ def score_calls(engine, p: _Passes, h, direct: bool):
     recomputed -- directly by the engine where `direct`, else from its gradients."""
     for k, b in enumerate(p.tb):
         if p.kept[k] is not None:
-            yield _dots(p.kept[k], h)
+            yield pace(_dots(p.kept[k], h))
         elif direct:
-            yield engine.scores(b, h)[0]
+            yield pace(engine.scores(b, h)[0])
         else:
-            yield _dots(engine.grads(b)[0], h)
+            yield pace(_dots(engine.grads(b)[0], h))
 
 
 def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings,

@@ -30,7 +30,7 @@ import numpy as np
 from ...errors import LayerIFError
 from ...registry import Registry, import_all
 from .. import core
-from ..distributed import to_host
+from ..distributed import accumulate, to_host
 from ..engines.general import CURVATURES
 from ..partition import Partition
 
@@ -71,8 +71,7 @@ class Context:
         coef_P = self.leaf_view(coef_nMLU)
         acc = None
         for rows, g in self.chunks():
-            w = _weighted_sum(coef_P[rows], g)
-            acc = w if acc is None else [a + b for a, b in zip(acc, w)]
+            acc = accumulate(acc, _weighted_sum(coef_P[rows], g))
         return acc
 
 
@@ -93,8 +92,7 @@ class Context:
         layer, unit = self._layer_unit
         acc = None
         for _, g in self.chunks():
-            w = _fisher_product(g, x, self._onehot, layer, unit)
-            acc = w if acc is None else [a + b for a, b in zip(acc, w)]
+            acc = accumulate(acc, _fisher_product(g, x, self._onehot, layer, unit))
         return [a / self.n for a in acc]
 
     def kfac_factors(self, name: str) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..distributed import to_host
+from ..distributed import accumulate, to_host
 from ..engines.general import CURVATURES
 from ..core import safe_div
 from . import EstimatorBase, register
@@ -90,6 +90,5 @@ def _combine(ctx, Q, s_kLU):
     """sum_i s_i,b Q_i (per unit): one Ritz vector, leaves [1, P_k, ...]."""
     out = None
     for qi, si in zip(Q, s_kLU):
-        term = ctx.scale(qi, jnp.asarray(si, jnp.float32)[None])
-        out = term if out is None else [a + b for a, b in zip(out, term)]
+        out = accumulate(out, ctx.scale(qi, jnp.asarray(si, jnp.float32)[None]))
     return out

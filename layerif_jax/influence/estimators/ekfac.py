@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...ops import precision
-from ..distributed import to_host
+from ..distributed import accumulate, to_host
 from . import register
 from .kfac import KFAC
 
@@ -33,8 +33,7 @@ class EKFAC(KFAC):
         qr = [jnp.asarray(q, jnp.float32) for q in QR]
         acc = None
         for _, g in ctx.chunks():
-            s = _rotated_squares(g, ql, qr)
-            acc = s if acc is None else [a + b for a, b in zip(acc, s)]
+            acc = accumulate(acc, _rotated_squares(g, ql, qr))
         return [to_host(a, np.float64) / ctx.n for a in acc]
 
 
