@@ -25,7 +25,7 @@ _EXPORTS = {
     "allocate": ".applications.allocation", "data": ".data", "influence": ".influence",
     "Example": ".data", "load_records": ".data", "tokenize": ".data",
     "LayerScores": ".influence", "layer_scores": ".influence",
-    "influence_scores": ".influence", "OutputLoss": ".influence",
+    "influence_scores": ".influence", "OutputLoss": ".influence", "sample_label": ".influence",
     "write_scores": ".influence.output",
     "convert": ".formats", "export_hf": ".formats",
     "load_model": ".formats", "save_checkpoint": ".formats",

@@ -234,6 +234,59 @@ def test_curvature_errors(problem):
                          estimator="cg", curvature="gauss_newton")
 
 
+def softmax_problem(n=4000, d=4, classes=3, seed=5):
+    """A softmax regression whose labels are not the model's (so its empirical Fisher is
+    far from its Gauss-Newton matrix), with the float64 per-example gradients and the
+    Gauss-Newton matrix J^T (diag p - p p^T) J in the flat order [vec(w), b]."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    W, b = rng.normal(0, 0.8, (d, classes)), rng.normal(0, 0.5, classes)
+    y = rng.integers(0, classes, n)
+    Z = X @ W + b
+    P = np.exp(Z - Z.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    E = np.eye(classes)
+    J = np.concatenate([np.einsum("na,ce->ncae", X, E).reshape(n, classes, d * classes),
+                        np.broadcast_to(E, (n, classes, classes))], 2)       # dz/dtheta
+    G = np.einsum("ncD,nc->nD", J, P - E[y])
+    GN = np.einsum("ncD,ncC,nCE->DE", J, P[:, :, None] * E - P[:, :, None] * P[:, None], J) / n
+    data = {"x": jnp.asarray(X, jnp.float32), "y": jnp.asarray(y, jnp.int32)}
+    params = {"w": jnp.asarray(W, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
+    return params, data, G, GN
+
+
+def test_true_fisher_draws_labels_from_the_model():
+    """curvature="true_fisher": the empirical Fisher of gradients at labels drawn from
+    the model (one per example). Its expectation is the Gauss-Newton matrix, so on 4000
+    examples exact influence with it is within Monte Carlo error of the float64 NumPy
+    Gauss-Newton reference, where the empirical Fisher (the data's labels) is far off;
+    the draws depend on the example, not on the chunking."""
+    from layerif_jax.influence import OutputLoss
+    from layerif_jax.influence.engines.general import sample_label
+
+    params, data, G, GN = softmax_problem()
+    val = jax.tree.map(lambda x: x[:200], data)
+    v = G[:200].mean(0)
+    lam = 0.05
+    want = G @ np.linalg.solve(GN + lam * np.eye(len(GN)), v)
+    ef = G @ np.linalg.solve(G.T @ G / len(G) + lam * np.eye(len(GN)), v)
+    loss = OutputLoss(lambda p, ex: ex["x"] @ p["w"] + p["b"],
+                      lambda z, ex: jax.nn.logsumexp(z) - z[ex["y"]], sample_label("y"))
+    kw = dict(layer_of=lambda path: 0, unit="block", estimator="exact", damping=lam, mesh=None)
+    tf = influence_scores(loss, params, data, val, curvature="true_fisher", chunk_size=512, **kw)
+    rel = lambda a: np.abs(a - want).max() / np.abs(want).max()   # noqa: E731
+    assert tf.meta["curvature"] == "true_fisher"
+    assert rel(tf.per_example[:, 0]) < 0.15, rel(tf.per_example[:, 0])   # 0.03-0.07 by seed
+    assert rel(ef) > 0.3, rel(ef)
+    # the same draws in another chunking (keys folded from the example's index)
+    again = influence_scores(loss, params, data, val, curvature="true_fisher", chunk_size=300,
+                             **kw)
+    np.testing.assert_allclose(again.per_example, tf.per_example, rtol=1e-4, atol=1e-6)
+    with pytest.raises(LayerIFError, match="'true_fisher' draws labels from the model"):
+        influence_scores(loss._replace(sample=None), params, data, val,
+                         curvature="true_fisher", **kw)
+
+
 def test_several_estimators_share_one_set_of_gradients(problem):
     """estimator=[...] gives each estimator's own result from one pass of gradients."""
     many = run(problem, ["datainf", "cg", "identity"], damping_scale=1.0,

@@ -31,14 +31,17 @@ LDS_CONFIGS = (
     ("arnoldi", "gauss_newton", "block", {"k": 60}),
     ("lissa", "gauss_newton", "block", {"max_iter": 5000}),
     ("exact", "gauss_newton", "tensor", {}),
+    ("exact", "true_fisher", "block", {}),
+    ("cg", "true_fisher", "block", {}),
     ("exact", "empirical_fisher", "block", {}),
     ("datainf", "empirical_fisher", "tensor", {}),
     ("datainf", "empirical_fisher", "block", {}),
     ("identity", "empirical_fisher", "block", {}),
     ("cosine", "empirical_fisher", "block", {}),
 )
-MISLABEL_CONFIGS = tuple(c for c in LDS_CONFIGS if c[0] != "lissa" and c[:3] != (
-    "exact", "gauss_newton", "tensor") and c[:3] != ("datainf", "empirical_fisher", "block"))
+MISLABEL_CONFIGS = tuple(c for c in LDS_CONFIGS if c[0] != "lissa" and c[:3] not in (
+    ("exact", "gauss_newton", "tensor"), ("datainf", "empirical_fisher", "block"),
+    ("cg", "true_fisher", "block")))
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
@@ -110,7 +113,7 @@ def scores(theta, Xtr, ytr, Xva, yva, alpha, config):
     import jax.numpy as jnp
 
     from ..influence.api import influence_scores
-    from ..influence import OutputLoss
+    from ..influence import OutputLoss, sample_label
 
     estimator, curvature, unit, options = config
     d, c = Xtr.shape[1], 10
@@ -127,7 +130,7 @@ def scores(theta, Xtr, ytr, Xva, yva, alpha, config):
     # block: one layer holding both tensors; tensor: each its own layer and unit
     layer_of = (lambda p: 0) if unit == "block" else r"layers\.(\d+)\."
     t0 = time.perf_counter()
-    res = influence_scores(OutputLoss(output, ce), params, ds(Xtr, ytr), ds(Xva, yva),
+    res = influence_scores(OutputLoss(output, ce, sample_label("y")), params, ds(Xtr, ytr), ds(Xva, yva),
                            layer_of=layer_of, unit="block", estimator=estimator,
                            curvature=curvature, damping=alpha, per_val=True, mesh=None,
                            chunk_size=100, estimator_options=options, aggregate="all")

@@ -9,7 +9,7 @@ from . import core
 from .aggregate import AGGREGATES, aggregate
 from .api import influence_scores, layer_scores
 from .driver import LayerScores
-from .engines.general import CURVATURES, OutputLoss
+from .engines.general import CURVATURES, OutputLoss, sample_label
 from .estimators import ESTIMATORS, Context, DataInf, Estimator, Exact, Identity, get_estimator, register
 from .partition import UNITS, Partition, make_partition
 
@@ -30,4 +30,4 @@ from . import api  # noqa: E402
 __all__ = ["core", "AGGREGATES", "aggregate", "influence_scores", "layer_scores", "LayerScores",
            "ESTIMATORS", "Context", "DataInf", "Estimator", "Exact", "Identity", "get_estimator",
            "register", "UNITS", "Partition", "make_partition", "clear_caches", "CURVATURES",
-           "OutputLoss"]
+           "OutputLoss", "sample_label"]

@@ -23,7 +23,7 @@ from ..ops import remat_mode
 from . import driver
 from .distributed import ExampleShard, gather_host, shard_digest
 from .driver import LayerScores, Settings
-from .engines.general import GeneralEngine, num_examples
+from .engines.general import GeneralEngine, check_curvature, num_examples
 from .engines.kronecker import KronEngine, parse_kron
 from .engines.packed import PackedEngine, supports as packed_supports
 from .estimators import get_estimator
@@ -105,9 +105,13 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
     unit, DataInf's) or "mean_eigenvalue" (damping_scale x tr(C_b) / d_b of the run's
     curvature; the same as adaptive for the empirical Fisher, Hutchinson otherwise).
     curvature: what H_b is -- "empirical_fisher" (G_b = (1/n) sum_i g g^T, default),
-    "hessian" (forward-over-reverse products of the loss) or "gauss_newton" (J^T H_out J;
-    pass `loss_fn=OutputLoss(output_fn, loss_of_output)`); the last two go with the
-    estimators that work from products (cg, lissa, arnoldi, exact), per unit.
+    "hessian" (forward-over-reverse products of the loss), "gauss_newton" (J^T H_out J;
+    pass `loss_fn=OutputLoss(output_fn, loss_of_output)`) or "true_fisher" (the empirical
+    Fisher of gradients at labels drawn from the model, one draw per example, as
+    Kronfluence's; its expectation is the Gauss-Newton matrix of a log-likelihood loss;
+    pass `OutputLoss(output_fn, loss_of_output, sample)`, e.g. `sample_label("y")`); all
+    but the empirical Fisher go with the estimators that work from products (cg, lissa,
+    arnoldi, exact), per unit.
     projection: k, to map every unit's per-example gradients to k random directions
     (TRAK-style JL, `engines.projected`) before any estimator sees them -- for the full
     weights of large layers.
@@ -131,6 +135,7 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
                            "parameters whole on every device); sharded parameters are "
                            "layer_scores(..., sharding=...) on the project's decoders")
     m = resolve_mesh(mesh)
+    check_curvature(loss_fn, curvature)
     engine, part = _maybe_projected(
         GeneralEngine(loss_fn, params, part, mesh=m, chunk_size=chunk_size), part,
         projection, projection_seed, curvature)
@@ -383,6 +388,10 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     part = make_partition(p, unit, _auto_layer_of(p, params) if layer_of == "auto" else layer_of)
     if loss_fn is None and not lm:
         raise LayerIFError("train/val are not tokenised LM examples: pass loss_fn(model, example)")
+    if curvature in ("gauss_newton", "true_fisher"):
+        raise LayerIFError(f"curvature={curvature!r} needs the loss split at the model's output "
+                           "(OutputLoss), which influence_scores takes; layer_scores offers "
+                           "'hessian' and the empirical Fisher")
     eng, part = _maybe_projected(
         GeneralEngine(_nnx_loss(graphdef, loss_fn, dt), p, part, mesh=m,
                       chunk_size=chunk_size, const=rest), part, projection, projection_seed,

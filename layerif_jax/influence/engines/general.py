@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ...errors import LayerIFError
 from .. import core
-from ..distributed import put
+from ..distributed import accumulate, put
 from ..partition import Partition
 
 
@@ -67,18 +67,43 @@ def chunk_dataset(data, size: int, offset: int = 0) -> list[Chunk]:
     return out
 
 
-CURVATURES = ("empirical_fisher", "gauss_newton", "hessian")
+CURVATURES = ("empirical_fisher", "gauss_newton", "true_fisher", "hessian")
+TRUE_FISHER_SEED = 0
 
 
 class OutputLoss(NamedTuple):
-    """A loss split at the model's output, for the Gauss-Newton curvature: `output(params,
-    example)` -> outputs (any pytree, e.g. logits), `loss(outputs, example)` -> scalar,
-    convex in the outputs. Called as a whole it is the loss of one example."""
+    """A loss split at the model's output, for the Gauss-Newton and true Fisher
+    curvatures: `output(params, example)` -> outputs (any pytree, e.g. logits),
+    `loss(outputs, example)` -> scalar, convex in the outputs. Called as a whole it is
+    the loss of one example. `sample(outputs, example, key)` -> the example with its
+    label drawn from the model's predictive distribution at `outputs` (the true Fisher,
+    "true_fisher"; `sample_label` makes one for a categorical label)."""
     output: Callable
     loss: Callable
+    sample: Callable | None = None
 
     def __call__(self, params, example):
         return self.loss(self.output(params, example), example)
+
+
+def sample_label(key_name: str) -> Callable:
+    """An `OutputLoss.sample` for a classifier: example[key_name] replaced by a class
+    drawn from softmax(outputs) (outputs: the logits, classes on the last axis)."""
+    def sample(logits, example, key):
+        return {**example, key_name: jax.random.categorical(key, logits).astype(
+            jnp.asarray(example[key_name]).dtype)}
+    return sample
+
+
+def check_curvature(loss_fn, kind: str) -> None:
+    """Refuse a curvature the loss cannot give (before any work)."""
+    if kind == "gauss_newton" and not isinstance(loss_fn, OutputLoss):
+        raise LayerIFError("curvature='gauss_newton' needs the loss split at the model's "
+                           "output: pass loss_fn=OutputLoss(output_fn, loss_of_output)")
+    if kind == "true_fisher" and getattr(loss_fn, "sample", None) is None:
+        raise LayerIFError("curvature='true_fisher' draws labels from the model: pass "
+                           "loss_fn=OutputLoss(output_fn, loss_of_output, sample) (for a "
+                           "class label: sample=sample_label('y'))")
 
 
 class GeneralEngine:
@@ -135,20 +160,24 @@ class GeneralEngine:
         ("gauss_newton", with an `OutputLoss`); x leaves [M, P_k, ...] in piece form,
         piece_unit [P]: the (layer, unit) index of every piece. One forward-over-reverse (or
         JVP + VJP) product per (unit, validation row), batched."""
-        if kind == "gauss_newton" and not isinstance(self.loss_fn, OutputLoss):
-            raise LayerIFError("curvature='gauss_newton' needs the loss split at the model's "
-                               "output: pass loss_fn=OutputLoss(output_fn, loss_of_output)")
+        check_curvature(self.loss_fn, kind)
         J = int(piece_unit.max()) + 1
         mask = jnp.asarray(np.arange(J)[:, None] == piece_unit[None], jnp.float32)    # [J, P]
-        fn = _curvature_compiled(self.loss_fn, self.treedef, self.attr, self.n_leaves,
-                                 self.stacked, self.const is not None, kind)
+        if kind == "true_fisher":
+            fn = _true_fisher_compiled(self.loss_fn, self.treedef, self.attr, self.n_leaves,
+                                       self.stacked, TRUE_FISHER_SEED)
+        else:
+            fn = _curvature_compiled(self.loss_fn, self.treedef, self.attr, self.n_leaves,
+                                     self.stacked, self.const is not None, kind)
         acc = None
         for c in chunks:
             arrays, weight = c.arrays, c.weight
+            extra = (jnp.asarray(c.index),) if kind == "true_fisher" else ()
             if self.mesh is not None:
                 arrays, weight = put(arrays, self._shard), put(weight, self._shard)
-            r = fn(self.params, self.frozen, self.const, arrays, weight, x, mask)
-            acc = r if acc is None else [a + b for a, b in zip(acc, r)]
+                extra = tuple(put(e, self._shard) for e in extra)
+            acc = accumulate(acc, fn(self.params, self.frozen, self.const, arrays, weight,
+                                     *extra, x, mask))
         return acc
 
     def describe(self, calls: Sequence[Chunk]) -> dict[str, Any]:
@@ -230,6 +259,36 @@ def _curvature_compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: t
     return jax.jit(fn)
 
 
+@functools.lru_cache(maxsize=16)
+def _true_fisher_compiled(loss_fn: OutputLoss, treedef, attr: tuple, n_leaves: int,
+                          stacked: tuple, seed: int):
+    """sum_i w_i g~_i (g~_i . x_b) per unit, g~_i the gradient at a label drawn from the
+    model (`loss_fn.sample`), the key folded from `seed` and the example's index: the
+    same labels in every product of a run (a fixed operator for the solvers) and in any
+    chunking. E over the draws of g~ g~^T is the Gauss-Newton matrix for a loss that is
+    a negative log-likelihood (cross-entropy, Gaussian)."""
+    pos = {i: k for k, i in enumerate(attr)}
+
+    def one(attr_leaves, frozen, example, i):
+        it = iter(frozen)
+        p = jax.tree.unflatten(treedef, [attr_leaves[pos[j]] if j in pos else next(it)
+                                         for j in range(n_leaves)])
+        out = loss_fn.output(p, example)
+        key = jax.random.fold_in(jax.random.key(seed), jnp.maximum(i, 0))  # fillers: -1
+        drawn = loss_fn.sample(jax.tree.map(jax.lax.stop_gradient, out), example, key)
+        return loss_fn.loss(out, drawn)
+
+    per_example = jax.vmap(jax.grad(one), in_axes=(None, None, 0, 0))
+
+    def fn(attr_leaves, frozen, const, arrays, weight, index, x, mask):
+        g = core.to_pieces(per_example(attr_leaves, frozen, arrays, index), stacked)
+        d = jnp.einsum("bmj,jp->bmp", jnp.einsum("bmp,jp->bmj", core.dots(g, x), mask), mask)
+        return core.weighted_sum(weight[:, None, None] * d, g)   # per piece: w (g~ . x)_b g~
+
+    return jax.jit(fn)
+
+
 def clear_cache() -> None:
     _compiled.cache_clear()
     _curvature_compiled.cache_clear()
+    _true_fisher_compiled.cache_clear()
