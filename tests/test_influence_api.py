@@ -219,6 +219,71 @@ def test_nnx_model_with_tokenised_examples_and_the_default_loss():
     np.testing.assert_allclose(got.per_example, want, rtol=5e-4, atol=5e-6 * np.abs(want).max())
 
 
+def test_default_lm_loss_takes_the_gauss_newton_curvature():
+    """The default LM loss is split at the logits, so layer_scores takes
+    curvature="gauss_newton" (vmap engine): exact influence per unit equals float64 NumPy
+    built from J (central differences of the model's logits in each LoRA coordinate) and
+    the softmax's Hessian, each example's loss the mean over its target tokens; the true
+    Fisher (labels drawn from the model) runs on the same loss."""
+    from jax.flatten_util import ravel_pytree
+
+    model = tiny_lm(seed=2)
+    rng = np.random.default_rng(5)
+    ex = lambda k: [lj.Example(rng.integers(0, 23, t).astype(np.int32), np.arange(t) >= 1)
+                    for t in rng.integers(4, 9, k)]
+    train, val = ex(8), ex(3)
+    lam = 0.05
+    res = layer_scores(model, train, val, mesh=None, engine="vmap", estimator="exact",
+                       curvature="gauss_newton", damping=lam, chunk_size=3, bucket_multiple=4)
+
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    flat, unravel = ravel_pytree(lora)
+    logits = jax.jit(lambda w, ids: nnx.merge(graphdef, unravel(w), rest)(ids[None])[0])
+    # each coordinate's (layer, unit), in ravel_pytree's (leaf) order
+    owner = []
+    for path, x in jax.tree_util.tree_flatten_with_path(lora)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        unit = ".".join(k for j, k in enumerate(keys) if j != 1 and k != "value")
+        owner += [(int(keys[1]), unit)] * int(np.prod(x.shape))
+    owner = np.array([f"{l}|{u}" for l, u in owner])
+    eps = 1e-2   # float32 logits: 1e-3 leaves 2.6e-3 of roundoff, 1e-2 4.7e-4
+    E = np.eye(len(flat), dtype=np.float32) * eps
+
+    def per_example(e):   # (g [D], H [D, D]) float64 of one example's mean token loss
+        ids = jnp.asarray(e.ids)
+        z = np.asarray(logits(flat, ids), np.float64)
+        J = np.asarray(jax.vmap(lambda d: logits(flat + d, ids) - logits(flat - d, ids))(
+            jnp.asarray(E)), np.float64) / (2 * eps)                    # [D, T, V]
+        t = np.flatnonzero(e.targets[1:]) + 1                          # targets: positions
+        p = np.exp(z[t - 1] - z[t - 1].max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        Jt = J[:, t - 1]                                               # [D, k, V]
+        g = np.einsum("dkv,kv->d", Jt, p - np.eye(23)[e.ids[t]]) / len(t)
+        Hs = np.einsum("kv,vw->kvw", p, np.eye(23)) - np.einsum("kv,kw->kvw", p, p)
+        return g, np.einsum("dkv,kvw,ekw->de", Jt, Hs, Jt) / len(t)
+
+    tr = [per_example(e) for e in train]
+    G = np.stack([g for g, _ in tr])
+    GN = np.mean([h for _, h in tr], 0)
+    v = np.mean([per_example(e)[0] for e in val], 0)
+    want = np.zeros((len(train), 3))
+    for key in sorted(set(owner)):
+        c = owner == key
+        C = GN[np.ix_(c, c)]
+        want[:, int(key.split("|")[0])] += G[:, c] @ np.linalg.solve(C + lam * np.eye(len(C)),
+                                                                     v[c])
+    np.testing.assert_allclose(res.per_example, want, rtol=2e-3, atol=1e-4 * np.abs(want).max())
+    ef = layer_scores(model, train, val, mesh=None, engine="vmap", estimator="exact",
+                      damping=lam, chunk_size=3, bucket_multiple=4)
+    assert np.abs(ef.per_example - want).max() > 0.05 * np.abs(want).max()
+    tf = layer_scores(model, train, val, mesh=None, engine="vmap", estimator="cg",
+                      curvature="true_fisher", damping=lam, chunk_size=3, bucket_multiple=4)
+    assert tf.meta["curvature"] == "true_fisher" and np.isfinite(tf.per_example).all()
+    with pytest.raises(LayerIFError, match="layer_scores splits its own LM loss"):
+        layer_scores(model, train, val, mesh=None, engine="vmap", estimator="cg",
+                     curvature="gauss_newton", loss_fn=lambda m, e: jnp.sum(m(e["ids"][None])))
+
+
 def one_at_a_time_examples(model, examples):
     """As `one_at_a_time`, for variable-length tokenised examples (no padding at all)."""
     out = {}

@@ -23,7 +23,7 @@ from ..ops import remat_mode
 from . import driver
 from .distributed import ExampleShard, gather_host, shard_digest
 from .driver import LayerScores, Settings
-from .engines.general import GeneralEngine, check_curvature, num_examples
+from .engines.general import GeneralEngine, OutputLoss, check_curvature, num_examples
 from .engines.kronecker import KronEngine, parse_kron
 from .engines.packed import PackedEngine, supports as packed_supports
 from .estimators import get_estimator
@@ -221,16 +221,27 @@ def _check_adapter(params) -> None:
 @functools.lru_cache(maxsize=16)
 def _nnx_loss(graphdef, example_loss: Callable | None, dtype):
     """loss(params, rest, example) of a split NNX model: `example_loss(model, example)`,
-    or the mean token cross-entropy of an LM example {"ids", "targets"} (cached, so that
-    repeated calls reuse one compiled function)."""
-    def loss(params, rest, example):
-        model = nnx.merge(graphdef, params, rest)
-        if example_loss is not None:
-            return example_loss(model, example)
-        ids = example["ids"][None]
-        logits = model(ids) if dtype is None else model(ids, dtype=dtype)
-        return example_losses(logits, ids, example["targets"][None])[0]
-    return loss
+    or the mean token cross-entropy of an LM example {"ids", "targets"}, split at the
+    logits (an `OutputLoss`: the Gauss-Newton and true Fisher curvatures; its `sample`
+    draws every next token from the model). Cached, so that repeated calls reuse one
+    compiled function."""
+    if example_loss is not None:
+        def loss(params, rest, example):
+            return example_loss(nnx.merge(graphdef, params, rest), example)
+        return loss
+
+    def logits(params, rest, example):
+        model, ids = nnx.merge(graphdef, params, rest), example["ids"][None]
+        return model(ids) if dtype is None else model(ids, dtype=dtype)
+
+    def nll(logits_1TV, example):      # labels: the ids (position t predicts ids[t + 1])
+        return example_losses(logits_1TV, example["ids"][None], example["targets"][None])[0]
+
+    def sample(logits_1TV, example, key):
+        drawn = jax.random.categorical(key, logits_1TV[0, :-1].astype(jnp.float32))
+        return {**example, "ids": jnp.concatenate([example["ids"][:1],
+                                                   drawn.astype(example["ids"].dtype)])}
+    return OutputLoss(logits, nll, sample)
 
 
 def lm_buckets(examples: Sequence[Example], multiple: int):
@@ -388,10 +399,10 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     part = make_partition(p, unit, _auto_layer_of(p, params) if layer_of == "auto" else layer_of)
     if loss_fn is None and not lm:
         raise LayerIFError("train/val are not tokenised LM examples: pass loss_fn(model, example)")
-    if curvature in ("gauss_newton", "true_fisher"):
-        raise LayerIFError(f"curvature={curvature!r} needs the loss split at the model's output "
-                           "(OutputLoss), which influence_scores takes; layer_scores offers "
-                           "'hessian' and the empirical Fisher")
+    if curvature in ("gauss_newton", "true_fisher") and loss_fn is not None:
+        raise LayerIFError(f"curvature={curvature!r} needs the loss split at the model's output: "
+                           "layer_scores splits its own LM loss (loss_fn=None); for your "
+                           "own loss use influence_scores with an OutputLoss")
     eng, part = _maybe_projected(
         GeneralEngine(_nnx_loss(graphdef, loss_fn, dt), p, part, mesh=m,
                       chunk_size=chunk_size, const=rest), part, projection, projection_seed,

@@ -82,8 +82,10 @@ class OutputLoss(NamedTuple):
     loss: Callable
     sample: Callable | None = None
 
-    def __call__(self, params, example):
-        return self.loss(self.output(params, example), example)
+    def __call__(self, params, *args):
+        """(params, example), or (params, const, example) where the engine has a `const`
+        (an NNX model's frozen rest): `output` takes the same arguments."""
+        return self.loss(self.output(params, *args), args[-1])
 
 
 def sample_label(key_name: str) -> Callable:
@@ -165,7 +167,7 @@ class GeneralEngine:
         mask = jnp.asarray(np.arange(J)[:, None] == piece_unit[None], jnp.float32)    # [J, P]
         if kind == "true_fisher":
             fn = _true_fisher_compiled(self.loss_fn, self.treedef, self.attr, self.n_leaves,
-                                       self.stacked, TRUE_FISHER_SEED)
+                                       self.stacked, self.const is not None, TRUE_FISHER_SEED)
         else:
             fn = _curvature_compiled(self.loss_fn, self.treedef, self.attr, self.n_leaves,
                                      self.stacked, self.const is not None, kind)
@@ -231,7 +233,8 @@ def _curvature_compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: t
 
     def gauss_newton(attr_leaves, frozen, const, arrays, weight, t):
         def one(example, w):
-            out = lambda a: loss_fn.output(params_of(a, frozen), example)  # noqa: E731
+            out = lambda a: loss_fn.output(params_of(a, frozen),  # noqa: E731
+                                           *((const,) if with_const else ()), example)
             o, jt = jax.jvp(out, (attr_leaves,), (t,))
             ht = jax.jvp(jax.grad(lambda q: loss_fn.loss(q, example)), (o,), (jt,))[1]
             return jax.tree.map(lambda r: w * r, jax.vjp(out, attr_leaves)[1](ht)[0])
@@ -261,7 +264,7 @@ def _curvature_compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: t
 
 @functools.lru_cache(maxsize=16)
 def _true_fisher_compiled(loss_fn: OutputLoss, treedef, attr: tuple, n_leaves: int,
-                          stacked: tuple, seed: int):
+                          stacked: tuple, with_const: bool, seed: int):
     """sum_i w_i g~_i (g~_i . x_b) per unit, g~_i the gradient at a label drawn from the
     model (`loss_fn.sample`), the key folded from `seed` and the example's index: the
     same labels in every product of a run (a fixed operator for the solvers) and in any
@@ -269,19 +272,19 @@ def _true_fisher_compiled(loss_fn: OutputLoss, treedef, attr: tuple, n_leaves: i
     a negative log-likelihood (cross-entropy, Gaussian)."""
     pos = {i: k for k, i in enumerate(attr)}
 
-    def one(attr_leaves, frozen, example, i):
+    def one(attr_leaves, frozen, const, example, i):
         it = iter(frozen)
         p = jax.tree.unflatten(treedef, [attr_leaves[pos[j]] if j in pos else next(it)
                                          for j in range(n_leaves)])
-        out = loss_fn.output(p, example)
+        out = loss_fn.output(p, *((const,) if with_const else ()), example)
         key = jax.random.fold_in(jax.random.key(seed), jnp.maximum(i, 0))  # fillers: -1
         drawn = loss_fn.sample(jax.tree.map(jax.lax.stop_gradient, out), example, key)
         return loss_fn.loss(out, drawn)
 
-    per_example = jax.vmap(jax.grad(one), in_axes=(None, None, 0, 0))
+    per_example = jax.vmap(jax.grad(one), in_axes=(None, None, None, 0, 0))
 
     def fn(attr_leaves, frozen, const, arrays, weight, index, x, mask):
-        g = core.to_pieces(per_example(attr_leaves, frozen, arrays, index), stacked)
+        g = core.to_pieces(per_example(attr_leaves, frozen, const, arrays, index), stacked)
         d = jnp.einsum("bmj,jp->bmp", jnp.einsum("bmp,jp->bmj", core.dots(g, x), mask), mask)
         return core.weighted_sum(weight[:, None, None] * d, g)   # per piece: w (g~ . x)_b g~
 
