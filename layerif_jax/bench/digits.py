@@ -130,10 +130,11 @@ def scores(theta, Xtr, ytr, Xva, yva, alpha, config):
     # block: one layer holding both tensors; tensor: each its own layer and unit
     layer_of = (lambda p: 0) if unit == "block" else r"layers\.(\d+)\."
     t0 = time.perf_counter()
-    res = influence_scores(OutputLoss(output, ce, sample_label("y")), params, ds(Xtr, ytr), ds(Xva, yva),
-                           layer_of=layer_of, unit="block", estimator=estimator,
-                           curvature=curvature, damping=alpha, per_val=True, mesh=None,
-                           chunk_size=100, estimator_options=options, aggregate="all")
+    loss = OutputLoss(output, ce, sample_label("y"))   # the sampler: curvature="true_fisher"
+    res = influence_scores(loss, params, ds(Xtr, ytr), ds(Xva, yva), layer_of=layer_of,
+                           unit="block", estimator=estimator, curvature=curvature,
+                           damping=alpha, per_val=True, mesh=None, chunk_size=100,
+                           estimator_options=options, aggregate="all")
     report = {k: v for k, v in res.meta.get("estimator_report", {}).items()
               if k != "top_eigenvalue"}
     return res.per_val_layers.sum(-1), time.perf_counter() - t0, report

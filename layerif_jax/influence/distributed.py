@@ -14,7 +14,6 @@ digests and the packing's layout are exchanged.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from typing import Any, Sequence
 

@@ -158,10 +158,12 @@ class GeneralEngine:
 
     def curvature_product(self, kind: str, x, piece_unit: np.ndarray, chunks: Sequence[Chunk]):
         """sum over `chunks` of the per-unit (block-diagonal) curvature products
-        sum_i w_i C_i,b x_b, C = the Hessian of the loss ("hessian") or J^T H_out J
-        ("gauss_newton", with an `OutputLoss`); x leaves [M, P_k, ...] in piece form,
-        piece_unit [P]: the (layer, unit) index of every piece. One forward-over-reverse (or
-        JVP + VJP) product per (unit, validation row), batched."""
+        sum_i w_i C_i,b x_b, C = the Hessian of the loss ("hessian"), J^T H_out J
+        ("gauss_newton", with an `OutputLoss`) or g~ g~^T at a label drawn from the model
+        ("true_fisher", an `OutputLoss` with `sample`); x leaves [M, P_k, ...] in piece
+        form, piece_unit [P]: the (layer, unit) index of every piece. One forward-over-reverse
+        (or JVP + VJP) product per (unit, validation row), batched; the true Fisher: one
+        gradient per example, dotted with every x."""
         check_curvature(self.loss_fn, kind)
         J = int(piece_unit.max()) + 1
         mask = jnp.asarray(np.arange(J)[:, None] == piece_unit[None], jnp.float32)    # [J, P]
