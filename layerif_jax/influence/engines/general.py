@@ -189,16 +189,26 @@ class GeneralEngine:
                 "chunks": len(calls)}
 
 
+def _assembly(treedef, attr: tuple, n_leaves: int, with_const: bool):
+    """(params_of, consts): params_of(attributed leaves, frozen leaves) -> the whole
+    parameter pytree; consts(const) -> the loss's arguments between params and example
+    ((const,) where the engine has one, else ())."""
+    pos = {i: k for k, i in enumerate(attr)}
+
+    def params_of(attr_leaves, frozen_leaves):
+        it = iter(frozen_leaves)
+        return jax.tree.unflatten(treedef, [attr_leaves[pos[i]] if i in pos else next(it)
+                                            for i in range(n_leaves)])
+    return params_of, (lambda const: (const,) if with_const else ())
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: tuple, with_const: bool):
     """One jitted per-example gradient function per loss and parameter structure."""
-    pos = {i: k for k, i in enumerate(attr)}
+    params_of, consts = _assembly(treedef, attr, n_leaves, with_const)
 
     def one(attr_leaves, frozen_leaves, const, example, w):
-        it = iter(frozen_leaves)
-        leaves = [attr_leaves[pos[i]] if i in pos else next(it) for i in range(n_leaves)]
-        p = jax.tree.unflatten(treedef, leaves)
-        return w * (loss_fn(p, const, example) if with_const else loss_fn(p, example))
+        return w * loss_fn(params_of(attr_leaves, frozen_leaves), *consts(const), example)
 
     per_example = jax.vmap(jax.grad(one), in_axes=(None, None, None, 0, 0))
 
@@ -216,16 +226,10 @@ def _compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: tuple, with
 @functools.lru_cache(maxsize=16)
 def _curvature_compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: tuple,
                         with_const: bool, kind: str):
-    pos = {i: k for k, i in enumerate(attr)}
-
-    def params_of(attr_leaves, frozen_leaves):
-        it = iter(frozen_leaves)
-        return jax.tree.unflatten(treedef, [attr_leaves[pos[i]] if i in pos else next(it)
-                                            for i in range(n_leaves)])
+    params_of, consts = _assembly(treedef, attr, n_leaves, with_const)
 
     def one_loss(attr_leaves, frozen, const, example):
-        p = params_of(attr_leaves, frozen)
-        return loss_fn(p, const, example) if with_const else loss_fn(p, example)
+        return loss_fn(params_of(attr_leaves, frozen), *consts(const), example)
 
     def hessian(attr_leaves, frozen, const, arrays, weight, t):
         def total(a):
@@ -235,8 +239,8 @@ def _curvature_compiled(loss_fn, treedef, attr: tuple, n_leaves: int, stacked: t
 
     def gauss_newton(attr_leaves, frozen, const, arrays, weight, t):
         def one(example, w):
-            out = lambda a: loss_fn.output(params_of(a, frozen),  # noqa: E731
-                                           *((const,) if with_const else ()), example)
+            out = lambda a: loss_fn.output(params_of(a, frozen), *consts(const),  # noqa: E731
+                                           example)
             o, jt = jax.jvp(out, (attr_leaves,), (t,))
             ht = jax.jvp(jax.grad(lambda q: loss_fn.loss(q, example)), (o,), (jt,))[1]
             return jax.tree.map(lambda r: w * r, jax.vjp(out, attr_leaves)[1](ht)[0])
@@ -272,13 +276,10 @@ def _true_fisher_compiled(loss_fn: OutputLoss, treedef, attr: tuple, n_leaves: i
     same labels in every product of a run (a fixed operator for the solvers) and in any
     chunking. E over the draws of g~ g~^T is the Gauss-Newton matrix for a loss that is
     a negative log-likelihood (cross-entropy, Gaussian)."""
-    pos = {i: k for k, i in enumerate(attr)}
+    params_of, consts = _assembly(treedef, attr, n_leaves, with_const)
 
     def one(attr_leaves, frozen, const, example, i):
-        it = iter(frozen)
-        p = jax.tree.unflatten(treedef, [attr_leaves[pos[j]] if j in pos else next(it)
-                                         for j in range(n_leaves)])
-        out = loss_fn.output(p, *((const,) if with_const else ()), example)
+        out = loss_fn.output(params_of(attr_leaves, frozen), *consts(const), example)
         key = jax.random.fold_in(jax.random.key(seed), jnp.maximum(i, 0))  # fillers: -1
         drawn = loss_fn.sample(jax.tree.map(jax.lax.stop_gradient, out), example, key)
         return loss_fn.loss(out, drawn)
