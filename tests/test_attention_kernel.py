@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
+from layerif_jax.kernels import switch
 import layerif_jax as lj
 from conftest import tiny_lora_decoder
 from layerif_jax.models.decoder import AttentionMask, attention_masks
@@ -45,7 +45,7 @@ def test_logits_with_the_kernel_equal_the_dense_path(model_type):
     assert attention_masks(model.cfg, seg >= 0, pos, seg).segments is None
     keep = np.asarray(mask)
     for platform in ("cpu", "cuda"):    # splash; Triton's kernel (traced for a GPU)
-        with kernels.use("kernel", interpret=True), compiling_for(platform):
+        with switch.use("kernel", interpret=True), compiling_for(platform):
             m = attention_masks(model.cfg, seg >= 0, pos, seg)
             assert isinstance(m, AttentionMask) and m.biases is None
             got_packed = np.asarray(model(ids, seg >= 0, positions_BT=pos, segments_BT=seg))
@@ -65,7 +65,7 @@ def test_layer_scores_with_the_kernels_equal_the_scores_without():
     train, val = mk(10), mk(3)
     kw = dict(engine="packed", chunk_size=4, mesh=None, estimator="datainf")
     want = lj.layer_scores(model, train, val, **kw)
-    with kernels.use("kernel", interpret=True):
+    with switch.use("kernel", interpret=True):
         got = lj.layer_scores(model, train, val, **kw)
     np.testing.assert_allclose(np.asarray(got.per_example), np.asarray(want.per_example),
                                rtol=1e-4, atol=1e-6 * np.abs(np.asarray(want.per_example)).max())
@@ -76,7 +76,7 @@ def test_layer_scores_with_the_kernels_equal_the_scores_without():
 SHARDED = """
 import numpy as np, jax, jax.numpy as jnp
 from flax import nnx
-import kernels
+from layerif_jax.kernels import switch
 from layerif_jax import sharding as shd
 from layerif_jax.data import Example
 from layerif_jax.influence import layer_scores
@@ -89,7 +89,7 @@ ex = lambda k: [Example(rng.integers(0, 64, t).astype(np.int32), np.arange(t) >=
 train, val = ex(10), ex(3)
 one = layer_scores(model, train, val, mesh=None, chunk_size=4)
 for shape, preset in (("4x2", "fsdp_tp"), ("8x1", "fsdp")):
-    with kernels.use("kernel", interpret=True):
+    with switch.use("kernel", interpret=True):
         r = layer_scores(model, train, val, mesh=shape, sharding=preset, chunk_size=4)
         eng = packed.PackedEngine(model, dtype=None, mesh=shd.make_mesh(shape), chunk_size=4,
                                   row_len=None, sharding=preset)
@@ -128,7 +128,7 @@ def test_sharded_presets_run_the_kernel_in_a_shard_map(tmp_path):
 def test_the_influence_step_for_an_h200_takes_the_triton_kernel():
     """The packed engine's training call compiled for one H200 (XLA:GPU, the JAX CUDA
     plugin) runs attention as Triton's flash attention (forward, and the backward's two
-    calls, in the layer scan's body); with kernels.use("reference") it has none."""
+    calls, in the layer scan's body); with switch.use("reference") it has none."""
     from jax.sharding import Mesh
 
     from layerif_jax.influence import plan as planmod
@@ -141,7 +141,7 @@ def test_the_influence_step_for_an_h200_takes_the_triton_kernel():
     mesh = Mesh(np.array(devs), ("data",))
     geo = planmod.Geometry.of(64, 8, len(devs))
     for impl in ("auto", "reference"):
-        with kernels.use(impl):
+        with switch.use(impl):
             hlo = planmod.lower_call(model, geo, 1, mesh, jnp.bfloat16, "cuda").compile().as_text()
         n = sum('custom_call_target="__gpu$xla.gpu.triton"' in ln and "mha" in ln
                 for ln in hlo.splitlines())

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
+from layerif_jax.kernels import switch
 from layerif_jax.influence.engines.packed import probed_linears
 
 
@@ -31,7 +31,7 @@ def test_probed_linears_values_input_gradient_and_per_example_gradients(impl):
                             jnp.asarray(seg, jnp.int32), scales, jnp.float32, J)
         return sum(jnp.sum(y * f32(c)) for y, c in zip(ys, cot)), ys
 
-    with kernels.use(impl, interpret=True):
+    with switch.use(impl, interpret=True):
         (_, ys), (gx, gp) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(f32(x),
                                                                                  probes)
     folded = [W + s * A @ B for (W, A, B), s in zip(params, scales)]

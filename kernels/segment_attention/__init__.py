@@ -9,7 +9,7 @@ GPU (Ampere or newer: "cuda") JAX's own Pallas/Triton flash attention with segme
 does the same (gpu.py), except for a sliding window shorter than the row or a softcap,
 which it does not have: those calls run the reference there.
 
-The decoder calls this when `kernels.resolve` picks the kernel for the target platform
+The decoder calls this when `switch.resolve` picks the kernel for the target platform
 (`layerif_jax.models.decoder.attention`); otherwise it keeps its own dense path, which
 is this reference laid out for XLA:CPU.
 """
@@ -21,7 +21,7 @@ import math
 
 import jax
 
-from .._select import local_platform, resolve
+from layerif_jax.kernels.switch import local_platform, resolve
 from . import gpu, reference, tpu
 
 GPU_PLATFORMS = ("cuda",)
@@ -43,7 +43,7 @@ def segment_attention(q_BTHD, k_BTKD, v_BTKD, seg_BT, *, scale: float | None = N
     K), seg [B, T] int (the example of each token; negative: padding). scale: of the
     scores (default 1/sqrt(D)); softcap: cap * tanh(s / cap) of the scaled scores;
     window: keys at most window - 1 tokens back. Differentiable in q, k and v.
-    impl / interpret / platform: see `kernels.use` and `kernels.segment_grads`; the kernel
+    impl / interpret / platform: see `switch.use` and `kernels.segment_grads`; the kernel
     of the platform runs (interpreted on a CPU: splash unless platform="cuda")."""
     platform = target(platform)
     impl, interpret = resolve(impl, interpret, platform, KERNEL_PLATFORMS)

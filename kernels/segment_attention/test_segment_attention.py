@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.segment_attention import segment_attention
+from layerif_jax.kernels import switch
+from layerif_jax.kernels.segment_attention import segment_attention
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="TPU compiles need the libtpu wheel")
@@ -137,7 +137,7 @@ def test_the_switch_and_bad_shapes():
     assert not has(platform="cuda", interpret=True, window=127)
     assert not has(platform="cuda", interpret=True, softcap=30.0)
     assert has(platform="tpu", window=127, softcap=30.0)
-    with kernels.use("kernel", interpret=True):
+    with switch.use("kernel", interpret=True):
         assert has()
     with pytest.raises(ValueError, match="K dividing H"):
         segment_attention(q, jnp.ones((1, 128, 3, 64)), jnp.ones((1, 128, 3, 64)), seg)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._select import local_platform, resolve
+from layerif_jax.kernels.switch import local_platform, resolve
 from . import reference, tpu
 
 KERNEL_PLATFORMS = ("tpu", "cuda")
@@ -88,7 +88,7 @@ def segment_outer(seg_RT, w_RTK, x_RTN, num_segments: int, *, impl: str | None =
 
     seg [R, T] int (tokens with seg outside 0..J-1 belong to no example), w [R, T, k],
     x [R, T, N] (any float dtype; the sums run in float32). Differentiable in w and x.
-    impl / interpret: see `kernels.use`; platform: what the trace is compiled for (None:
+    impl / interpret: see `switch.use`; platform: what the trace is compiled for (None:
     jax's default backend; an ahead-of-time compile for a TPU passes "tpu", for an NVIDIA
     GPU "cuda"). The kernel of the platform runs: the GPU kernel for "cuda", else the TPU
     kernel (interpret=True on a CPU: the TPU kernel unless platform="cuda").

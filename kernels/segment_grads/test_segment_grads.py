@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.segment_grads import lora_grads, lora_scores, segment_outer, tpu
+from layerif_jax.kernels import switch
+from layerif_jax.kernels.segment_grads import lora_grads, lora_scores, segment_outer, tpu
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="TPU compiles need the libtpu wheel")
@@ -174,15 +174,15 @@ def test_the_switch():
     assert _kernel_in(run(platform="cuda", impl="reference"), seg, w, x) is None
     assert _kernel_in(run(platform="cuda", interpret=True), seg, w, x) == "gpu"
     assert _kernel_in(run(platform="gpu"), seg, w, x) is None      # no local Hopper here
-    with kernels.use("kernel", interpret=True):
+    with switch.use("kernel", interpret=True):
         assert _kernel_in(run(platform="cuda"), seg, w, x) == "gpu"
-    with kernels.use("reference"):
+    with switch.use("reference"):
         assert _kernel_in(run(platform="cuda"), seg, w, x) is None
     assert _has_pallas(run(interpret=True), seg, w, x)
-    with kernels.use("kernel", interpret=True):
+    with switch.use("kernel", interpret=True):
         assert _has_pallas(run(), seg, w, x)
         assert not _has_pallas(run(impl="reference"), seg, w, x)   # the call's own choice
-    with kernels.use("reference"):
+    with switch.use("reference"):
         assert not _has_pallas(run(platform="tpu"), seg, w, x)
     with pytest.raises(ValueError, match="no kernel of this op is written for cpu"):
         run(impl="kernel")(seg, w, x)
@@ -224,7 +224,7 @@ def test_compiles_inside_the_influence_step(chip):
     """The packed engine's training call for a 2x2 slice takes the kernel (twice per LoRA
     map in the layer scan's body; with the attention kernel's three) and the TPU compiler
     accepts it; with
-    kernels.use("reference") the same call has none."""
+    switch.use("reference") the same call has none."""
     from jax.sharding import Mesh
 
     from layerif_jax.influence import plan as planmod
@@ -239,7 +239,7 @@ def test_compiles_inside_the_influence_step(chip):
     maps = len(model.packed_lora())
     # auto: 2 segment sums per LoRA map, and splash attention's forward, dq and dkv kernels
     for impl, want in (("auto", 2 * maps + 3), ("reference", 0)):
-        with kernels.use(impl):
+        with switch.use(impl):
             hlo = planmod.lower_call(model, geo, 1, mesh, jnp.bfloat16, "tpu").compile().as_text()
         assert hlo.count('custom_call_target="tpu_custom_call"') == want, impl
 
@@ -264,7 +264,7 @@ GPU_SHAPES = SHAPES + [(1, 128, 8, 128, 20), (2, 192, 9, 128, 7)]
 def test_gpu_kernel_forward_against_float64(shape, dtype):
     """The Mosaic GPU kernel, interpreted, through the public entry point (platform "cuda"):
     every example's sum within the kernel's stated precision, empty slots exactly zero."""
-    from kernels.segment_grads import gpu
+    from layerif_jax.kernels.segment_grads import gpu
     R, T, k, N, J = shape
     rng = np.random.default_rng(sum(shape))
     seg = layout(rng, R, T, J)
@@ -317,7 +317,7 @@ def test_gpu_kernel_gradients_against_float64(dtype):
 
 
 def test_gpu_tiles():
-    from kernels.segment_grads import gpu
+    from layerif_jax.kernels.segment_grads import gpu
     # a Mistral-7B map: one block per (row, 128 columns), 64 rows (8 examples x rank 8)
     p = gpu.plan(256, 14336, 8, 8, jnp.bfloat16)
     assert (p["Tp"], p["Np"], p["tN"], p["M"], p["groups"], p["stages"]) == \
@@ -367,7 +367,7 @@ def test_compiles_for_h200(dtype):
 @needs_cuda_plugin
 def test_compiles_inside_the_influence_step_for_h200():
     """The packed engine's training call for one H200 takes the GPU kernel (twice per LoRA
-    map in the layer scan's body) and XLA:GPU compiles it; with kernels.use("reference")
+    map in the layer scan's body) and XLA:GPU compiles it; with switch.use("reference")
     the same call has none."""
     import re
 
@@ -384,7 +384,7 @@ def test_compiles_inside_the_influence_step_for_h200():
     geo = planmod.Geometry.of(64, 8, len(devs))
     maps = len(model.packed_lora())
     for impl, want in (("auto", 2 * maps), ("reference", 0)):
-        with kernels.use(impl):
+        with switch.use(impl):
             hlo = planmod.lower_call(model, geo, 1, mesh, jnp.bfloat16, "cuda").compile().as_text()
         ours = [ln for ln in hlo.splitlines()
                 if MOSAIC_GPU_CALL in ln and re.search(r'op_name="[^"]*segment_outer', ln)]
@@ -402,7 +402,7 @@ def test_compiles_for_h200_at_the_shared_memory_edges(T, N, k, J, dtype):
     """Blocks near the H200's 227 KiB of shared memory (the compiler refuses one beyond:
     "exceeds available shared memory"; its count was within 1 KiB of `gpu.plan`'s), more
     rows, large ranks, padding and example groups compile."""
-    from kernels.segment_grads import gpu
+    from layerif_jax.kernels.segment_grads import gpu
     assert gpu.plan(T, N, k, J, dtype)["smem_bytes"] <= gpu.SMEM_BUDGET
     rep = _h200_replicated()
     S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)   # noqa: E731

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-import kernels as kernels_mod
+from ..kernels import switch
 
 from .. import dtypes
 from .. import sharding as shd
@@ -435,7 +435,7 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
     only the number of calls and the kept gradients). memory_budget: bytes for kept
     gradients over all devices (None: keep all, as `layer_scores(memory_budget=None)`).
     kernels: "auto" (the Pallas kernels of `kernels/` written for the chip, as a run on it
-    takes them) or "reference" (their pure-JAX references), see `kernels.use`.
+    takes them) or "reference" (their pure-JAX references), see `switch.use`.
     sharding: "dp", "fsdp" or "fsdp_tp" (`layerif_jax.sharding`) over a ("data", "model")
     mesh of the slice's chips, mesh_shape "DxM" (default: every chip on "data"). remat:
     the blocks recomputed in the backward (`ops.layer_remat`: True / "mlp" or "full").
@@ -469,7 +469,7 @@ def plans(cfg: ModelConfig, lora: LoraConfig | None = None, *, topology_spec: st
     geo = Geometry.of(tokens, chunk_size, ndata)
     model = abstract_model(cfg, lora, dt)
     t0 = time.perf_counter()
-    with kernels_mod.use(kernels):
+    with switch.use(kernels):
         mem = _compile_call(model, geo, chunks_per_call, mesh, dt, chip.platform, sharding,
                             remat)
         if score_pass is None:

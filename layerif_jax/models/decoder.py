@@ -28,10 +28,10 @@ from flax import nnx
 
 from jax.ad_checkpoint import checkpoint_name
 
-import kernels
-from kernels.segment_attention import KERNEL_PLATFORMS as ATTENTION_KERNEL_PLATFORMS
-from kernels.segment_attention import segment_attention
-from kernels.segment_attention import target as attention_target
+from ..kernels import switch
+from ..kernels.segment_attention import KERNEL_PLATFORMS as ATTENTION_KERNEL_PLATFORMS
+from ..kernels.segment_attention import segment_attention
+from ..kernels.segment_attention import target as attention_target
 
 from .. import sharding as shd
 from ..ops import mm, remat_layers, target_platform, unroll_layers
@@ -206,12 +206,12 @@ def dense_attention():
 
 
 def attention_masks(cfg: ModelConfig, mask_BT, pos_BT, segments_BT=None) -> AttentionMask:
-    """The layers' `AttentionMask`: the kernel's segments when `kernels.resolve` picks the
+    """The layers' `AttentionMask`: the kernel's segments when `switch.resolve` picks the
     attention kernel for the platform being compiled for (`ops.target_platform`), else the
     dense biases (`layer_biases`; also inside `dense_attention()`). The kernel's form
     assumes what packed and plain rows give: each example's tokens consecutive, with
     consecutive positions (a window counts tokens)."""
-    impl, interpret = kernels.resolve(None, None, attention_target(target_platform()),
+    impl, interpret = switch.resolve(None, None, attention_target(target_platform()),
                                       ATTENTION_KERNEL_PLATFORMS)
     if impl == "reference" or _DENSE.get():
         biases, which = layer_biases(cfg, mask_BT, pos_BT, segments_BT)

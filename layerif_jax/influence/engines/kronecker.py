@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import segment_grads
+from ...kernels import segment_grads
 
 from ...errors import LayerIFError
 from ...ops import mm, precision, target_platform

@@ -37,8 +37,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import kernels
-from kernels import segment_grads
+from ...kernels import switch
+from ...kernels import segment_grads
 
 from ... import sharding as shd
 from ...data import Example
@@ -465,10 +465,10 @@ class Group:
 
 def compiled_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
                 sharding: str = "dp", remat: bool = False, scores: bool = False):
-    """`build_fn`'s jit, cached for the current kernel setting (`kernels.use`): a jit's
+    """`build_fn`'s jit, cached for the current kernel setting (`switch.use`): a jit's
     trace cache does not see that setting, so each one gets its own jit."""
     return _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat,
-                      scores, kernels.setting())
+                      scores, switch.setting())
 
 
 @functools.lru_cache(maxsize=8)
