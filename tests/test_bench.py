@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
-from conftest import TASK
+from conftest import TASK, tiny_lora_decoder
 from test_cli import one_line_error, run
 
 TASK_FILES = {"glue_cola": "", "glue_mrpc": "", "glue_rte": "", "qa_openbook": "_all"}
@@ -108,3 +108,82 @@ def test_the_cli_offers_the_runners_benchmarks():
     from layerif_jax.bench import runner
     from layerif_jax.cli import bench as cli_bench
     assert cli_bench.SUITES == runner.SUITES and cli_bench.LM_SUITES == runner.LM_SUITES
+
+
+def test_lds_metric_by_hand():
+    from layerif_jax.bench import lds
+    tau = np.array([[1.0, 0.0], [2.0, 1.0], [4.0, -1.0]])
+    subsets = [np.array([0, 1]), np.array([1, 2]), np.array([0, 2])]
+    # predicted losses -(sum of the subset's influences): column 0 -3, -6, -5; column 1 -1, 0, 1
+    assert lds(tau, subsets, np.array([[3.0, 5], [1, 6], [2, 7]])) == pytest.approx(1.0)
+    assert lds(tau, subsets, np.array([[1.0, 7], [3, 6], [2, 5]])) == pytest.approx(-1.0)
+    # column 0 ranks (3, 1, 2) against measured (1, 2, 3): Spearman -0.5; column 1: +1
+    assert lds(tau, subsets, np.array([[1.0, 0], [2, 1], [3, 2]])) == pytest.approx(0.25)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _lm_examples(n, m, seed=0):
+    from layerif_jax.data import Example
+    rng = np.random.default_rng(seed)
+    make = lambda k: [Example(rng.integers(3, 64, t).astype(np.int32),  # noqa: E731
+                              np.arange(t) >= 1) for t in rng.integers(6, 14, k)]
+    return make(n), make(m)
+
+
+def test_lm_lds_resumes_its_retrains_and_refuses_another_runs(tmp_path):
+    """lds_lm: a run stopped after two of four retrains resumes with the other two only
+    and ends exactly where an uninterrupted run does; the model gets its initial adapter
+    back (after the stop too); a record of other settings is refused."""
+    import jax
+    from flax import nnx
+
+    from layerif_jax.bench import lds_lm
+    from layerif_jax.errors import LayerIFError
+    from layerif_jax.io import read_json
+    model, _ = tiny_lora_decoder()
+    init = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))]
+    same_adapter = lambda: all(np.array_equal(a, np.asarray(b)) for a, b in zip(  # noqa: E731
+        init, jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+    train, val = _lm_examples(12, 3)
+    state = tmp_path / "retrains.json"
+    kw = dict(subsets=4, estimators=("exact", "identity"), epochs=2, lr=1e-2, batch_size=4)
+
+    def stop_at_second(msg):
+        if "retrain 2/4" in msg:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        lds_lm(model, train, val, state=state, log=stop_at_second, **kw)
+    assert same_adapter()
+    assert sorted(read_json(state)["losses"]) == ["0", "1"]
+    logs = []
+    resumed = lds_lm(model, train, val, state=state, log=logs.append, **kw)
+    assert [m for m in logs if "retrain" in m][0].startswith("lds-lm      retrain 3/4")
+    assert same_adapter()
+    fresh = lds_lm(model, train, val, log=lambda *_: None, **kw)
+    assert np.array_equal(resumed["val_losses"], fresh["val_losses"])
+    assert [r["lds"] for r in resumed["rows"]] == [r["lds"] for r in fresh["rows"]]
+    assert all(-1 <= r["lds"] <= 1 for r in fresh["rows"])
+    # training moved the losses: each half's fine-tune differs from the others'
+    assert len({tuple(r) for r in np.round(fresh["val_losses"], 6)}) == 4
+    with pytest.raises(LayerIFError, match="another LDS run"):
+        lds_lm(model, train, val, state=state, **{**kw, "lr": 2e-2})
+
+
+def test_bench_cli_runs_the_lm_lds(tiny_dir, tasks_dir, tmp_path, capsys):
+    out = tmp_path / "lds"
+    code, _, err = run(capsys, "bench", "--model", tiny_dir, "--tasks-dir", tasks_dir,
+                       "--out", out, "--suites", "lds-lm", "--quick", "--subsets", "3",
+                       "--estimators", "exact,identity")
+    assert code == 0, err
+    sec = json.loads((out / "report.json").read_text())["lds-lm"]
+    assert sec["settings"]["subsets"] == 3 and sec["settings"]["n"] == 16
+    res = sec["result"]
+    assert {r["estimator"] for r in res["rows"]} == {"exact", "identity"}
+    assert np.asarray(res["val_losses"]).shape == (3, 4)
+    assert all(-1 <= r["lds"] <= 1 for r in res["rows"])
+    assert not (out / "sections" / "lds-lm.partial.json").exists()   # the section is whole
+    assert (out / "lds_lm.png").is_file() and "## lds-lm" in (out / "report.md").read_text()

@@ -44,6 +44,15 @@ def tables(sections: dict) -> str:
                 out.append(f"| {r['estimator']} | {r['seconds_own']} | "
                            f"{_f(r.get('time_ratio_to_datainf'), '.2f')} | "
                            f"{_f(r.get('peak_mib_own'), '.1f')} | {ih} | {sp} | |")
+        elif suite == "lds-lm":
+            out += [f"fine-tune: {res['steps_full']} steps on {res['n_train']} examples, "
+                    f"validation loss {res['val_loss_full']:.3f} (the halves: "
+                    f"{res['val_loss_halves']:.3f} on average); {res['subsets']} retrains in "
+                    f"{res['retrain_seconds']} s", "",
+                    "| estimator | LDS | own seconds | error |", "|---|---|---|---|"]
+            out += [f"| {r['estimator']} | - | - | {r['error']} |" if "error" in r else
+                    f"| {r['estimator']} | {_f(r['lds'])} | {r['seconds_own']} | |"
+                    for r in res["rows"]]
         elif suite == "class-detection":
             out += ["| estimator | AUC | recall@k | own seconds | error |",
                     "|---|---|---|---|---|"]
@@ -97,6 +106,9 @@ def plots(sections: dict, folder: Path) -> list[str]:
         axes[0].set_ylabel("fraction of the flipped labels found")
         axes[1].legend(fontsize=7)
         save(fig, "mislabel_digits.png")
+    if "lds-lm" in sections:
+        bars(sections["lds-lm"]["result"]["rows"], "lds", "LDS", "lds_lm.png",
+             "Linear datamodeling score (LoRA fine-tune of the LM)")
     if "class-detection" in sections:
         bars(sections["class-detection"]["result"]["rows"], "auc", "mean AUC",
              "class_detection.png", "Task detection on a mixture")

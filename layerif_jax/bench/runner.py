@@ -17,20 +17,24 @@ from ..checksum import first_difference
 from ..errors import LayerIFError
 from ..io import OutputDir, write_json
 from ..notes import info
-from . import digits, lm
+from . import digits, lm, lm_lds
 from .report import plots, tables
 
-SUITES = ("lds-digits", "mislabel-digits", "estimators-lm", "class-detection")
-LM_SUITES = ("estimators-lm", "class-detection")
+SUITES = ("lds-digits", "mislabel-digits", "estimators-lm", "class-detection", "lds-lm")
+LM_SUITES = ("estimators-lm", "class-detection", "lds-lm")
 QUICK = {"lds-digits": dict(n=200, m=20, subsets=10),
          "mislabel-digits": dict(n=300, m=60),
          "estimators-lm": dict(n=40, m=10),
-         "class-detection": dict(per_task=10, val_per_task=3)}
+         "class-detection": dict(per_task=10, val_per_task=3),
+         "lds-lm": dict(n=16, m=4, subsets=4, epochs=1)}
 DEFAULTS = {"lds-digits": dict(n=1000, m=100, subsets=50, alpha=1e-2, seed=0),
             "mislabel-digits": dict(n=1000, m=200, flip=0.1, alpha=1e-3, seed=0),
             "estimators-lm": dict(n=300, m=50, task="glue_mrpc", damping_scale=0.1),
             "class-detection": dict(per_task=25, val_per_task=5,
-                                    tasks=["glue_cola", "glue_mrpc", "glue_rte", "qa_openbook"])}
+                                    tasks=["glue_cola", "glue_mrpc", "glue_rte", "qa_openbook"]),
+            # sized to about a CPU hour (2 cores): 32 fine-tunes of 8 steps of 8 examples
+            "lds-lm": dict(n=64, m=16, subsets=32, epochs=2, lr=1e-3, task="glue_mrpc",
+                           seed=0)}
 SECTIONS = "sections"
 
 
@@ -85,9 +89,11 @@ def run_bench(out: str | Path, settings: dict, *, lm_setup: Callable | None = No
                 sections[suite] = saved
         for suite, st in settings.items():
             if suite not in sections:
-                result = _run(suite, st, lm_state, tasks_dir, log)
+                partial = folder / f"{suite}.partial.json"   # lds-lm's finished retrains
+                result = _run(suite, st, lm_state, tasks_dir, log, partial)
                 sections[suite] = {"settings": full[suite], "result": result}
                 write_json(folder / f"{suite}.json", sections[suite])
+                partial.unlink(missing_ok=True)
         sections = {suite: sections[suite] for suite in settings}
         with od.staging(exclusive=False) as stage:
             write_json(stage / "report.json", sections)
@@ -112,7 +118,7 @@ def _records(tok, tasks_dir, name, split, k):
     return tokenize(tok, load_records(path, k), max_len=128, source=str(path))
 
 
-def _run(suite, st, lm_state, tasks_dir, log):
+def _run(suite, st, lm_state, tasks_dir, log, partial: Path):
     est = st.get("estimators")
     if suite == "lds-digits":
         kw = {k: st[k] for k in ("n", "m", "subsets", "alpha", "seed")}
@@ -122,9 +128,13 @@ def _run(suite, st, lm_state, tasks_dir, log):
         return digits.mislabel_digits(**kw, configs=st.get("configs"), log=log)
     model, tok, _ = lm_state
     estimators = tuple(est) if est else lm.ESTIMATORS
-    if suite == "estimators-lm":
+    if suite in ("estimators-lm", "lds-lm"):
         train = _records(tok, tasks_dir, st["task"], "train", st["n"])
         val = _records(tok, tasks_dir, st["task"], "validation", st["m"])
+    if suite == "lds-lm":
+        return lm_lds.lds_lm(model, train, val, st["subsets"], estimators, epochs=st["epochs"],
+                             lr=st["lr"], seed=st["seed"], state=partial, log=log)
+    if suite == "estimators-lm":
         return lm.estimators_lm(model, train, val, estimators,
                                 damping_scale=st["damping_scale"], log=log)
     tr = {t: _records(tok, tasks_dir, t, "train", st["per_task"]) for t in st["tasks"]}

@@ -11,8 +11,8 @@ from .options import REQUIRED, input_path, opt, output_path, positive_int
 
 # the runner's names (bench/runner.py), repeated so that parsing imports no jax; a test
 # keeps them equal
-SUITES = ("lds-digits", "mislabel-digits", "estimators-lm", "class-detection")
-LM_SUITES = ("estimators-lm", "class-detection")
+SUITES = ("lds-digits", "mislabel-digits", "estimators-lm", "class-detection", "lds-lm")
+LM_SUITES = ("estimators-lm", "class-detection", "lds-lm")
 
 
 def _names(what: str, valid: tuple):
@@ -55,6 +55,8 @@ class BenchConfig(OverwriteArgs, ModelArgs):
                         shown="50, --quick 10")
     per_task: int | None = opt(None, "training records per task of class-detection",
                                type=positive_int, shown="25, --quick 10")
+    subsets: int | None = opt(None, "retrained halves of lds-lm", type=positive_int,
+                              shown="32, --quick 4")
     tasks_dir: str | None = opt(None, "the paper's task files", type=input_path("task folder"),
                                 shown="../shared/data/layerif-tasks")
 
@@ -63,7 +65,8 @@ def run(cfg: BenchConfig, rt) -> None:
     from ..bench import run_bench, settings_for
 
     over = {"estimators-lm": {k: v for k, v in (("n", cfg.n), ("m", cfg.m)) if v},
-            "class-detection": {"per_task": cfg.per_task} if cfg.per_task else {}}
+            "class-detection": {"per_task": cfg.per_task} if cfg.per_task else {},
+            "lds-lm": {"subsets": cfg.subsets} if cfg.subsets else {}}
     if cfg.estimators:
         for s in LM_SUITES:
             over[s]["estimators"] = list(cfg.estimators)

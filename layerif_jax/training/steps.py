@@ -17,7 +17,7 @@ from ..models.lora import lora_config_of
 from .config import optimizer_of
 
 __all__ = ["split_model", "real_loss_sum", "accumulate", "accumulated_grads", "tree_norm",
-           "train_step", "eval_loss_sum"]
+           "train_step", "eval_loss_sum", "per_example_losses"]
 
 
 def split_model(model):
@@ -112,3 +112,12 @@ def _eval_impl(lora, rest, ids, mask, targets, index, *, graphdef, dtype):
 
 
 eval_loss_sum = jax.jit(_eval_impl, static_argnames=("graphdef", "dtype"))
+
+
+def _per_example_impl(lora, rest, ids, mask, targets, *, graphdef, dtype="float32"):
+    return lm_loss(nnx.merge(graphdef, lora, rest), ids, mask, targets,
+                   dtype=dtypes.jnp_dtype(dtype))
+
+
+# [B] per-row losses of one padded batch (filler rows included: the caller drops them)
+per_example_losses = jax.jit(_per_example_impl, static_argnames=("graphdef", "dtype"))
