@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import LayerIFError
+from .errors import EstimatorsFailed, LayerIFError
 
 __version__ = "0.1.0"
 
@@ -36,7 +36,7 @@ _EXPORTS = {
 
 _MODULES = {"allocate", "data", "influence"}  # names that are modules themselves
 
-__all__ = ["LayerIFError", "__version__", *_EXPORTS]
+__all__ = ["EstimatorsFailed", "LayerIFError", "__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):

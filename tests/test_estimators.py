@@ -534,3 +534,20 @@ def test_ihvp_error_against_exact_is_reported_per_unit(problem):
     assert "ihvp_error_vs_exact" not in many["exact"].meta       # the reference itself
     assert "ihvp_error_vs_exact" not in many["cosine"].meta      # scale-free: no IHVP
     assert "ihvp_error_vs_exact" not in run(problem, "datainf").meta
+
+
+def test_one_failing_estimator_of_several_leaves_the_others_results(problem):
+    """LiSSA stopped after 2 iterations fails; exact and DataInf run on the same gradients
+    anyway and come back on the error, equal to their results alone."""
+    from layerif_jax.errors import EstimatorsFailed
+    with pytest.raises(EstimatorsFailed, match=r"lissa did not converge in 2 iterations.*\("
+                                               r"the results of exact, datainf are") as err:
+        run(problem, ["lissa", "exact", "datainf"],
+            estimator_options={"lissa": {"max_iter": 2, "tol": 1e-8}})
+    assert set(err.value.results) == {"exact", "datainf"}
+    assert set(err.value.failures) == {"lissa"}
+    assert_per_unit(err.value.results["exact"].per_example,
+                    exact_unit_scores(problem[3], problem[4]), 1e-4)
+    alone = run(problem, "datainf")
+    np.testing.assert_allclose(err.value.results["datainf"].per_example, alone.per_example,
+                               rtol=1e-6)

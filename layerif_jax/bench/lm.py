@@ -11,18 +11,18 @@ per-example gradients (one `layer_scores(..., estimator=[...])` call).
   examples against the others and recall@k (k = training examples per task), averaged.
 
 An iterative estimator that does not converge is reported as such, with its residual,
-and the others are run again without it (never a silent result).
+beside the others' results from the same gradients (`errors.EstimatorsFailed`; never a
+silent result).
 """
 
 from __future__ import annotations
 
-import re
 import time
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
-from ..errors import LayerIFError
+from ..errors import EstimatorsFailed, LayerIFError
 from .metrics import auc, recall_at_k
 
 # float32 CG stalls near a relative residual of 1e-4 on SmolLM2's units (condition numbers
@@ -74,25 +74,19 @@ def smollm2_mrpc(n: int, m: int, *, adapter=None, seed: int = 0, max_len: int = 
 
 def run_all(model, train, val, estimators, options=None, log=print, **kw):
     """({name: LayerScores}, [failure rows], seconds): one call for all; an estimator
-    that fails on its own (no convergence) is reported and the rest run again."""
+    that fails on its own (no convergence) is reported beside the others' results."""
     from ..influence.api import layer_scores
     options = {**OPTIONS, **(options or {})}
-    pending, results, failed = list(estimators), {}, []
     t0 = time.perf_counter()
-    while pending:
-        try:
-            got = layer_scores(model, train, val, estimator=pending, mesh=None,
-                               estimator_options={k: v for k, v in options.items()
-                                                  if k in pending}, **kw)
-            results.update(got)
-            break
-        except LayerIFError as e:
-            bad = next((nm for nm in pending if re.match(rf"{nm}\b", str(e))), None)
-            if bad is None:
-                raise
-            failed.append({"estimator": bad, "error": str(e)})
-            log(f"{bad:9s} {e}")
-            pending.remove(bad)
+    try:
+        results, failed = layer_scores(
+            model, train, val, estimator=list(estimators), mesh=None,
+            estimator_options={k: v for k, v in options.items() if k in estimators}, **kw), []
+    except EstimatorsFailed as e:   # the others ran on the same gradients: their results
+        results = e.results
+        failed = [{"estimator": k, "error": str(v)} for k, v in e.failures.items()]
+        for f in failed:
+            log(f"{f['estimator']:9s} {f['error']}")
     return results, failed, time.perf_counter() - t0
 
 

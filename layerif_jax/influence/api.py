@@ -118,7 +118,9 @@ def influence_scores(loss_fn: Callable, params, train, val, *, layer_of, unit: s
     Returns a `LayerScores`: score[i, l] = v_l . (H_l + lambda I)^-1 g_i,l, positive =
     beneficial, and the layer scores S_l of `aggregate`. With several estimators
     (`estimator=["datainf", "cg"]`, options {name: {...}}) all run on the same gradients
-    and a {name: LayerScores} comes back.
+    and a {name: LayerScores} comes back; where some fail on their own (an iterative one
+    that does not converge) the others still run and `errors.EstimatorsFailed` is raised
+    at the end, holding their results (`.results`) and each failure (`.failures`).
     checkpoint_dir: a folder the gradient passes are saved to every `checkpoint_every`
     training calls; the same call after a kill resumes from it (`resume`; another
     model, data or settings are refused). The loss function's code is not

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import LayerIFError
+from ..errors import EstimatorsFailed, LayerIFError
 from ..memory import Peak
 from ..notes import info, note
 from ..stop import check as check_stop
@@ -396,12 +396,21 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
         ests = list(s.estimators or (s.estimator,))
         # exact first: its h is the reference every other estimator's IHVP is held to
         order = sorted(ests, key=lambda e: e.name != "exact")
-        out, ref = {}, None
+        out, ref, failed = {}, None, {}
         for e in order:
-            out[e.name], h = _score(e, engine, part, p, n, m, s, meta, ref)
+            try:
+                out[e.name], h = _score(e, engine, part, p, n, m, s, meta, ref)
+            except LayerIFError as err:   # one of several: the others still run
+                if len(ests) == 1:
+                    raise
+                failed[e.name] = err
+                continue
             if e.name == "exact" and len(ests) > 1:
                 ref = p.v if h is None else h
-        out = {e.name: out[e.name] for e in ests}
+        out = {e.name: out[e.name] for e in ests if e.name in out}
+        if failed:
+            raise EstimatorsFailed(out, {e.name: failed[e.name] for e in ests
+                                         if e.name in failed})
     finally:
         if checkpoint is not None:   # the last save, written while the estimators ran
             checkpoint.close()
