@@ -51,7 +51,7 @@ class Arnoldi(EstimatorBase):
             alpha.append(ctx.unit_dot(q, w)[0])
             for _ in range(2):                       # full re-orthogonalisation, twice
                 for qi in Q:
-                    w = [a - b for a, b in zip(w, ctx.scale(qi, ctx.unit_dot(qi, w)))]
+                    w = ctx.axpy(w, qi, -ctx.unit_dot(qi, w))
             b = jnp.sqrt(ctx.unit_dot(w, w))         # [1, L, U], an eigenvalue's scale
             top = jnp.maximum(top, jnp.abs(alpha[-1])[None])
             alive = b > 1e-5 * top                   # the Krylov space is not exhausted
@@ -66,7 +66,7 @@ class Arnoldi(EstimatorBase):
             c = ctx.unit_dot(y, ctx.v)            # y [1, ...] broadcasts: [M, L, U]
             th = jnp.asarray(theta[j], jnp.float32)[None]
             coef = c / (th + lam) - c / lam
-            h = [a + b for a, b in zip(h, ctx.scale(y, coef))]
+            h = ctx.axpy(h, y, coef)
         ritz_top = theta.max(0)
         ctx.report.update(k=len(Q), top_eigenvalue={
             ctx.part.describe(int(l), int(u)): float(ritz_top[l, u])

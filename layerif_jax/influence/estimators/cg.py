@@ -52,15 +52,15 @@ class CG(IterativeSolver):
                         f"{ctx.part.describe(int(l), int(u))} (p^T A p = "
                         f"{float(pAp[m, l, u]):.3g}); raise the damping or use exact")
                 alpha = safe_div(rs, pAp)
-                x = [a + b for a, b in zip(x, ctx.scale(p, alpha))]
-                r = [a - b for a, b in zip(r, ctx.scale(Ap, alpha))]
+                x = ctx.axpy(x, p, alpha)
+                r = ctx.axpy(r, Ap, -alpha)
                 rs_new = ctx.unit_dot(r, r)
                 beta = safe_div(rs_new, rs)
-                p = [a + b for a, b in zip(r, ctx.scale(p, beta))]
+                p = ctx.axpy(r, p, beta)
                 rs = rs_new
                 it += 1
                 rel = self.residual(ctx, r, vnorm, rs)
-            r = [a - b for a, b in zip(ctx.v, A(x))]
+            r = ctx.sub(ctx.v, A(x))
             rel = self.residual(ctx, r, vnorm)
             if rel.max() <= self.tol or it >= self.max_iter or restarts >= 5:
                 break

@@ -51,11 +51,11 @@ class LiSSA(IterativeSolver):
         x = ctx.scale(ctx.v, 1.0 / s)
         it = 0
         while True:
-            r = [a - b for a, b in zip(ctx.v, A(x))]
+            r = ctx.sub(ctx.v, A(x))
             rel = self.residual(ctx, r, vnorm)
             if rel.max() <= self.tol or it >= self.max_iter:
                 break
-            x = [a + b for a, b in zip(x, ctx.scale(r, 1.0 / s))]
+            x = ctx.axpy(x, r, 1.0 / s)
             it += 1
         self.finish(ctx, rel, it)
         return x
