@@ -114,3 +114,9 @@ def test_profile_step_attributes_ops_to_functions_and_kinds(tmp_path):
     assert kinds.get("gemm_part|GEMM", 0) > 0, kinds
     assert any(k.startswith("elementwise_part|") and v > 0 for k, v in kinds.items()), kinds
     assert not any(k.startswith("gemm_part|") and not k.endswith("|GEMM") for k in kinds), kinds
+
+
+def test_eigh_options_runs_small(capsys):
+    got = _load("eigh_options").main(["--d", "48", "--reps", "1"])
+    assert len(got) == 6 and all(v > 0 for v in got.values())
+    assert '"d": 48' in capsys.readouterr().out
