@@ -162,6 +162,9 @@ def test_lm_lds_resumes_its_retrains_and_refuses_another_runs(tmp_path):
     logs = []
     resumed = lds_lm(model, train, val, state=state, log=logs.append, **kw)
     assert [m for m in logs if "retrain" in m][0].startswith("lds-lm      retrain 3/4")
+    secs = read_json(state)["seconds"]   # the stopped run's two retrains count too
+    assert len(secs) == 4 and resumed["retrain_seconds"] == pytest.approx(
+        sum(secs.values()), abs=0.1)
     assert same_adapter()
     fresh = lds_lm(model, train, val, log=lambda *_: None, **kw)
     assert np.array_equal(resumed["val_losses"], fresh["val_losses"])

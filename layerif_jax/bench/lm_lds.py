@@ -99,24 +99,27 @@ def lds_lm(model, train, val, subsets: int = 16, estimators=ESTIMATORS, *, epoch
     init = jax.tree.map(np.array, nnx.state(model, nnx.LoRAParam))   # host copies
     ident = _identity(model, train, val, cfg, halves)
     done: dict[str, list] = {}
+    seconds: dict[str, float] = {}   # each retrain's own, kept across a resume
     if state is not None and Path(state).is_file():
         saved = read_json(state)
         if saved.get("identity") != ident:
             raise LayerIFError(f"{state} records the retrains of another LDS run (other data, "
                                f"model, adapter or settings); remove it or use another --out")
-        done = saved["losses"]
+        done, seconds = saved["losses"], saved.get("seconds", {})
     try:
         t0 = time.perf_counter()
         for k, s in enumerate(halves):
             if str(k) in done:
                 continue
+            t1 = time.perf_counter()
             _fine_tuned(model, init, [train[i] for i in s], cfg)
             done[str(k)] = example_losses(model, val, batch_size).tolist()
+            seconds[str(k)] = round(time.perf_counter() - t1, 2)
             if state is not None:
-                write_json(state, {"identity": ident, "losses": done})
+                write_json(state, {"identity": ident, "losses": done, "seconds": seconds})
             log(f"lds-lm      retrain {k + 1}/{subsets} ({time.perf_counter() - t0:.0f} s)")
         actual = np.array([done[str(k)] for k in range(subsets)])
-        retrain = time.perf_counter() - t0
+        retrain = sum(seconds.values())   # this run's and those of the runs it resumes
         t0 = time.perf_counter()
         _fine_tuned(model, init, list(train), cfg)
         full_seconds = time.perf_counter() - t0
