@@ -122,7 +122,7 @@ def test_lds_metric_by_hand():
 
 
 class _Stop(Exception):
-    pass
+    """Raised from the log callback: a stop between two retrains."""
 
 
 def _lm_examples(n, m, seed=0):

@@ -90,7 +90,9 @@ def run_all(model, train, val, estimators, options=None, log=print, **kw):
     return results, failed, time.perf_counter() - t0
 
 
-def _own_seconds(res) -> float:
+def own_seconds(res) -> float:
+    """An estimator's own seconds: its preconditioning and scoring, the shared gradient
+    passes apart."""
     ph = res.meta["phase_seconds"]
     return ph["precondition"] + ph["score"]
 
@@ -100,7 +102,7 @@ def estimators_lm(model, train, val, estimators=ESTIMATORS, options=None,
     """Cost and agreement of every estimator on one set of gradients (module docstring)."""
     results, rows, total = run_all(model, train, val, estimators, options, log,
                                    damping_scale=damping_scale, memory_budget=memory_budget)
-    own = {k: _own_seconds(v) for k, v in results.items()}
+    own = {k: own_seconds(v) for k, v in results.items()}
     for name, res in results.items():
         ph = res.meta["phase_seconds"]
         pk = res.meta["phase_peak_bytes"]   # its own phases' peak above their start
@@ -155,12 +157,13 @@ def class_detection(model, train_sets: dict, val_sets: dict, estimators=ESTIMATO
                     for k, t in enumerate(tasks)}
         rows.append({"estimator": name, "auc": float(np.mean(aucs)),
                      "recall_at_k": float(np.mean(recalls)), "auc_per_task": per_task,
-                     "seconds_own": round(_own_seconds(res), 2)})
+                     "seconds_own": round(own_seconds(res), 2)})
         log(f"class-det   {name:9s} AUC {rows[-1]['auc']:.3f}  recall@k "
             f"{rows[-1]['recall_at_k']:.3f}")
     return {"tasks": tasks, "n_train": len(train), "n_val": len(val),
             "total_seconds": round(total, 1), "rows": rows}
 
 
-__all__ = ["ESTIMATORS", "OPTIONS", "random_lora", "smollm2_mrpc", "run_all", "estimators_lm",
+__all__ = ["ESTIMATORS", "OPTIONS", "random_lora", "smollm2_mrpc", "run_all", "own_seconds",
+           "estimators_lm",
            "class_detection"]
