@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import LayerIFError
 from ..io import read_json, write_json
-from .lm import ESTIMATORS, _own_seconds, run_all
+from .lm import ESTIMATORS, own_seconds, run_all
 from .metrics import lds
 
 
@@ -49,19 +49,22 @@ def example_losses(model, examples, batch_size: int = 8) -> np.ndarray:
 
 
 def _identity(model, train, val, cfg, subsets) -> dict:
-    """What decides the retrains' losses: settings, data, base weights, initial LoRA."""
-    import jax
+    """What decides the retrains' losses: the fine-tuning fingerprint of a half
+    (`training.loop.run_fingerprint`: settings, data, base weights, initial LoRA) with the
+    validation data and the halves; as JSON reads it back."""
+    import json
+
     from flax import nnx
 
     from .. import checksum
-    lora = nnx.state(model, nnx.LoRAParam)
-    rest = nnx.state(model, nnx.Not(nnx.LoRAParam))
-    return {"train": checksum.examples_digest(train), "val": checksum.examples_digest(val),
-            "base": checksum.identity_digest(jax.tree.leaves(rest)),
-            "init": checksum.identity_digest(jax.tree.leaves(lora)),
-            "config": {k: v for k, v in vars(cfg).items() if k not in ("checkpoint_every",
-                                                                       "keep")},
-            "subsets": [s.tolist() for s in subsets]}
+    from ..training.loop import run_fingerprint
+    steps = -(-(len(train) // 2) // cfg.batch_size) * cfg.epochs
+    fp = run_fingerprint(cfg, train, steps, model_config=model.cfg,
+                         base=nnx.state(model, nnx.Not(nnx.LoRAParam)),
+                         init=nnx.state(model, nnx.LoRAParam),
+                         val=checksum.examples_digest(val),
+                         subsets=[s.tolist() for s in subsets])
+    return json.loads(json.dumps(fp))
 
 
 def _fine_tuned(model, init, examples, cfg):
@@ -130,7 +133,7 @@ def lds_lm(model, train, val, subsets: int = 16, estimators=ESTIMATORS, *, epoch
         nnx.update(model, jax.tree.map(jnp.asarray, init))
     for name, res in results.items():
         rows.append({"estimator": name, "lds": lds(np.asarray(res.per_val), halves, actual),
-                     "seconds_own": round(_own_seconds(res), 2)})
+                     "seconds_own": round(own_seconds(res), 2)})
         log(f"lds-lm      {name:9s} LDS {rows[-1]['lds']:.3f}")
     return {"n_train": len(train), "n_val": len(val), "subsets": subsets,
             "steps_full": -(-len(train) // batch_size) * epochs,
