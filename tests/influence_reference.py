@@ -51,21 +51,42 @@ def peft_model(torch_model, lora, rank, alpha):
     return pm
 
 
-def backward(pm, ex):
-    """One example's backward of its mean loss over the target tokens (grads zeroed)."""
+def backward(pm, ex, nxt=None):
+    """One example's backward of its mean loss over the target tokens (grads zeroed);
+    nxt [T - 1]: the label of every position (default: the next id)."""
     pm.zero_grad()
     ids = torch.tensor(ex.ids[None].astype(np.int64))
     labels = ids.clone()
+    if nxt is not None:   # transformers shifts: labels[t + 1] is position t's label
+        labels[0, 1:] = torch.tensor(np.asarray(nxt, np.int64))
     labels[0, ~torch.tensor(ex.targets)] = -100
     pm(input_ids=ids, labels=labels).loss.backward()
 
 
-def torch_per_example_grads(pm, examples, lora_names, layers):
-    """{(module, 'A'|'B', layer): [n, size]} float64 gradients, A/B in OUR layout ([d_in, r], [r, d_out])."""
+def drawn_next_tokens(pm, examples, uniforms):
+    """The true Fisher's labels by inverse CDF, in float64 from the torch model's own
+    logits: position t of example i takes the first token whose cumulative probability
+    exceeds uniforms(i, t) (the uniform draws are the library's, `draw_next_tokens`'s
+    spec; everything else here is torch and NumPy)."""
+    out = []
+    for i, ex in enumerate(examples):
+        with torch.no_grad():
+            logits = pm(input_ids=torch.tensor(ex.ids[None].astype(np.int64))).logits[0].numpy()
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        c = np.cumsum(p / p.sum(-1, keepdims=True), -1)
+        u = np.asarray([uniforms(i, t) for t in range(len(ex.ids) - 1)])
+        out.append(np.array([np.searchsorted(c[t], u[t] * c[t, -1], side="right")
+                             for t in range(len(u))]))
+    return out
+
+
+def torch_per_example_grads(pm, examples, lora_names, layers, labels=None):
+    """{(module, 'A'|'B', layer): [n, size]} float64 gradients, A/B in OUR layout ([d_in, r],
+    [r, d_out]); labels: per example the label of every position (default: the next id)."""
     out = {}
     params = dict(pm.named_parameters())
-    for ex in examples:
-        backward(pm, ex)
+    for i, ex in enumerate(examples):
+        backward(pm, ex, None if labels is None else labels[i])
         for name in lora_names:
             sub = "self_attn" if name in MODULES[:4] else "mlp"
             for l in range(layers):
@@ -115,12 +136,13 @@ def reference_scores(train_g, val_g, layers, estimator="datainf", unit="tensor",
     return per_ex, per_val
 
 
-def torch_kfac_factors(pm, examples, lora_names, layers):
+def torch_kfac_factors(pm, examples, lora_names, layers, labels=None):
     """{(module, 'A'|'B', layer): (left, right)} float64 K-FAC factors from torch hooks on
     peft's LoRA modules, one backward per example: for A the mean over all tokens of
     x x^T (the input of lora_A) and (1/n) sum over tokens of du du^T (du: the gradient of
     lora_A's output); for B the same of u (lora_A's output) and of the gradient of lora_B's
-    output (the scaling included, as peft multiplies after lora_B)."""
+    output (the scaling included, as peft multiplies after lora_B). labels: as in
+    `torch_per_example_grads` (drawn ones: the true Fisher's factors)."""
     sums, hooks, tokens = {}, [], 0
     mods = dict(pm.named_modules())
 
@@ -143,8 +165,8 @@ def torch_kfac_factors(pm, examples, lora_names, layers):
             hooks.append(mods[f"{pre}.lora_A.default"].register_forward_hook(record((name, l), "A")))
             hooks.append(mods[f"{pre}.lora_B.default"].register_forward_hook(record((name, l), "B")))
     try:
-        for ex in examples:
-            backward(pm, ex)
+        for i, ex in enumerate(examples):
+            backward(pm, ex, None if labels is None else labels[i])
             tokens += len(ex.ids)
     finally:
         for h in hooks:
@@ -153,11 +175,12 @@ def torch_kfac_factors(pm, examples, lora_names, layers):
     return {k: (v[0] / tokens, v[1] / n) for k, v in sums.items()}
 
 
-def kfac_reference_scores(train_g, val_g, factors, layers, ekfac=False):
+def kfac_reference_scores(train_g, val_g, factors, layers, ekfac=False, fisher_g=None):
     """Per-example per-layer K-FAC / EK-FAC scores [n, L] (tensor units, adaptive damping
     0.1 mean ||g||^2 / d), written with explicit Kronecker matrices: G ~ kron(left, right)
     (K-FAC), or kron(Q_L, Q_R) diag(corrected) kron(Q_L, Q_R)^T with the corrected
-    eigenvalues the diagonal of the empirical Fisher in that basis (EK-FAC)."""
+    eigenvalues the diagonal of the empirical Fisher in that basis (EK-FAC), or of the
+    Fisher of `fisher_g` (the gradients at drawn labels: the true Fisher)."""
     names = sorted({k[0] for k in train_g})
     n = next(iter(train_g.values())).shape[0]
     out = np.zeros((n, layers))
@@ -171,7 +194,8 @@ def kfac_reference_scores(train_g, val_g, factors, layers, ekfac=False):
                 left, right = factors[(nm, ab, l)]
                 if ekfac:
                     Q = np.kron(np.linalg.eigh(left)[1], np.linalg.eigh(right)[1])
-                    diag = np.einsum("ij,ik,kj->j", Q, G.T @ G / n, Q)
+                    F = G if fisher_g is None else fisher_g[(nm, ab, l)]
+                    diag = np.einsum("ij,ik,kj->j", Q, F.T @ F / n, Q)
                     h = Q @ ((Q.T @ v) / (diag + lam))
                 else:
                     h = np.linalg.solve(np.kron(left, right) + lam * np.eye(d), v)

@@ -492,6 +492,8 @@ def test_ekfac_factors_are_saved_and_reused_for_another_validation_set(tmp_path)
         layer_scores(model, ex(12), val, estimator_options=where, **kw)
     with pytest.raises(LayerIFError, match="factors of another run .*estimator"):
         layer_scores(model, train, val, estimator_options=where, **{**kw, "estimator": "kfac"})
+    with pytest.raises(LayerIFError, match="factors of another run .*curvature"):
+        layer_scores(model, train, val, estimator_options=where, curvature="true_fisher", **kw)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(LayerIFError, match="no complete saved factors"):

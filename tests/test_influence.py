@@ -228,3 +228,44 @@ def test_kfac_and_ekfac_match_float64_reference(setup, torch_factors, estimator)
     # not DataInf or exact under another name: those differ from it
     other = ref.reference_scores(tg, vg, LAYERS, estimator="exact")[0]
     assert _rel(other, want) > 1e-2
+
+
+@pytest.mark.parametrize("estimator", ["kfac", "ekfac"])
+def test_kfac_and_ekfac_with_the_true_fisher_match_float64_reference(setup, estimator):
+    """curvature="true_fisher" on the packed engine: the factors (and EK-FAC's corrected
+    eigenvalues) from gradients at labels drawn from the model, against torch hooks on
+    peft with the same draws made in float64 from the torch model's logits; the scores
+    still dot with the training labels' gradients. Chunking does not change the draws."""
+    from layerif_jax.influence.engines.general import TRUE_FISHER_SEED, example_key
+    model, train, val, tg, vg = setup
+    tm, _ = ref.tiny_torch_model("llama", layers=LAYERS)
+    dims = {n: model.cfg.linear_shape(n) for n in ref.MODULES}
+    pm = ref.peft_model(tm.double(), ref.random_lora(dims, LAYERS, rank=RANK), RANK, ALPHA)
+    uniforms = lambda i, t: float(jax.random.uniform(   # noqa: E731
+        jax.random.fold_in(example_key(TRUE_FISHER_SEED, i), t)))
+    drawn = ref.drawn_next_tokens(pm, train, uniforms)
+    assert any((d != ex.ids[1:]).any() for d, ex in zip(drawn, train))   # not the data's
+    factors = ref.torch_kfac_factors(pm, train, ref.MODULES, LAYERS, labels=drawn)
+    fisher_g = ref.torch_per_example_grads(pm, train, ref.MODULES, LAYERS, labels=drawn)
+    want = ref.kfac_reference_scores(tg, vg, factors, LAYERS, ekfac=estimator == "ekfac",
+                                     fisher_g=fisher_g)
+    for chunk_size in (4, 7):
+        got = layer_scores(model, train, val, estimator=estimator, mesh=None, engine="packed",
+                           chunk_size=chunk_size, curvature="true_fisher")
+        assert _rel(got.per_example, want) < 1e-4, (chunk_size, _rel(got.per_example, want))
+        assert "true_fisher" in got.meta["phase_seconds"]
+    empirical = ref.kfac_reference_scores(tg, vg, ref.torch_kfac_factors(
+        pm, train, ref.MODULES, LAYERS), LAYERS, ekfac=estimator == "ekfac")
+    assert _rel(empirical, want) > 1e-2   # the curvature matters here
+
+
+def test_the_true_fisher_on_the_packed_engine_is_for_kfac_only(setup):
+    model, train, val, _, _ = setup
+    for kw, msg in ((dict(estimator="cg"), "needs engine='vmap'"),
+                    (dict(estimator=["kfac", "cg"]), "needs engine='vmap'"),
+                    (dict(estimator="kfac", curvature="gauss_newton"),
+                     "kfac' works with the empirical_fisher / true_fisher curvature only"),
+                    (dict(estimator="kfac", engine="vmap"), "which the packed engine measures")):
+        with pytest.raises(LayerIFError, match=msg):
+            layer_scores(model, train, val, mesh=None,
+                         **{"curvature": "true_fisher", "engine": "packed", **kw})

@@ -45,6 +45,11 @@ SCRIPT = BUILD + textwrap.dedent("""
     # K-FAC factors are token sums over each device's rows, summed across the mesh
     ek_one = layer_scores(model, train, val, mesh=None, chunk_size=4, estimator="ekfac")
     ek_four = layer_scores(model, train, val, mesh="auto", chunk_size=4, estimator="ekfac")
+    # and with the true Fisher: every device draws its own examples' labels, the same ones
+    tf = dict(chunk_size=4, estimator="ekfac", curvature="true_fisher")
+    tf_one = layer_scores(model, train, val, mesh=None, **tf)
+    tf_four = layer_scores(model, train, val, mesh="auto", **tf)
+    assert rel(tf_one.per_example, ek_one.per_example) > 1e-3   # not the empirical Fisher
     # the Kronecker projection of the full weights, each device its own rows
     kr_one = layer_scores(model, train, val, mesh=None, chunk_size=4, projection="kron:4x3")
     kr_four = layer_scores(model, train, val, mesh="auto", chunk_size=4, projection="kron:4x3")
@@ -63,7 +68,7 @@ SCRIPT = BUILD + textwrap.dedent("""
           rel(four_r.per_example, one.per_example), rel(four_g.per_val_layers, one.per_val_layers),
           rel(ek_four.per_example, ek_one.per_example),
           rel(resumed.per_val_layers, one.per_val_layers),
-          rel(kr_four.per_example, kr_one.per_example))
+          rel(kr_four.per_example, kr_one.per_example), rel(tf_four.per_example, tf_one.per_example))
 """)
 
 # every process runs this with the same model and examples; each gets the whole result
@@ -115,7 +120,9 @@ def test_four_host_devices_match_one():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rels = _rels(out.stdout)
-    assert all(r < 1e-5 for r in rels), rels
+    # the last: EK-FAC with the true Fisher, whose eigendecomposition of the summed factors
+    # amplifies the summation order's rounding (1.5e-5 measured, 2026-12-08)
+    assert len(rels) == 8 and all(r < 1e-5 for r in rels[:-1]) and rels[-1] < 1e-4, rels
 
 
 @pytest.mark.heavy   # leg 1 only; leg 2 runs two processes through the CLI (test_cli.py)

@@ -23,7 +23,8 @@ from ..ops import remat_mode
 from . import driver
 from .distributed import ExampleShard, gather_host, shard_digest
 from .driver import LayerScores, Settings
-from .engines.general import GeneralEngine, OutputLoss, check_curvature, num_examples
+from .engines.general import (GeneralEngine, OutputLoss, check_curvature, draw_next_tokens,
+                              num_examples)
 from .engines.kronecker import KronEngine, parse_kron
 from .engines.packed import PackedEngine, supports as packed_supports
 from .estimators import get_estimator
@@ -239,8 +240,9 @@ def _nnx_loss(graphdef, example_loss: Callable | None, dtype):
     def nll(logits_1TV, example):      # labels: the ids (position t predicts ids[t + 1])
         return example_losses(logits_1TV, example["ids"][None], example["targets"][None])[0]
 
-    def sample(logits_1TV, example, key):
-        drawn = jax.random.categorical(key, logits_1TV[0, :-1].astype(jnp.float32))
+    def sample(logits_1TV, example, key):   # the packed engine's draws (K-FAC) too
+        T = logits_1TV.shape[1] - 1
+        drawn = draw_next_tokens(key, jnp.arange(T), logits_1TV[0, :-1])
         return {**example, "ids": jnp.concatenate([example["ids"][:1],
                                                    drawn.astype(example["ids"].dtype)])}
     return OutputLoss(logits, nll, sample)
@@ -340,9 +342,14 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     packed_ok = (lm and loss_fn is None and params is nnx.LoRAParam and layer_of in ("auto", "stacked")
                  and packed_supports(model))
     kron = parse_kron(projection)
-    if curvature != "empirical_fisher" and engine == "packed":
+    # K-FAC / EK-FAC alone take the true Fisher on the packed engine (their factors from
+    # drawn labels); every other curvature product needs the vmap engine
+    drawn_ok = curvature == "true_fisher" and all(
+        getattr(e, "needs_factors", False) for e in s.estimators or (s.estimator,))
+    if curvature != "empirical_fisher" and engine == "packed" and not drawn_ok:
         raise LayerIFError(f"curvature={curvature!r} needs engine='vmap' (the packed engine "
-                           "gives per-example gradients, not curvature products)")
+                           "gives per-example gradients, not curvature products; it takes "
+                           "the true Fisher for kfac and ekfac only)")
     if kron is not None and (engine == "vmap" or not packed_ok
                              or curvature != "empirical_fisher" or sharding != "dp"):
         raise LayerIFError(f"projection={projection!r} needs the packed engine, data parallel "
@@ -351,7 +358,8 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     if projection is not None and kron is None and engine == "packed":
         raise LayerIFError("a Gaussian projection (an integer k) needs engine='vmap'; the "
                            "packed engine projects with 'kron:K'")
-    if curvature != "empirical_fisher" or (projection is not None and kron is None):
+    if (curvature != "empirical_fisher" and not drawn_ok) or (projection is not None
+                                                              and kron is None):
         packed_ok = False
     if engine == "packed" and not packed_ok:
         raise LayerIFError("engine='packed' needs one of the project's decoders, tokenised "

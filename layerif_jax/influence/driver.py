@@ -97,7 +97,8 @@ class Settings:
             if self.curvature not in takes:
                 raise LayerIFError(f"estimator {est.name!r} works with the "
                                    f"{' / '.join(takes)} curvature only, not "
-                                   f"{self.curvature!r} (cg, lissa, arnoldi and exact take any)")
+                                   f"{self.curvature!r} (cg, lissa, arnoldi and exact take any; kfac "
+                                   "and ekfac the true Fisher too)")
         if self.aggregate not in AGGREGATES:
             raise LayerIFError(f"unknown aggregate {self.aggregate!r} (choose from "
                                f"{', '.join(AGGREGATES)})")
@@ -294,8 +295,10 @@ def damping(part: Partition, s: Settings, sq_u, n: int, uses_damping: bool):
 
 
 def curvature_product(engine, part: Partition, s: Settings, tb):
-    """x -> sum_i C_i,b x_b per unit from the engine, or None for the empirical Fisher."""
-    if s.curvature == "empirical_fisher":
+    """x -> sum_i C_i,b x_b per unit from the engine, or None for the empirical Fisher
+    (and on an engine without curvature products, where only K-FAC's factors may use
+    another curvature: `run` refuses the rest)."""
+    if s.curvature == "empirical_fisher" or not hasattr(engine, "curvature_product"):
         return None
     _, layer, unit = part.pieces()
     piece_unit = np.unique(layer * part.num_units + unit, return_inverse=True)[1]
@@ -330,6 +333,7 @@ class _Passes:
     phases: dict
     seconds: float
     factors: Any = None      # () -> K-FAC factors, computed once for every estimator
+    drawn: bool = False      # the factors are the true Fisher's (labels drawn from the model)
 
 
 def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
@@ -344,9 +348,10 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     keep_call = keep_plan(tb, 4 * d_total, s.budget)
     say_memory_plan(tb, keep_call, need, s.budget, n)
     want_factors = bool(_factor_users(s))
+    drawn = want_factors and s.curvature == "true_fisher"   # the factors of drawn labels
     if checkpoint is not None:
-        checkpoint.open(fingerprint(engine, tb, vb, keep_call, s, want_factors, identity or {}),
-                        engine.mesh)
+        checkpoint.open(fingerprint(engine, tb, vb, keep_call, s, want_factors and not drawn,
+                                    identity or {}), engine.mesh)
     v = None if checkpoint is None else checkpoint.validation()
     if v is None:
         v = validation_pass(engine, vb, m, s.per_val, s.progress)
@@ -354,13 +359,17 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
             checkpoint.save_validation(v)
     jax.block_until_ready(v)
     t_val = time.perf_counter()
-    kept, sq, vg, sums = training_pass(engine, tb, v, keep_call, s.progress, want_factors,
-                                       checkpoint)
+    kept, sq, vg, sums = training_pass(engine, tb, v, keep_call, s.progress,
+                                       want_factors and not drawn, checkpoint)
     sq_u, vg_u = core.to_units(sq, onehot), core.to_units(vg, onehot)  # [n_pad, (M,) L, U]
+    t_drawn = time.perf_counter()
+    if drawn:
+        sums, sq_drawn = true_fisher_pass(engine, tb, s.progress)
     uses = any(getattr(e, "uses_damping", True) for e in s.estimators or (s.estimator,))
     lam = damping(part, s, sq_u, n, uses)
     if s.damping == "mean_eigenvalue" and s.curvature != "empirical_fisher":
-        tr = curvature_trace(curvature_product(engine, part, s, tb), v, onehot, n)
+        tr = (jnp.sum(core.to_units(sq_drawn, onehot), 0) / n if drawn else
+              curvature_trace(curvature_product(engine, part, s, tb), v, onehot, n))
         sizes = jnp.asarray(np.maximum(part.sizes(), 1), jnp.float32)
         lam = jnp.where(jnp.asarray(part.sizes() > 0) & (tr > 0),
                         s.damping_scale * tr / sizes, lam)
@@ -368,9 +377,25 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     t_train = time.perf_counter()
     factors = (functools.cache(functools.partial(engine.kfac_factors, sums, tb, n))
                if want_factors else None)
+    phases = {"validation": round(t_val - t0, 3), "train": round(t_train - t_val, 3)}
+    if drawn:
+        phases["true_fisher"] = round(t_train - t_drawn, 3)
     return _Passes(tb, vb, v, kept, sq_u, vg_u, lam, keep_call, offsets, need, d_total, onehot,
-                   {"validation": round(t_val - t0, 3), "train": round(t_train - t_val, 3)},
-                   t_train - t0, factors)
+                   phases, t_train - t0, factors, drawn)
+
+
+def true_fisher_pass(engine, calls, show: bool):
+    """(the K-FAC token sums, ||g~_i||^2 [n_pad, P]) of the training calls at labels
+    drawn from the model (`engine.true_fisher`): one more forward and backward per call."""
+    sums, sq, fins = None, [], []
+    for b in progress(calls, len(calls), "true Fisher", show):
+        g, fin, f = engine.true_fisher(b, factors=True)
+        sums = accumulate(sums, f)
+        sq.append(_sq_norms(g))
+        fins.append(fin)
+        pace((sq[-1], fin))
+    raise_nonfinite(fins, calls, "training (drawn labels)")
+    return sums, jnp.concatenate(sq)
 
 
 def _factor_users(s: Settings) -> list[str]:
@@ -388,6 +413,14 @@ def run(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     users = _factor_users(s)
     if users and getattr(engine, "grads_and_factors", None) is None:   # before any work
         raise LayerIFError(no_factors(users[0]))
+    if s.curvature != "empirical_fisher" and not hasattr(engine, "curvature_product"):
+        others = [e.name for e in s.estimators or (s.estimator,) if e.name not in users]
+        if others or not hasattr(engine, "true_fisher") or s.curvature != "true_fisher":
+            raise LayerIFError(
+                f"the {engine.name} engine has no curvature products: curvature="
+                f"{s.curvature!r} there is for kfac and ekfac with the true Fisher only "
+                "(their factors from labels drawn from the model); use engine='vmap' for "
+                f"{', '.join(others) or s.curvature}")
     try:
         p = _passes(engine, part, train, val, n, m, s, checkpoint, identity)
         if checkpoint is not None:
@@ -479,10 +512,15 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
             yield (slice(int(p.offsets[k]), int(p.offsets[k + 1])),
                    p.kept[k] if p.kept[k] is not None else engine.grads(b)[0])
 
+    def drawn_chunks():   # recomputed: the same draws as the true Fisher pass
+        for k, b in enumerate(progress(p.tb, len(p.tb), "true Fisher", False)):
+            yield slice(int(p.offsets[k]), int(p.offsets[k + 1])), engine.true_fisher(b)[0]
+
     product = curvature_product(engine, part, s, p.tb)
     ctx = Context(part=part, n=n, v=p.v, sq_u=p.sq_u, vg_u=p.vg_u, lam=p.lam, chunks=chunks,
                   kept=bool(p.keep_call.all()), needed_bytes=p.need, curvature=s.curvature,
-                  product=product, factors=p.factors)
+                  product=product, factors=p.factors,
+                  curvature_chunks=drawn_chunks if p.drawn else None)
     # peak memory of each phase above what it started with (`memory.Peak`: the device's
     # where it reports memory, else the process's resident set)
     with Peak() as peak_pre:

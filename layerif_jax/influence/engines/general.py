@@ -97,6 +97,26 @@ def sample_label(key_name: str) -> Callable:
     return sample
 
 
+def example_key(seed: int, index) -> jax.Array:
+    """The true Fisher's key of input example `index` (fillers, index -1, take 0's)."""
+    return jax.random.fold_in(jax.random.key(seed), jnp.maximum(index, 0))
+
+
+def draw_next_tokens(keys, positions, logits) -> jax.Array:
+    """Tokens drawn from softmax(logits [N, V]), one per position: position p [N] of the
+    example whose key is keys [N] (or one key for all) takes u ~ U(0, 1) from fold_in(key, p) and the first token
+    whose cumulative probability exceeds u (inverse CDF, float32). Each draw depends on
+    the example, the position and the logits only, not on padding, packing or chunking:
+    both engines draw the same labels for an example (`layer_scores(curvature="true_fisher")`
+    on the vmap engine and K-FAC's factors on the packed one)."""
+    def one(key, pos, lg):
+        u = jax.random.uniform(jax.random.fold_in(key, pos))
+        c = jnp.cumsum(jax.nn.softmax(lg.astype(jnp.float32)))
+        return jnp.minimum(jnp.sum(c < u * c[-1]), lg.shape[-1] - 1).astype(jnp.int32)
+    return jax.vmap(one, in_axes=(0 if keys.ndim else None, 0, 0))(
+        keys, positions, jax.lax.stop_gradient(logits))
+
+
 def check_curvature(loss_fn, kind: str) -> None:
     """Refuse a curvature the loss cannot give (before any work)."""
     if kind == "gauss_newton" and not isinstance(loss_fn, OutputLoss):
@@ -280,7 +300,7 @@ def _true_fisher_compiled(loss_fn: OutputLoss, treedef, attr: tuple, n_leaves: i
 
     def one(attr_leaves, frozen, const, example, i):
         out = loss_fn.output(params_of(attr_leaves, frozen), *consts(const), example)
-        key = jax.random.fold_in(jax.random.key(seed), jnp.maximum(i, 0))  # fillers: -1
+        key = example_key(seed, i)
         drawn = loss_fn.sample(jax.tree.map(jax.lax.stop_gradient, out), example, key)
         return loss_fn.loss(out, drawn)
 

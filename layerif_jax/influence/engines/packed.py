@@ -63,6 +63,9 @@ class PackedModel(Protocol):
     def next_token_nll(self, x_BTD, ids_BT) -> jax.Array:
         """-log p(ids[t+1] | ids[<=t]) at every position -> [B, T] float32."""
 
+    def head(self, x_BTD) -> jax.Array:
+        """The logits [B, T, V] of the hidden states (the true Fisher draws from them)."""
+
 
 def supports(model) -> bool:
     return all(hasattr(model, a) for a in ("packed_lora", "hidden_states", "next_token_nll"))
@@ -328,31 +331,52 @@ def chunk_weights(seg_RT, tgt_RT, per_row: int) -> tuple[jax.Array, jax.Array]:
     return oh_RJT, jnp.einsum("rjt,rj->rt", oh_RJT, 1.0 / jnp.maximum(n_tok_RJ, 1.0)) * tgt
 
 
-def _chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, mode: str):
+def _chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, mode: str,
+                draw=None):
     """probes -> the sum over the chunk's examples of each example's mean next-token
     loss, with every LoRA group probed (`probe_group_fn`, in `mode`)."""
     scales = {n: s for n, (*_, s) in model.packed_lora().items()}
     group_fn = probe_group_fn(scales, seg_RT, per_row, dtype or model.dtype, mode)
-    return packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype, group_fn)
+    return packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype, group_fn, draw)
 
 
-def packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, group_fn):
+def packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, group_fn,
+                draw=None):
     """probes -> the sum over the chunk's examples of each example's mean next-token
-    loss, every group of linear maps run by `group_fn` with the layer's probes."""
+    loss, every group of linear maps run by `group_fn` with the layer's probes. With
+    `draw` ((seed, examples [R, T]): the true Fisher) the label of every position is
+    not the next id but a token drawn from the model's own prediction there
+    (`general.draw_next_tokens`, per example and position)."""
     _, w_RT = chunk_weights(seg_RT, tgt_RT, per_row)
 
     def loss(probes):
         x = model.hidden_states(ids_RT, seg_RT >= 0, positions_BT=pos_RT, segments_BT=seg_RT,
                                 dtype=dtype, group_fn=group_fn, layer_data=probes)
-        return jnp.sum(model.next_token_nll(x, ids_RT) * w_RT)
+        labels = ids_RT if draw is None else _drawn_labels(model, x, ids_RT, pos_RT, *draw)
+        return jnp.sum(model.next_token_nll(x, labels) * w_RT)
     return loss
 
 
-def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None, factors: bool = False):
+def _drawn_labels(model, x_RTD, ids_RT, pos_RT, seed: int, ex_RT):
+    """ids whose next token at every position t is one drawn from the model's prediction
+    at t (`next_token_nll` reads position t's label at t + 1)."""
+    from .general import draw_next_tokens, example_key
+    logits = model.head(x_RTD)
+    R, T, V = logits.shape
+    keys = jax.vmap(lambda i: example_key(seed, i))(ex_RT.reshape(-1))
+    drawn = draw_next_tokens(keys, pos_RT.reshape(-1), logits.reshape(R * T, V)).reshape(R, T)
+    return jnp.concatenate([ids_RT[:, :1], drawn[:, :-1].astype(ids_RT.dtype)], 1)
+
+
+def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None, factors: bool = False,
+                   labels_seed: int | None = None):
     """(lora, rest, ids, segments, positions, targets, slot_pos)
     -> (grads [E, L, ...] like lora, finite_E), and with `factors` also the token sums
     of the K-FAC covariances of every LoRA leaf, [left, right] per leaf in leaf order
-    (A: x x^T and du du^T; B: u u^T and dy dy^T, see `probed_linears`).
+    (A: x x^T and du du^T; B: u u^T and dy dy^T, see `probed_linears`). With
+    `labels_seed` (the true Fisher) the function takes the tokens' example indices
+    [R, T] (`Group.examples`) last, and the labels are drawn from the model
+    (`packed_loss`).
 
     Pure and jit-able; one forward and one batched backward per chunk. The probes are
     zeros (`zero_probes`, made here); their gradient is the per-example LoRA gradient of
@@ -361,14 +385,15 @@ def packed_grad_fn(graphdef, *, slots: int, per_row: int, dtype=None, factors: b
     puts the R*J positions into the E slots.
     """
 
-    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E):
+    def fn(lora, rest, ids_RT, seg_RT, pos_RT, tgt_RT, slot_pos_E, *examples_RT):
         model = nnx.merge(graphdef, lora, rest)
         probes = zero_probes(model, ids_RT.shape[0], per_row)
         if factors:   # made inside: only their cotangents are kept
             zeros = zero_factors(model)
             probes = {k: p + zeros[k] for k, p in probes.items()}
+        draw = None if labels_seed is None else (labels_seed, examples_RT[0])
         g = jax.grad(_chunk_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row, dtype,
-                                 "both" if factors else "grads"))(probes)
+                                 "both" if factors else "grads", draw))(probes)
 
         leaves, sums = [], []
         for path, leaf in jax.tree_util.tree_flatten_with_path(lora)[0]:
@@ -440,13 +465,16 @@ class Group:
     arrays: (ids, segments, positions, targets, slot_pos), each stacked [k, ...].
     index: input index of every output row; the call returns, per device, its slots
     slot-major and chunk-minor (so that the output stays sharded by device).
+    examples: input index of every token's example [k, R, T] (-1: padding), laid out as
+    the ids: the true Fisher's labels are drawn per example and position from it.
     """
     arrays: tuple
     index: np.ndarray
     num_chunks: int
     chunk_shape: tuple
-    # arrays hold only this process's rows (an `ExampleShard`'s); index and chunk_shape
-    # are the whole call's
+    examples: np.ndarray
+    # arrays and examples hold only this process's rows (an `ExampleShard`'s); index and
+    # chunk_shape are the whole call's
     local: bool = False
 
     @property
@@ -454,27 +482,44 @@ class Group:
         return self.num_chunks * int(np.prod(self.chunk_shape))
 
     @staticmethod
-    def of(chunks: Sequence[PackedChunk], ndev: int) -> "Group":
+    def of(chunks: Sequence[PackedChunk], ndev: int, per_row: int) -> "Group":
         arrays = tuple(np.stack(x) for x in zip(*[(c.ids, c.segments, c.positions, c.targets,
                                                    c.slot_pos) for c in chunks]))
         idx = np.stack([c.index for c in chunks])                       # [k, ndev * E]
         k, e = idx.shape
         index = idx.reshape(k, ndev, e // ndev).transpose(1, 2, 0).reshape(-1)
-        return Group(arrays, index, k, tuple(chunks[0].ids.shape))
+        return Group(arrays, index, k, tuple(chunks[0].ids.shape),
+                     np.stack([token_examples(c, ndev, per_row) for c in chunks]))
+
+
+def token_examples(c: PackedChunk, ndev: int, per_row: int) -> np.ndarray:
+    """The input index of every token's example [R, T] (-1: padding) of a chunk holding
+    the rows and slots of `ndev` devices (each device's slot_pos counts its own rows)."""
+    R, E = c.ids.shape[0] // ndev, len(c.index) // ndev
+    out = np.full(c.ids.shape, -1, np.int32)
+    for d in range(ndev):
+        at = np.full(R * per_row + 1, -1, np.int32)       # example position r * J + j
+        at[c.slot_pos[d * E:(d + 1) * E]] = c.index[d * E:(d + 1) * E]
+        seg = c.segments[d * R:(d + 1) * R]
+        pos = np.arange(R)[:, None] * per_row + np.maximum(seg, 0)
+        out[d * R:(d + 1) * R] = np.where(seg >= 0, at[pos], -1)
+    return out
 
 
 def compiled_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
-                sharding: str = "dp", remat: bool = False, scores: bool = False):
+                sharding: str = "dp", remat: bool = False, scores: bool = False,
+                labels_seed: int | None = None):
     """`build_fn`'s jit, cached for the current kernel setting (`switch.use`): a jit's
     trace cache does not see that setting, so each one gets its own jit."""
     return _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat,
-                      scores, switch.setting())
+                      scores, labels_seed, switch.setting())
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat, scores,
-               _setting):
-    return build_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat, scores)
+               labels_seed, _setting):
+    return build_fn(graphdef, dtype, slots, per_row, mesh, factors, sharding, remat, scores,
+                    labels_seed=labels_seed)
 
 
 def clear_cache() -> None:
@@ -484,7 +529,7 @@ def clear_cache() -> None:
 
 def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
              sharding: str = "dp", remat: bool | str = False, scores: bool = False,
-             inner=None):
+             inner=None, labels_seed: int | None = None):
     """jit((lora, rest, ids, segments, positions, targets, slot_pos [k, ...])
     -> (grad leaves [E * k, L, ...], finite [E * k])): k chunks in one call, see `Group`;
     with `factors` also the K-FAC token sums of the k chunks (summed over devices). With
@@ -501,13 +546,16 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
     remat: the blocks are recomputed in the backward (`ops.layer_remat`: True or "mlp"
     the MLP half, "full" all but the residual stream between blocks). inner: another
     per-chunk function with `packed_grad_fn`'s signature and outputs (e.g. the
-    Kronecker-projected gradients, `kronecker.kron_grad_fn`).
+    Kronecker-projected gradients, `kronecker.kron_grad_fn`). labels_seed: the true
+    Fisher's drawn labels (`packed_grad_fn`); the call then takes `Group.examples` after
+    the five arrays.
     """
     if inner is None and scores:
         inner = packed_score_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype)
     elif inner is None:
         inner = packed_grad_fn(graphdef, slots=slots, per_row=per_row, dtype=dtype,
-                               factors=factors)
+                               factors=factors, labels_seed=labels_seed)
+    n_arrays = 5 if labels_seed is None else 6
     extra = 1 if scores else 0   # h: one argument more, the same on every shard
 
     def fn(*args):   # traced here, so the setting is seen by the decoder
@@ -541,7 +589,7 @@ def build_fn(graphdef, dtype, slots, per_row, mesh, factors: bool = False,
 
     ax = mesh.axis_names[0]
     group_fn = jax.shard_map(
-        group_fn, mesh=mesh, in_specs=(P(), P()) + (P(),) * extra + (P(None, ax),) * 5,
+        group_fn, mesh=mesh, in_specs=(P(), P()) + (P(),) * extra + (P(None, ax),) * n_arrays,
         out_specs=(P(ax), P(ax)) + ((P(),) if factors else ()), check_vma=False)
     return jax.jit(group_fn)
 
@@ -639,7 +687,8 @@ class PackedEngine:
             return self._shard_groups(examples)
         chunks = self.packed_chunks(examples)
         k = self.chunks_per_call
-        return [Group.of(chunks[i:i + k], self.ndev) for i in range(0, len(chunks), k)]
+        return [Group.of(chunks[i:i + k], self.ndev, self.per_row)
+                for i in range(0, len(chunks), k)]
 
     def _shard_groups(self, shard: ExampleShard) -> list[Group]:
         """The calls of a multi-process run where each process holds only its share of the
@@ -667,7 +716,7 @@ class PackedEngine:
                    *(dataclasses.astuple(c) for c in local[k:k + nd]))))
                for k in range(0, len(local), nd)]
         k = self.chunks_per_call
-        groups = [Group.of(own[i:i + k], nd) for i in range(0, len(own), k)]
+        groups = [Group.of(own[i:i + k], nd, self.per_row) for i in range(0, len(own), k)]
         every = gather_host(np.concatenate([g.index for g in groups]).astype(np.int32))
         out, off = [], 0
         for g in groups:   # the whole call: the processes' rows in the data axis' order
@@ -688,15 +737,16 @@ class PackedEngine:
                     *(dataclasses.astuple(c) for c in local[k:k + self.ndev]))))
                 for k in range(0, len(local), self.ndev)]
 
-    def _put(self, c: Group) -> tuple:
+    def _put(self, c: Group, examples: bool = False) -> tuple:
+        arrays = c.arrays + ((c.examples,) if examples else ())
         if self.mesh is None:
-            return c.arrays
+            return arrays
         if c.local:   # this process's rows of every array [k, rows, ...]
             G = c.chunk_shape[0] // c.arrays[0].shape[1]
             return tuple(jax.make_array_from_process_local_data(
                 self._group_shard, a, (a.shape[0], a.shape[1] * G, *a.shape[2:]))
-                for a in c.arrays)
-        return tuple(put(a, self._group_shard) for a in c.arrays)
+                for a in arrays)
+        return tuple(put(a, self._group_shard) for a in arrays)
 
     def grads(self, c: Group) -> tuple[list[jax.Array], jax.Array]:
         return self.fn(self.params, self.rest, *self._put(c))
@@ -733,6 +783,17 @@ class PackedEngine:
         fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
                          self.mesh, True, self.sharding, self.remat)
         return fn(self.params, self.rest, *self._put(c))
+
+    def true_fisher(self, c: Group, factors: bool = False) -> tuple:
+        """`grads` (with `factors`: `grads_and_factors`) of a call at labels drawn from the
+        model itself (`packed_loss`; seed `general.TRUE_FISHER_SEED`) instead of the data's
+        next tokens: the same draws in every call, chunking and device layout, so a
+        second pass over the same examples gives the same gradients."""
+        from .general import TRUE_FISHER_SEED
+        fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
+                         self.mesh, factors, self.sharding, self.remat,
+                         labels_seed=TRUE_FISHER_SEED)
+        return fn(self.params, self.rest, *self._put(c, examples=True))
 
     def kfac_factors(self, sums: list, calls: Sequence[Group], n: int) -> list:
         """The K-FAC factors of every LoRA leaf (float64, left [L, a, a], right [L, b, b])

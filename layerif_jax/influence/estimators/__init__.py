@@ -51,6 +51,9 @@ class Context:
     product: Callable | None = None  # x -> sum_i C_i,b x_b per unit, for another curvature
     report: dict = dataclasses.field(default_factory=dict)  # the estimator's diagnostics
     factors: Callable[[], list] | None = None  # K-FAC factors per leaf, from the engine
+    # the gradients the curvature is made of where they are not `chunks` (the true
+    # Fisher's, at labels drawn from the model, on the packed engine); same rows
+    curvature_chunks: Callable[[], Iterator[tuple[slice, list[jax.Array]]]] | None = None
 
     @functools.cached_property
     def _layer_unit(self) -> tuple[jax.Array, jax.Array]:
@@ -106,7 +109,7 @@ class Context:
 
     def kfac_factors(self, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per leaf (left [P_k, a, a], right [P_k, b, b]) float64, left (x) right ~ the
-        empirical Fisher of each piece (the engine's `kfac_factors`)."""
+        run's Fisher of each piece, empirical or true (the engine's `kfac_factors`)."""
         if self.factors is None:
             raise LayerIFError(no_factors(name))
         return self.factors()

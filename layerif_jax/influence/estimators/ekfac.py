@@ -4,7 +4,8 @@
     Lambda_jk = (1/n) sum_i (Q_L^T G_i Q_R)_jk^2
 
 the diagonal of the empirical Fisher in the Kronecker eigenbasis, from one more pass
-over the training gradients. When the empirical Fisher is exactly a Kronecker product
+over the training gradients (with curvature="true_fisher": over the gradients at labels
+drawn from the model, recomputed with the same draws as the factors'). When the empirical Fisher is exactly a Kronecker product
 (or only its eigenbasis is), this is the exact damped inverse.
 """
 
@@ -32,7 +33,7 @@ class EKFAC(KFAC):
         ql = [jnp.asarray(q, jnp.float32) for q in QL]
         qr = [jnp.asarray(q, jnp.float32) for q in QR]
         acc = None
-        for _, g in ctx.chunks():
+        for _, g in (ctx.curvature_chunks or ctx.chunks)():
             acc = accumulate(acc, _rotated_squares(g, ql, qr))
         return [to_host(a, np.float64) / ctx.n for a in acc]
 

@@ -18,8 +18,16 @@ EK-FAC (`ekfac`, George et al. 2018) keeps the eigenbases and corrects Lambda on
 per-example gradients themselves. Each tensor is its own block: with unit "module" or
 "block" a unit's curvature is block-diagonal over its tensors, each damped with the
 unit's lambda_b. The damping is added to Lambda (not split over the two factors), so
-the damping conventions of the driver apply unchanged. Empirical Fisher only (the
-factors come from the gradients of the training labels).
+the damping conventions of the driver apply unchanged.
+
+Curvature: the empirical Fisher (default; the factors from the backward of the training
+labels, in the training pass itself) or the true Fisher (curvature="true_fisher", as
+Kronfluence's default): the factors from one more forward and backward over the training
+set in which every position's label is a token drawn from the model's own prediction
+(`engines.general.draw_next_tokens`: per example and position, the same on either engine
+and in any chunking); its expectation is the Gauss-Newton matrix of the token
+cross-entropy. The scores still dot h with the training examples' own gradients; with
+damping "mean_eigenvalue" the trace is the drawn gradients' mean squared norm.
 
 `factors_dir`: the eigenbases and eigenvalues are saved there with orbax (with their
 SHA-256 and a fingerprint of the training gradients) and reused by later runs on the
@@ -48,6 +56,7 @@ class KFAC(EstimatorBase):
     name = "kfac"          # its factors come from the training pass's backward
     extra_passes = 0
     needs_factors = True
+    curvatures = ("empirical_fisher", "true_fisher")
     factors_dir: str | None = None
 
     def precondition(self, ctx):
@@ -105,14 +114,16 @@ def _fingerprint(ctx, name: str) -> dict:
     """What the factors depend on: the estimator, the parameters' layout, n and the
     training gradients (their squared norms per unit change with the model, the adapter
     and the data)."""
-    return {"estimator": name, "n": int(ctx.n), "leaves": list(ctx.part.leaf_names),
+    return {"estimator": name, "curvature": ctx.curvature, "n": int(ctx.n),
+            "leaves": list(ctx.part.leaf_names),
             "shapes": [list(np.shape(x)[1:]) for x in ctx.v],
             "grad_sq_norms": to_host(ctx.sq_u.sum(0), np.float64).ravel().tolist()}
 
 
 def _differs(saved: dict, now: dict) -> str | None:
     from ...checksum import first_difference
-    keys = ("estimator", "n", "leaves", "shapes")
+    keys = ("estimator", "curvature", "n", "leaves", "shapes")
+    saved = {"curvature": "empirical_fisher", **saved}   # saved before the true Fisher
     diff = first_difference({k: saved.get(k) for k in keys}, {k: now[k] for k in keys})
     if diff:
         return diff
