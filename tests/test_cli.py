@@ -212,6 +212,23 @@ def test_scores_with_an_iterative_estimator_and_its_options(tiny_dir, ft_dir, tm
     assert time.perf_counter() - t0 < 2.0
     one_line_error(run(capsys, *common, "--estimator-options", "tol", "--out", tmp_path / "b2"),
                    "expected NAME=VALUE")
+    t0 = time.perf_counter()
+    one_line_error(run(capsys, *common, "--curvature", "gauss_newton", "--out", tmp_path / "b3"),
+                   "'datainf' works with the empirical_fisher curvature only")
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_scores_with_the_true_fisher(tiny_dir, ft_dir, tmp_path, capsys):
+    """--curvature true_fisher: K-FAC's factors from the pass at labels drawn from the model
+    (the library's; tested against torch there) ran, and the run records its curvature."""
+    ft, data = ft_dir
+    code, _, err = run(capsys, "scores", "--model", tiny_dir, "--lora", ft, "--train", data,
+                       "--val", data, "--n-train", 6, "--n-val", 2, "--estimator", "kfac",
+                       "--curvature", "true_fisher", "--out", tmp_path / "tf")
+    assert code == 0, err
+    s = json.loads((tmp_path / "tf" / "scores.json").read_text())
+    assert s["curvature"] == "true_fisher" and s["phase_seconds"]["true_fisher"] > 0, s
+    assert np.isfinite(np.load(tmp_path / "tf" / "per_example.npy")).all()
 
 
 def test_alpha_feeds_alphalora_and_alphapruning(tiny_dir, tmp_path, capsys):

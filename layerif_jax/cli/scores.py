@@ -31,6 +31,13 @@ class ScoresConfig(OverwriteArgs, ModelArgs):
                                       "tol=1e-3 max_iter=500; arnoldi: k=40; kfac, ekfac: "
                                       "factors_dir=DIR)", type=key_value,
                                   nargs="*", metavar="NAME=VALUE", shown="none")
+    curvature: str = opt("empirical_fisher", "what the inverse is of: the empirical Fisher, "
+                                             "the Gauss-Newton matrix, the true Fisher (labels "
+                                             "drawn from the model) or the Hessian; other than "
+                                             "the empirical Fisher: cg, lissa, arnoldi, exact "
+                                             "(per-example gradients one at a time) or kfac, "
+                                             "ekfac with the true Fisher",
+                         choices=("empirical_fisher", "gauss_newton", "true_fisher", "hessian"))
     aggregate: str = opt("+ve", "layer score S reported first", choices=AGGREGATES)
     unit: str = opt("tensor", "unit of inversion: each LoRA tensor, module (A and B) or block",
                     choices=UNITS)
@@ -76,9 +83,11 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
     from ..influence import get_estimator, layer_scores
 
     from ..influence.api import resolve_mesh
+    from ..influence.driver import Settings
 
     options = dict(cfg.estimator_options)
-    get_estimator(cfg.estimator, **options)   # unknown options refused before any work
+    # unknown options, and a curvature the estimator does not take, refused before any work
+    Settings(get_estimator(cfg.estimator, **options), curvature=cfg.curvature)
     mesh = resolve_mesh(cfg.mesh, cfg.sharding)   # the devices, before any model loads
     source = source or cfg.model_source()
     tok = tok or load_tokenizer_of(source)
@@ -101,10 +110,12 @@ def compute(cfg: ScoresConfig, rt, model=None, tok=None, source: str | None = No
                        dtype=jnp.bfloat16 if cfg.bf16 else None, progress=rt.progress,
                        skip_zero_units=cfg.skip_zero_units, estimator_options=options,
                        checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every,
-                       mesh=mesh, sharding=cfg.sharding, remat=cfg.remat)
+                       mesh=mesh, sharding=cfg.sharding, remat=cfg.remat,
+                       curvature=cfg.curvature)
     info = {"model": source, "adapter": str(cfg.lora), "train": str(cfg.train),
             "val": str(cfg.val), "max_len": cfg.max_len, "mask_prompt": cfg.mask_prompt,
-            "estimator_options": options, "mesh": cfg.mesh, "sharding": cfg.sharding}
+            "estimator_options": options, "curvature": cfg.curvature, "mesh": cfg.mesh,
+            "sharding": cfg.sharding}
     return res, info
 
 
