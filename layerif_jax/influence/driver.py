@@ -362,9 +362,11 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     kept, sq, vg, sums = training_pass(engine, tb, v, keep_call, s.progress,
                                        want_factors and not drawn, checkpoint)
     sq_u, vg_u = core.to_units(sq, onehot), core.to_units(vg, onehot)  # [n_pad, (M,) L, U]
+    jax.block_until_ready((sq_u, vg_u))
     t_drawn = time.perf_counter()
     if drawn:
         sums, sq_drawn = true_fisher_pass(engine, tb, s.progress)
+        jax.block_until_ready((sums, sq_drawn))
     uses = any(getattr(e, "uses_damping", True) for e in s.estimators or (s.estimator,))
     lam = damping(part, s, sq_u, n, uses)
     if s.damping == "mean_eigenvalue" and s.curvature != "empirical_fisher":
@@ -377,8 +379,9 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     t_train = time.perf_counter()
     factors = (functools.cache(functools.partial(engine.kfac_factors, sums, tb, n))
                if want_factors else None)
-    phases = {"validation": round(t_val - t0, 3), "train": round(t_train - t_val, 3)}
-    if drawn:
+    phases = {"validation": round(t_val - t0, 3),
+              "train": round((t_drawn if drawn else t_train) - t_val, 3)}
+    if drawn:   # the pass at drawn labels, apart from the training pass
         phases["true_fisher"] = round(t_train - t_drawn, 3)
     return _Passes(tb, vb, v, kept, sq_u, vg_u, lam, keep_call, offsets, need, d_total, onehot,
                    phases, t_train - t0, factors, drawn)
