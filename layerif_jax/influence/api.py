@@ -344,8 +344,7 @@ def layer_scores(model, train, val, *, params=nnx.LoRAParam, loss_fn: Callable |
     kron = parse_kron(projection)
     # K-FAC / EK-FAC alone take the true Fisher on the packed engine (their factors from
     # drawn labels); every other curvature product needs the vmap engine
-    drawn_ok = curvature == "true_fisher" and all(
-        getattr(e, "needs_factors", False) for e in s.estimators or (s.estimator,))
+    drawn_ok = driver.labels_drawn(s)
     if curvature != "empirical_fisher" and engine == "packed" and not drawn_ok:
         raise LayerIFError(f"curvature={curvature!r} needs engine='vmap' (the packed engine "
                            "gives per-example gradients, not curvature products; it takes "

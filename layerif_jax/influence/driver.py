@@ -333,7 +333,6 @@ class _Passes:
     phases: dict
     seconds: float
     factors: Any = None      # () -> K-FAC factors, computed once for every estimator
-    drawn: bool = False      # the factors are the true Fisher's (labels drawn from the model)
 
 
 def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
@@ -348,7 +347,7 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     keep_call = keep_plan(tb, 4 * d_total, s.budget)
     say_memory_plan(tb, keep_call, need, s.budget, n)
     want_factors = bool(_factor_users(s))
-    drawn = want_factors and s.curvature == "true_fisher"   # the factors of drawn labels
+    drawn = labels_drawn(s)
     if checkpoint is not None:
         checkpoint.open(fingerprint(engine, tb, vb, keep_call, s, want_factors and not drawn,
                                     identity or {}), engine.mesh)
@@ -384,7 +383,7 @@ def _passes(engine, part: Partition, train, val, n: int, m: int, s: Settings,
     if drawn:   # the pass at drawn labels, apart from the training pass
         phases["true_fisher"] = round(t_train - t_drawn, 3)
     return _Passes(tb, vb, v, kept, sq_u, vg_u, lam, keep_call, offsets, need, d_total, onehot,
-                   phases, t_train - t0, factors, drawn)
+                   phases, t_train - t0, factors)
 
 
 def true_fisher_pass(engine, calls, show: bool):
@@ -399,6 +398,14 @@ def true_fisher_pass(engine, calls, show: bool):
         pace((sq[-1], fin))
     raise_nonfinite(fins, calls, "training (drawn labels)")
     return sums, jnp.concatenate(sq)
+
+
+def labels_drawn(s: Settings) -> bool:
+    """Whether the run's curvature is K-FAC's factors at labels drawn from the model: the
+    true Fisher with only factor estimators (kfac, ekfac), what the packed engine takes."""
+    ests = s.estimators or (s.estimator,)
+    return s.curvature == "true_fisher" and all(getattr(e, "needs_factors", False)
+                                                for e in ests)
 
 
 def _factor_users(s: Settings) -> list[str]:
@@ -523,7 +530,7 @@ def _score(est, engine, part: Partition, p: _Passes, n: int, m: int, s: Settings
     ctx = Context(part=part, n=n, v=p.v, sq_u=p.sq_u, vg_u=p.vg_u, lam=p.lam, chunks=chunks,
                   kept=bool(p.keep_call.all()), needed_bytes=p.need, curvature=s.curvature,
                   product=product, factors=p.factors,
-                  curvature_chunks=drawn_chunks if p.drawn else None)
+                  curvature_chunks=drawn_chunks if labels_drawn(s) else None)
     # peak memory of each phase above what it started with (`memory.Peak`: the device's
     # where it reports memory, else the process's resident set)
     with Peak() as peak_pre:

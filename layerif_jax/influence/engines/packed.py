@@ -45,6 +45,7 @@ from ...data import Example
 from ...errors import LayerIFError
 from ...ops import layer_remat, mm, precision, remat_mode, target_platform
 from ..distributed import ExampleShard, data_blocks, gather_host, put
+from .general import TRUE_FISHER_SEED, draw_next_tokens, example_key
 
 
 class PackedModel(Protocol):
@@ -360,7 +361,6 @@ def packed_loss(model, ids_RT, seg_RT, pos_RT, tgt_RT, per_row: int, dtype, grou
 def _drawn_labels(model, x_RTD, ids_RT, pos_RT, seed: int, ex_RT):
     """ids whose next token at every position t is one drawn from the model's prediction
     at t (`next_token_nll` reads position t's label at t + 1)."""
-    from .general import draw_next_tokens, example_key
     logits = model.head(x_RTD)
     R, T, V = logits.shape
     keys = jax.vmap(lambda i: example_key(seed, i))(ex_RT.reshape(-1))
@@ -789,7 +789,6 @@ class PackedEngine:
         model itself (`packed_loss`; seed `general.TRUE_FISHER_SEED`) instead of the data's
         next tokens: the same draws in every call, chunking and device layout, so a
         second pass over the same examples gives the same gradients."""
-        from .general import TRUE_FISHER_SEED
         fn = compiled_fn(self.graphdef, self.dtype, self.slots_local, self.per_row,
                          self.mesh, factors, self.sharding, self.remat,
                          labels_seed=TRUE_FISHER_SEED)
